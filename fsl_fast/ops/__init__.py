@@ -1,0 +1,16 @@
+"""Fused ops: one contract each, a plain PyTorch reference, and C++ / CUDA / Triton kernels.
+
+Dispatch lives in :mod:`fsl_fast.ops._backend`. Importing this package never fails because the
+extension or triton is missing; asking explicitly for a missing backend does, at call time.
+"""
+from fsl_fast.ops._backend import (  # noqa: F401
+    BACKENDS,
+    BackendUnavailable,
+    available,
+    extension,
+    extension_error,
+    register,
+    registered_ops,
+    report,
+    resolve,
+)

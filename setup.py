@@ -1,0 +1,48 @@
+"""Build script: one extension module, fsl_fast._C.
+
+The CPU part (csrc/*.cpp except *_cuda.cpp, OpenMP) is always built when torch is importable.
+The CUDA part (csrc/*.cu kernels + csrc/*_cuda.cpp bindings) is added when torch is a CUDA build
+and a CUDA toolkit is found (or FSL_FAST_CUDA=1 forces it; FSL_FAST_CUDA=0 disables it).
+FSL_FAST_NO_EXT=1 skips the extension entirely (pure-Python install; ops use the references).
+"""
+import glob
+import os
+
+from setuptools import setup
+
+
+def _extensions():
+    if os.environ.get("FSL_FAST_NO_EXT") == "1":
+        return [], {}
+    import torch
+    from torch.utils import cpp_extension as ce
+
+    march = os.environ.get("FSL_FAST_MARCH", "native")
+    cxx = ["-O3", "-fopenmp", "-std=c++17"] + ([f"-march={march}"] if march else [])
+    cpu_src = sorted(s for s in glob.glob("csrc/*.cpp") if not s.endswith("_cuda.cpp"))
+    want_cuda = os.environ.get("FSL_FAST_CUDA")
+    has_cuda = torch.version.cuda is not None and ce.CUDA_HOME is not None
+    if want_cuda == "1" or (want_cuda is None and has_cuda):
+        cu_src = sorted(glob.glob("csrc/*.cu")) + sorted(glob.glob("csrc/*_cuda.cpp"))
+        ext = ce.CUDAExtension(
+            "fsl_fast._C",
+            cpu_src + cu_src,
+            define_macros=[("FSL_FAST_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+            extra_link_args=["-fopenmp"],
+        )
+    else:
+        ext = ce.CppExtension(
+            "fsl_fast._C", cpu_src, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"]
+        )
+    return [ext], {"build_ext": ce.BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    packages=["fsl_fast", "fsl_fast.ops", "fsl_fast.kernels"],
+    package_dir={"fsl_fast": "fsl_fast", "fsl_fast.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
