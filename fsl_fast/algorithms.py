@@ -1,0 +1,328 @@
+"""The five algorithms, written once over the engine interface (fsl_fast.engines.base).
+
+The base class owns the round loop and both schedules; each algorithm is a short set of hooks named
+after the paper's steps. Every message goes through ``send_*`` helpers, which apply uplink
+quantization and count bytes in the ledger, so the same code runs in-process and over a transport.
+
+Schedules (DESIGN.md):
+- ``sequential`` (the authors' code): clients one after another; the server consumes each upload
+  at once; client i aligns at its first iteration of an alignment round, after that upload.
+- ``parallel`` (the paper): clients advance in lockstep by local iteration index; uploads of one
+  iteration are consumed in ascending client order; in an alignment round all auxiliaries are
+  aligned after the iteration-0 uploads and before the iteration-0 client updates.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import torch
+
+from fsl_fast.ledger import Ledger, state_bytes, tensor_bytes
+
+
+class AlignBuffer:
+    """Server-side FIFO of one client's uploaded smashed data: keeps the newest ``capacity`` rows.
+
+    Chunks are stored as sent (a QuantizedTensor when the uplink is quantized) and decoded on use.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.chunks: list = []  # (payload, labels) with payload a tensor or QuantizedTensor
+
+    def __len__(self) -> int:
+        return sum(int(y.shape[0]) for _, y in self.chunks)
+
+    def append(self, payload, y: torch.Tensor) -> None:
+        self.chunks.append((payload, y))
+        excess = len(self) - self.capacity
+        while excess > 0:
+            p, yy = self.chunks[0]
+            n = int(yy.shape[0])
+            if n <= excess:
+                self.chunks.pop(0)
+                excess -= n
+            else:
+                self.chunks[0] = (_slice_rows(p, excess), yy[excess:])
+                excess = 0
+
+    def tensors(self, decode) -> tuple[torch.Tensor, torch.Tensor]:
+        zs = [decode(p) for p, _ in self.chunks]
+        ys = [y for _, y in self.chunks]
+        return torch.cat(zs), torch.cat(ys)
+
+    def state_dict(self) -> dict:
+        out = []
+        for p, y in self.chunks:
+            if isinstance(p, torch.Tensor):
+                out.append({"z": p, "y": y})
+            else:
+                out.append({"q": p.state_dict(), "y": y})
+        return {"chunks": out}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.chunks = []
+        for c in sd["chunks"]:
+            if "z" in c:
+                self.chunks.append((c["z"], c["y"]))
+            else:
+                from fsl_fast.ops.quantize import QuantizedTensor
+
+                self.chunks.append((QuantizedTensor.from_state_dict(c["q"]), c["y"]))
+
+
+def _slice_rows(p, start: int):
+    if isinstance(p, torch.Tensor):
+        return p[start:]
+    return p.slice_rows(start)
+
+
+class Algorithm:
+    """Owns the round loop. Subclasses implement ``local_iteration`` and ``end_of_round``."""
+
+    key = ""
+    uses_aux = False
+    server_copies = False  # one server model per client (SplitFed v1, FedAvg's whole models)
+    whole_model = False  # FedAvg: clients train client+server halves locally
+
+    def __init__(self, cfg, engine, loaders, weights, ledger: Ledger):
+        self.cfg = cfg
+        self.engine = engine
+        self.loaders = loaders
+        self.m = len(loaders)
+        self.weights = weights
+        self.ledger = ledger
+        self.q = cfg.server_update_interval
+        self.buffers = [AlignBuffer(cfg.buffer_size) for _ in range(self.m)] if self.uses_aux else []
+        self.times: dict[str, float] = {}
+        self._quant = None
+        if cfg.quantize != "none":
+            from fsl_fast.ops import quantize as Q
+
+            self._quant = Q
+
+    # -- timing --------------------------------------------------------------------------------
+    @contextmanager
+    def phase(self, name: str):
+        self.engine.sync()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.engine.sync()
+            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
+
+    # -- messages ------------------------------------------------------------------------------
+    def send_smashed(self, k: int, z: torch.Tensor, y: torch.Tensor):
+        """Client k uploads smashed data (and labels). Returns (server's view of z, payload)."""
+        z = z.detach()
+        if self._quant is None:
+            payload = z
+            nbytes = tensor_bytes(z.float()) if z.dtype != torch.float32 else tensor_bytes(z)
+            z_srv = z
+        else:
+            bits = 8 if self.cfg.quantize == "int8" else 4
+            gs = self.cfg.quantize_group_size or None
+            payload = self._quant.quantize(
+                z, bits=bits, group_size=gs, stochastic=self.cfg.stochastic_rounding,
+                seed=self._stochastic_seed(k),
+            )
+            nbytes = payload.nbytes
+            z_srv = self._quant.dequantize(payload)
+        self.ledger.add("up", "smashed", nbytes)
+        self.ledger.add("up", "labels", tensor_bytes(y), paper=False)
+        return z_srv, payload
+
+    def _stochastic_seed(self, k: int) -> int:
+        # Distinct, reproducible counter-RNG key per (run seed, round, client, upload).
+        self._upload_counter = getattr(self, "_upload_counter", 0) + 1
+        return (self.cfg.seed * 1_000_003 + self._round * 10_007 + k * 101 + self._upload_counter) % (2**31)
+
+    def decode(self, payload) -> torch.Tensor:
+        if isinstance(payload, torch.Tensor):
+            return payload
+        return self._quant.dequantize(payload)
+
+    def send_gradient(self, k: int, g: torch.Tensor) -> torch.Tensor:
+        self.ledger.add("down", "gradients", tensor_bytes(g))
+        return g
+
+    def count_model_exchange(self, kind: str, nbytes: int, clients: int) -> None:
+        """FedAvg: every client uploads its model and downloads the average."""
+        self.ledger.add("up", kind, nbytes, count=clients)
+        self.ledger.add("down", kind, nbytes, count=clients)
+
+    def initial_broadcast(self) -> None:
+        """Round 0 sends the initial models down; not counted in the paper's convention."""
+        kinds = [("client_model", self.engine.client_bytes())]
+        if self.whole_model:
+            kinds.append(("server_model", self.engine.server_bytes()))
+        if self.uses_aux:
+            kinds.append(("aux_model", self.engine.aux_bytes()))
+        for kind, nbytes in kinds:
+            self.ledger.add("down", kind, nbytes, paper=False, count=self.m)
+
+    # -- the round loop ------------------------------------------------------------------------
+    def run_round(self, t: int) -> dict[str, float]:
+        self.times = {}
+        self._round = t
+        self._upload_counter = 0
+        self.engine.begin_round(t)
+        iters = [self.cfg.local_epochs * len(ld) for ld in self.loaders]
+        streams = [self._batches(k) for k in range(self.m)]
+        if self.cfg.schedule == "sequential":
+            for k in range(self.m):
+                for it in range(iters[k]):
+                    x, y = next(streams[k])
+                    self.local_iteration(t, it, [k], [x], [y])
+        else:
+            for it in range(max(iters)):
+                ks = [k for k in range(self.m) if it < iters[k]]
+                batches = [next(streams[k]) for k in ks]
+                self.local_iteration(t, it, ks, [b[0] for b in batches], [b[1] for b in batches])
+        with self.phase("aggregate"):
+            self.end_of_round(t)
+        return dict(self.times)
+
+    def _batches(self, k: int):
+        dev = self.engine.device
+        for _ in range(self.cfg.local_epochs):
+            for x, y in self.loaders[k]:
+                yield x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+
+    def local_iteration(self, t, it, ks, xs, ys):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def end_of_round(self, t):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- shared steps --------------------------------------------------------------------------
+    def fedavg_clients(self, with_aux: bool = False) -> None:
+        self.engine.aggregate(self.weights, clients=True, aux=with_aux, servers=self.server_copies)
+        self.count_model_exchange("client_model", self.engine.client_bytes(), self.m)
+        if with_aux:
+            self.count_model_exchange("aux_model", self.engine.aux_bytes(), self.m)
+
+    def state_dict(self) -> dict:
+        return {"buffers": [b.state_dict() for b in self.buffers]}
+
+    def load_state_dict(self, sd: dict) -> None:
+        for b, s in zip(self.buffers, sd["buffers"]):
+            b.load_state_dict(s)
+
+
+class FedAvg(Algorithm):
+    """FedAvg (McMahan et al.): each client trains the whole model; whole models are averaged."""
+
+    key = "fedavg"
+    server_copies = True
+    whole_model = True
+
+    def local_iteration(self, t, it, ks, xs, ys):
+        with self.phase("client"):
+            self.engine.full_step(ks, xs, ys)
+
+    def end_of_round(self, t):
+        self.engine.aggregate(self.weights, clients=True, servers=True)
+        self.ledger.add("up", "client_model", self.engine.client_bytes(), count=self.m)
+        self.ledger.add("down", "client_model", self.engine.client_bytes(), count=self.m)
+        self.ledger.add("up", "server_model", self.engine.server_bytes(), count=self.m)
+        self.ledger.add("down", "server_model", self.engine.server_bytes(), count=self.m)
+
+
+class SplitFed(Algorithm):
+    """SplitFed: every iteration uploads z, the server steps and returns dL/dz, the client steps."""
+
+    def local_iteration(self, t, it, ks, xs, ys):
+        with self.phase("client"):
+            zs = self.engine.client_forward(ks, xs)
+        grads = []
+        with self.phase("server"):
+            for k, z, y in zip(ks, zs, ys):
+                z_srv, _ = self.send_smashed(k, z, y)
+                g = self.engine.server_step(k, z_srv, y, want_grad=True)
+                grads.append(self.send_gradient(k, g))
+        with self.phase("client"):
+            self.engine.client_backward(ks, zs, grads)
+
+    def end_of_round(self, t):
+        self.fedavg_clients()
+
+
+class SplitFedV1(SplitFed):
+    """SplitFed v1 (official key sl_multi_server): one server copy per client, averaged server-side."""
+
+    key = "splitfed_v1"
+    server_copies = True
+
+
+class SplitFedV2(SplitFed):
+    """SplitFed v2 (official key sl_single_server): one shared server model."""
+
+    key = "splitfed_v2"
+
+
+class CSEFSL(Algorithm):
+    """CSE-FSL (Mu et al. 2023): clients train on a local auxiliary loss; every q-th iteration the
+    smashed data goes up and the server steps; client and auxiliary models are averaged."""
+
+    key = "cse_fsl"
+    uses_aux = True
+
+    def local_iteration(self, t, it, ks, xs, ys):
+        with self.phase("client"):
+            zs = self.engine.client_forward(ks, xs)
+        if it % self.q == 0:
+            with self.phase("server"):
+                for k, z, y in zip(ks, zs, ys):
+                    z_srv, _ = self.send_smashed(k, z, y)
+                    self.engine.server_step(k, z_srv, y)
+        with self.phase("client"):
+            grads = self.engine.aux_local_step(ks, zs, ys)
+            self.engine.client_backward(ks, zs, grads)
+
+    def end_of_round(self, t):
+        self.fedavg_clients(with_aux=True)
+
+
+class FSLSAGE(Algorithm):
+    """FSL-SAGE (Nair et al. 2025): clients train with the auxiliary estimate of the cut-layer
+    gradient; every q-th iteration the smashed data goes up (server steps, alignment buffer grows);
+    every l rounds the server aligns each auxiliary to the true gradients on its buffer."""
+
+    key = "fsl_sage"
+    uses_aux = True
+
+    def local_iteration(self, t, it, ks, xs, ys):
+        with self.phase("client"):
+            zs = self.engine.client_forward(ks, xs)
+        if it % self.q == 0:
+            with self.phase("server"):
+                for k, z, y in zip(ks, zs, ys):
+                    z_srv, payload = self.send_smashed(k, z, y)
+                    self.engine.server_step(k, z_srv, y)
+                    self.buffers[k].append(payload, y)
+        if t % self.cfg.align_interval == 0 and it == 0:
+            with self.phase("align"):
+                self.align(ks)
+        with self.phase("client"):
+            grads = self.engine.aux_estimate(ks, zs, ys)
+            self.engine.client_backward(ks, zs, grads)
+
+    def align(self, ks):
+        """Server refreshes the true-gradient targets on each buffer, fits the auxiliaries to them,
+        and sends each aligned auxiliary down."""
+        data = []
+        for k in ks:
+            Z, Y = self.buffers[k].tensors(self.decode)
+            data.append((Z, Y))
+        self.engine.align(ks, data)
+        for _ in ks:
+            self.ledger.add("down", "aux_model", self.engine.aux_bytes())
+
+    def end_of_round(self, t):
+        self.fedavg_clients()
+
+
+ALGORITHM_CLASSES = {c.key: c for c in (FedAvg, SplitFedV1, SplitFedV2, CSEFSL, FSLSAGE)}

@@ -1,0 +1,123 @@
+"""Run configuration: one typed dataclass, validated in one place.
+
+Defaults follow the FSL-SAGE paper where they apply (q=5, l=10, 100 alignment epochs, alignment
+batch 1000, buffer 1000, Adam 1e-3 / weight decay 1e-4 for client and server, Adam 1e-3 for the
+auxiliary model). ``batch_size=0`` and ``model="auto"`` pick per dataset: 256 and resnet18 for
+CIFAR (the paper), 32 and the small ``cnn`` for the embedded MNIST-5k data.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+ALGORITHMS = ("fedavg", "splitfed_v1", "splitfed_v2", "cse_fsl", "fsl_sage")
+SCHEDULES = ("sequential", "parallel")
+DATASETS = ("mnist5k", "cifar10", "cifar100", "synthetic")
+PARTITIONS = ("iid", "dirichlet")
+QUANTIZE = ("none", "int8", "int4")
+
+
+class ConfigError(ValueError):
+    """A bad option value; the CLI prints the message and exits with status 2."""
+
+
+@dataclass
+class Config:
+    algorithm: str = "fsl_sage"
+    model: str = "auto"
+    aux: str = "default"
+    dataset: str = "mnist5k"
+    data_dir: str | None = None
+    partition: str = "iid"
+    alpha: float | None = None
+    clients: int = 10
+    rounds: int = 20
+    local_epochs: int = 1
+    batch_size: int = 0
+    server_update_interval: int = 5
+    align_interval: int = 10
+    align_epochs: int = 100
+    align_batch_size: int = 1000
+    buffer_size: int = 1000
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    aux_lr: float = 1e-3
+    seed: int = 0
+    schedule: str = "sequential"
+    comm_budget_gib: float | None = None
+    quantize: str = "none"
+    quantize_group_size: int = 0
+    stochastic_rounding: bool = False
+    fused: bool = False
+    device: str = "cpu"
+    threads: int = 0
+    eval_batch_size: int = 1000
+    extra: dict = field(default_factory=dict)
+
+    # -- resolution --------------------------------------------------------------------------
+    def resolved(self) -> "Config":
+        c = dataclasses.replace(self)
+        cifar = c.dataset.startswith("cifar")
+        if c.model == "auto":
+            c.model = "resnet18" if cifar else "cnn"
+        if c.batch_size == 0:
+            c.batch_size = 256 if cifar else 32
+        if c.quantize == "int4" and c.quantize_group_size == 0:
+            c.quantize_group_size = 32
+        c.validate()
+        return c
+
+    def validate(self) -> None:
+        def choice(name, allowed):
+            v = getattr(self, name)
+            if v not in allowed:
+                raise ConfigError(f"--{name.replace('_', '-')}: unknown value {v!r} (choose from {', '.join(allowed)})")
+
+        choice("algorithm", ALGORITHMS)
+        choice("schedule", SCHEDULES)
+        choice("dataset", DATASETS)
+        choice("partition", PARTITIONS)
+        choice("quantize", QUANTIZE)
+        for name in ("clients", "rounds", "local_epochs", "batch_size", "server_update_interval",
+                     "align_interval", "align_epochs", "align_batch_size", "buffer_size",
+                     "eval_batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ConfigError(f"--{name.replace('_', '-')}: must be a positive integer, got {v!r}")
+        for name in ("lr", "aux_lr"):
+            v = getattr(self, name)
+            if not (v > 0 and v < float("inf")):
+                raise ConfigError(f"--{name.replace('_', '-')}: must be a positive number, got {v!r}")
+        if not (self.weight_decay >= 0 and self.weight_decay < float("inf")):
+            raise ConfigError(f"--weight-decay: must be >= 0, got {self.weight_decay!r}")
+        if self.threads < 0:
+            raise ConfigError(f"--threads: must be >= 0 (0 = torch default), got {self.threads}")
+        if self.seed < 0:
+            raise ConfigError(f"--seed: must be >= 0, got {self.seed}")
+        if self.partition == "dirichlet":
+            if self.alpha is None or not (self.alpha > 0 and self.alpha < float("inf")):
+                raise ConfigError(f"--alpha: dirichlet partition needs a positive finite alpha, got {self.alpha!r}")
+        if self.comm_budget_gib is not None and not (self.comm_budget_gib > 0):
+            raise ConfigError(f"--comm-budget-gib: must be positive, got {self.comm_budget_gib!r}")
+        if self.quantize_group_size < 0:
+            raise ConfigError(f"--quantize-group-size: must be >= 0, got {self.quantize_group_size}")
+        if self.quantize == "int4" and self.quantize_group_size % 2:
+            raise ConfigError(f"--quantize-group-size: int4 needs an even group size, got {self.quantize_group_size}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError(f"--device: expected cpu or cuda[:N], got {self.device!r}")
+        if self.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError(f"--device {self.device}: CUDA is not available on this machine")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ConfigError(f"config: unknown keys {sorted(unknown)}")
+        return cls(**d)

@@ -1,0 +1,78 @@
+"""The engine interface the algorithms are written against.
+
+Lists are indexed like ``ks`` (the clients taking part in this call, ascending). ``zs`` returned by
+``client_forward`` carry whatever the engine needs to backpropagate later (the autograd graph);
+algorithms only pass them back to ``client_backward`` or detach them to send them.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fsl_fast.ledger import state_bytes
+
+
+class Engine:
+    device: torch.device
+
+    def __init__(self, cfg, split, num_clients, algorithm_cls, device):
+        self.cfg = cfg
+        self.split = split
+        self.m = num_clients
+        self.algo = algorithm_cls
+        self.device = torch.device(device)
+        self._client_bytes = state_bytes(split.client)
+        self._server_bytes = state_bytes(split.server)
+        self._aux_bytes = state_bytes(split.aux)
+
+    # sizes of the models as sent (fp32 parameters and buffers)
+    def client_bytes(self) -> int:
+        return self._client_bytes
+
+    def server_bytes(self) -> int:
+        return self._server_bytes
+
+    def aux_bytes(self) -> int:
+        return self._aux_bytes
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def begin_round(self, t: int) -> None:
+        pass
+
+    # The operations (see ReferenceEngine for their exact semantics).
+    def client_forward(self, ks, xs): raise NotImplementedError
+    def client_backward(self, ks, zs, grads): raise NotImplementedError
+    def server_step(self, k, z, y, want_grad=False): raise NotImplementedError
+    def aux_estimate(self, ks, zs, ys): raise NotImplementedError
+    def aux_local_step(self, ks, zs, ys): raise NotImplementedError
+    def full_step(self, ks, xs, ys): raise NotImplementedError
+    def align(self, ks, data): raise NotImplementedError
+    def aggregate(self, weights, clients=True, aux=False, servers=False): raise NotImplementedError
+    def eval_models(self): raise NotImplementedError
+    def state_dict(self): raise NotImplementedError
+    def load_state_dict(self, sd): raise NotImplementedError
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[float, float]:
+        """Test accuracy and mean loss of server(client_avg(x)) over the whole test set."""
+        client, server = self.eval_models()
+        client.eval()
+        server.eval()
+        correct, loss_sum = 0, 0.0
+        for i in range(0, x.shape[0], batch_size):
+            xb = x[i:i + batch_size].to(self.device)
+            yb = y[i:i + batch_size].to(self.device)
+            out = server(client(xb))
+            loss_sum += float(F.cross_entropy(out, yb, reduction="sum"))
+            correct += int((out.argmax(1) == yb).sum())
+        client.train()
+        server.train()
+        n = x.shape[0]
+        return correct / n, loss_sum / n
+
+
+def align_seed(seed: int, k: int) -> int:
+    return (seed * 7_919 + 1_000 + k) % (2**63 - 1)

@@ -1,0 +1,198 @@
+"""Reference engine: one nn.Module and one optimizer per client, autograd exactly as the authors'
+code uses it (double backward for alignment, per-key state_dict averaging). Slow and obvious: the
+ground truth that the fused engine and the distributed runtime are checked against."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from fsl_fast.engines.base import Engine, align_seed
+
+
+def _adam(module, lr, wd):
+    return torch.optim.Adam(module.parameters(), lr=lr, weight_decay=wd)
+
+
+def average_state_dicts(state_dicts, weights):
+    """The authors' FedAvg: for each key, sum_i w_i * sd_i[key] (ALGORITHM.md §2).
+
+    Integer entries (BatchNorm's num_batches_tracked) are averaged in float64 and rounded, so ten
+    clients with equal counters keep that counter exactly."""
+    out = {}
+    for key in state_dicts[0]:
+        ref = state_dicts[0][key]
+        if ref.is_floating_point():
+            acc = torch.zeros_like(ref, dtype=torch.float32)
+            for w, sd in zip(weights, state_dicts):
+                acc += float(w) * sd[key].float()
+            out[key] = acc.to(ref.dtype)
+        else:
+            acc = torch.zeros_like(ref, dtype=torch.float64)
+            for w, sd in zip(weights, state_dicts):
+                acc += float(w) * sd[key].double()
+            out[key] = acc.round().to(ref.dtype)
+    return out
+
+
+class ReferenceEngine(Engine):
+    def __init__(self, cfg, split, num_clients, algorithm_cls, device):
+        super().__init__(cfg, split, num_clients, algorithm_cls, device)
+        dev = self.device
+        lr, wd = cfg.lr, cfg.weight_decay
+        self.client_global = split.client.to(dev)
+        self.clients = [copy.deepcopy(self.client_global) for _ in range(num_clients)]
+        self.client_opts = [_adam(c, lr, wd) for c in self.clients]
+        self.server_global = split.server.to(dev)
+        if algorithm_cls.server_copies:
+            self.servers = [copy.deepcopy(self.server_global) for _ in range(num_clients)]
+            self.server_opts = [_adam(s, lr, wd) for s in self.servers]
+        else:
+            self.servers = [self.server_global]
+            self.server_opts = [_adam(self.server_global, lr, wd)]
+        self.auxes, self.aux_opts, self.align_gens = [], [], []
+        if algorithm_cls.uses_aux:
+            aux = split.aux.to(dev)
+            self.auxes = [copy.deepcopy(aux) for _ in range(num_clients)]
+            self.aux_opts = [torch.optim.Adam(a.parameters(), lr=cfg.aux_lr) for a in self.auxes]
+            self.align_gens = [torch.Generator().manual_seed(align_seed(cfg.seed, k))
+                               for k in range(num_clients)]
+
+    def _server(self, k):
+        return (self.servers[k], self.server_opts[k]) if len(self.servers) > 1 else (self.servers[0], self.server_opts[0])
+
+    # -- client side ---------------------------------------------------------------------------
+    def client_forward(self, ks, xs):
+        return [self.clients[k](x) for k, x in zip(ks, xs)]
+
+    def client_backward(self, ks, zs, grads):
+        for k, z, g in zip(ks, zs, grads):
+            opt = self.client_opts[k]
+            opt.zero_grad(set_to_none=True)
+            z.backward(g)
+            opt.step()
+
+    def aux_estimate(self, ks, zs, ys):
+        out = []
+        for k, z, y in zip(ks, zs, ys):
+            zd = z.detach().requires_grad_(True)
+            loss = F.cross_entropy(self.auxes[k](zd), y)
+            (g,) = torch.autograd.grad(loss, zd)
+            out.append(g)
+        return out
+
+    def aux_local_step(self, ks, zs, ys):
+        out = []
+        for k, z, y in zip(ks, zs, ys):
+            zd = z.detach().requires_grad_(True)
+            opt = self.aux_opts[k]
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(self.auxes[k](zd), y).backward()
+            opt.step()
+            out.append(zd.grad)
+        return out
+
+    def full_step(self, ks, xs, ys):
+        for k, x, y in zip(ks, xs, ys):
+            server, sopt = self._server(k)
+            copt = self.client_opts[k]
+            copt.zero_grad(set_to_none=True)
+            sopt.zero_grad(set_to_none=True)
+            F.cross_entropy(server(self.clients[k](x)), y).backward()
+            copt.step()
+            sopt.step()
+
+    # -- server side ---------------------------------------------------------------------------
+    def server_step(self, k, z, y, want_grad=False):
+        server, opt = self._server(k)
+        zr = z.detach().requires_grad_(want_grad)
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(server(zr), y).backward()
+        opt.step()
+        return zr.grad if want_grad else None
+
+    def server_targets(self, Z, Y):
+        """True cut-layer gradients d CE_mean(s(Z), Y)/dZ of the whole buffer with the current
+        server, in train mode (as the authors), without touching its BatchNorm running stats."""
+        server = self.servers[0]
+        saved = [b.clone() for b in server.buffers()]
+        Zr = Z.detach().requires_grad_(True)
+        (T,) = torch.autograd.grad(F.cross_entropy(server(Zr), Y), Zr)
+        with torch.no_grad():
+            for b, s in zip(server.buffers(), saved):
+                b.copy_(s)
+        return T
+
+    def align(self, ks, data):
+        cfg = self.cfg
+        for k, (Z, Y) in zip(ks, data):
+            T = self.server_targets(Z, Y)
+            aux, opt, gen = self.auxes[k], self.aux_opts[k], self.align_gens[k]
+            n = Z.shape[0]
+            for _ in range(cfg.align_epochs):
+                perm = torch.randperm(n, generator=gen).to(Z.device)
+                for i in range(0, n, cfg.align_batch_size):
+                    idx = perm[i:i + cfg.align_batch_size]
+                    Zb = Z[idx].detach().requires_grad_(True)
+                    # Both the prediction and the target carry 1/n (n = buffer rows): with one
+                    # alignment batch per pass (the paper's 1000/1000) this is the authors' loss.
+                    est = F.cross_entropy(aux(Zb), Y[idx], reduction="sum") / n
+                    (g,) = torch.autograd.grad(est, Zb, create_graph=True)
+                    loss = F.mse_loss(g, T[idx], reduction="sum")
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+
+    # -- aggregation and evaluation ------------------------------------------------------------
+    def aggregate(self, weights, clients=True, aux=False, servers=False):
+        with torch.no_grad():
+            if clients:
+                avg = average_state_dicts([c.state_dict() for c in self.clients], weights)
+                self.client_global.load_state_dict(avg)
+                for c in self.clients:
+                    c.load_state_dict(avg)
+            if servers and len(self.servers) > 1:
+                avg = average_state_dicts([s.state_dict() for s in self.servers], weights)
+                self.server_global.load_state_dict(avg)
+                for s in self.servers:
+                    s.load_state_dict(avg)
+            if aux:
+                avg = average_state_dicts([a.state_dict() for a in self.auxes], weights)
+                for a in self.auxes:
+                    a.load_state_dict(avg)
+
+    def eval_models(self):
+        return self.client_global, self.server_global
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self):
+        return {
+            "client_global": self.client_global.state_dict(),
+            "server_global": self.server_global.state_dict(),
+            "clients": [c.state_dict() for c in self.clients],
+            "client_opts": [o.state_dict() for o in self.client_opts],
+            "servers": [s.state_dict() for s in self.servers],
+            "server_opts": [o.state_dict() for o in self.server_opts],
+            "auxes": [a.state_dict() for a in self.auxes],
+            "aux_opts": [o.state_dict() for o in self.aux_opts],
+            "align_gens": [g.get_state() for g in self.align_gens],
+        }
+
+    def load_state_dict(self, sd):
+        self.client_global.load_state_dict(sd["client_global"])
+        self.server_global.load_state_dict(sd["server_global"])
+        for obj, key in ((self.clients, "clients"), (self.client_opts, "client_opts"),
+                         (self.servers, "servers"), (self.server_opts, "server_opts"),
+                         (self.auxes, "auxes"), (self.aux_opts, "aux_opts")):
+            for o, s in zip(obj, sd[key]):
+                o.load_state_dict(s)
+        for g, s in zip(self.align_gens, sd["align_gens"]):
+            g.set_state(s)
+
+    # parameters of every model, for parity tests
+    def named_state(self):
+        out = {"client": self.client_global.state_dict(), "server": self.server_global.state_dict()}
+        for k, a in enumerate(self.auxes):
+            out[f"aux{k}"] = a.state_dict()
+        return out

@@ -1,0 +1,100 @@
+"""``python -m fsl_fast.train``: train one algorithm; writes a run directory (see README)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from fsl_fast.config import ALGORITHMS, DATASETS, PARTITIONS, QUANTIZE, SCHEDULES, Config, ConfigError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = Config()
+    p = _Parser(prog="python -m fsl_fast.train", description=__doc__)
+    a = p.add_argument
+    a("--algorithm", choices=ALGORITHMS, default=None, help=f"default {d.algorithm}")
+    a("--model", default=None, help="cnn | simple_conv | resnet18 | auto (resnet18 for CIFAR, cnn for mnist5k)")
+    a("--aux", default=None, help="auxiliary model: default | linear | layer3 (resnet18)")
+    a("--dataset", choices=DATASETS, default=None, help=f"default {d.dataset} (embedded)")
+    a("--data-dir", default=None, help="folder holding CIFAR python-pickle folders or .tar.gz")
+    a("--partition", choices=PARTITIONS, default=None, help="iid (default) | dirichlet")
+    a("--alpha", type=float, default=None, help="Dirichlet concentration (with --partition dirichlet)")
+    a("--clients", type=int, default=None, help=f"default {d.clients}")
+    a("--rounds", type=int, default=None, help=f"default {d.rounds}")
+    a("--local-epochs", type=int, default=None, help=f"default {d.local_epochs}")
+    a("--batch-size", type=int, default=None, help="default: 256 for CIFAR, 32 for mnist5k")
+    a("--server-update-interval", type=int, default=None, help="q: upload every q-th iteration (5)")
+    a("--align-interval", type=int, default=None, help="l: align every l rounds (10)")
+    a("--align-epochs", type=int, default=None, help="default 100")
+    a("--align-batch-size", type=int, default=None, help="default 1000")
+    a("--buffer-size", type=int, default=None, help="alignment buffer rows per client (1000)")
+    a("--lr", type=float, default=None, help="client and server Adam learning rate (1e-3)")
+    a("--weight-decay", type=float, default=None, help="client and server Adam weight decay (1e-4)")
+    a("--aux-lr", type=float, default=None, help="auxiliary Adam learning rate (1e-3)")
+    a("--seed", type=int, default=None, help="default 0")
+    a("--schedule", choices=SCHEDULES, default=None, help="sequential (authors' code, default) | parallel")
+    a("--comm-budget-gib", type=float, default=None, help="stop when the paper-convention total reaches this")
+    a("--quantize", choices=QUANTIZE, default=None, help="uplink smashed-data compression (none)")
+    a("--quantize-group-size", type=int, default=None, help="0 = per-row scales for int8; int4 default 32")
+    a("--stochastic-rounding", action="store_true", default=None, help="stochastic rounding in --quantize")
+    a("--fused", action="store_true", default=None, help="use the fused engine (fast path)")
+    a("--device", default=None, help="cpu (default) | cuda[:N]")
+    a("--threads", type=int, default=None, help="torch intra-op threads (0 = torch default)")
+    a("--out", default=None, help="run directory (default runs/<algorithm>-<time>)")
+    a("--resume", default=None, metavar="DIR", help="continue the run in DIR (its config; --rounds and "
+      "--comm-budget-gib may be raised)")
+    a("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+RESUME_OVERRIDABLE = ("rounds", "comm_budget_gib", "threads", "device")
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from fsl_fast.data import DataError
+    given = {k: v for k, v in vars(args).items()
+             if v is not None and k not in ("out", "resume", "no_progress")}
+    try:
+        if args.resume:
+            out = Path(args.resume)
+            cfg_file = out / "config.json"
+            if not cfg_file.is_file():
+                raise ConfigError(f"--resume: {cfg_file} not found")
+            cfg = Config.from_dict(json.loads(cfg_file.read_text()))
+            bad = sorted(k for k in given if k not in RESUME_OVERRIDABLE and given[k] != getattr(cfg, k))
+            if bad:
+                raise ConfigError(f"--resume: cannot change {', '.join(bad)} of an existing run")
+            for k in RESUME_OVERRIDABLE:
+                if k in given:
+                    setattr(cfg, k, given[k])
+            cfg = cfg.resolved()
+        else:
+            cfg = Config(**given).resolved()
+            out = Path(args.out) if args.out else Path("runs") / f"{cfg.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}"
+            if (out / "metrics.jsonl").exists():
+                raise ConfigError(f"--out: {out} already holds a run; use --resume {out} or another --out")
+        if cfg.data_dir is not None and not Path(cfg.data_dir).is_dir():
+            raise ConfigError(f"--data-dir: {cfg.data_dir} is not a directory")
+        from fsl_fast.runner import train
+
+        results = train(cfg, out, resume=bool(args.resume), progress=not args.no_progress)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: the last completed round is checkpointed; continue with --resume", file=sys.stderr)
+        return 130
+    print(json.dumps({"out": str(out), **results}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
