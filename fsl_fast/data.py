@@ -336,6 +336,10 @@ def _read_from_archive(path: Path, spec: dict, needed: list[str]) -> dict[str, t
     return out
 
 
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A pickle named a global outside the allow-list (it could have run code)."""
+
+
 def _reconstruct_targets() -> dict[tuple[str, str], object]:
     """The only globals a CIFAR pickle may name: what numpy needs to rebuild arrays and dtypes."""
     try:
@@ -360,10 +364,6 @@ def _reconstruct_targets() -> dict[tuple[str, str], object]:
     allowed[("numpy", "dtype")] = np.dtype
     allowed[("_codecs", "encode")] = latin1_encode
     return allowed
-
-
-class _RefusedGlobal(pickle.UnpicklingError):
-    pass
 
 
 class _ArrayOnlyUnpickler(pickle.Unpickler):
@@ -556,6 +556,9 @@ def augment_batch(
     if x.dim() != 4:
         raise DataError(f"augment_batch: x must be [B, C, H, W], got shape {tuple(x.shape)}")
     b, c, h, w = x.shape
+    if pad_value.numel() != c:
+        raise DataError(f"augment_batch: pad_value must have {c} values (one per channel), got "
+                        f"shape {tuple(pad_value.shape)}")
     gdev = generator.device
     oy = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=gdev).to(x.device)
     ox = torch.randint(0, 2 * padding + 1, (b,), generator=generator, device=gdev).to(x.device)

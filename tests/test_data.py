@@ -3,6 +3,7 @@ import io
 import math
 import os
 import pickle
+import struct
 import tarfile
 
 import numpy as np
@@ -73,6 +74,8 @@ def test_synthetic_shapes():
     ds = D.load_dataset("synthetic:1x28x28", seed=3)
     assert ds.x_test.shape == (160, 1, 28, 28) and not ds.augment
     assert torch.bincount(ds.y_train).tolist() == [64] * 10
+    moved = ds.to("cpu")
+    assert torch.equal(moved.x_train, ds.x_train) and moved.in_shape == ds.in_shape
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,6 +137,27 @@ def test_cifar10_legacy_numpy_module_name(tmp_path):
     (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(
         blob.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
     expect["test"] = [(d, lab)]
+    _check_against(D.load_dataset("cifar10", tmp_path), expect)
+
+
+def _py2_pickle(data, labels):
+    """The byte layout of the official CIFAR files: a Python 2 protocol-2 pickle of a dict whose
+    keys and array bytes are py2 str (SHORT_BINSTRING / BINSTRING) and whose array is rebuilt by
+    numpy.core.multiarray._reconstruct. Written opcode by opcode since Python 3 cannot emit it."""
+    n, raw = data.shape[0], data.tobytes()
+    arr = (b"cnumpy.core.multiarray\n_reconstruct\nq\x01cnumpy\nndarray\nq\x02K\x00\x85U\x01b\x87Rq\x03("
+           b"K\x01J" + struct.pack("<i", n) + b"J" + struct.pack("<i", 3072) + b"\x86"
+           b"cnumpy\ndtype\nq\x04U\x02u1K\x00K\x01\x87Rq\x05(K\x03U\x01|NNNJ\xff\xff\xff\xff"
+           b"J\xff\xff\xff\xffK\x00tb\x89T" + struct.pack("<i", len(raw)) + raw + b"tb")
+    lab = b"]q\x06(" + b"".join(b"K" + bytes([v]) for v in labels) + b"e"
+    return b"\x80\x02}q\x00(U\x04data" + arr + b"U\x06labels" + lab + b"u."
+
+
+def test_cifar10_python2_pickles(tmp_path):
+    expect = _write_cifar10(tmp_path / "cifar-10-batches-py")
+    d = np.random.default_rng(3).integers(0, 256, size=(5, 3072), dtype=np.uint8)
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(_py2_pickle(d, [9, 0, 3, 3, 1]))
+    expect["test"] = [(d, [9, 0, 3, 3, 1])]
     _check_against(D.load_dataset("cifar10", tmp_path), expect)
 
 
@@ -389,6 +413,8 @@ def test_augment_is_deterministic_given_generator(seed):
     b = D.augment_batch(x, torch.Generator().manual_seed(7), pad)
     c = D.augment_batch(x, torch.Generator().manual_seed(8), pad)
     assert torch.equal(a, b) and not torch.equal(a, c)
+    with pytest.raises(DataError, match="pad_value must have 3 values"):
+        D.augment_batch(x, torch.Generator(), torch.zeros(1))
 
 
 def test_augment_matches_per_sample_crop_and_flip(seed):
