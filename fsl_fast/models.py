@@ -1,0 +1,266 @@
+"""Split models: the client front, the server back and the client's auxiliary head (ALGORITHM.md §4).
+
+``build_split_model(name, in_shape, num_classes, aux)`` returns a ``SplitModel``. Models:
+
+- ``resnet18``: torchvision-style ResNet-18 (7x7/2 stem + max-pool, BasicBlocks [2, 2, 2, 2]) applied
+  unchanged to small images, written here. Client = stem + layer1 + layer2 (cut 128x4x4 for 32x32
+  or 28x28 input); server = layer3 + layer4 + avgpool + fc. Auxiliaries: ``layer3`` (default: a
+  fresh layer3 + avgpool + fc, the server minus layer4) and ``linear`` (avgpool + fc).
+- ``simple_conv``: the CIFAR-10 tutorial network of the FSL-SAGE paper. Client = two conv5x5 layers
+  with ReLU, max-pool and local response norm, flattened (4096 for 32x32, 3136 for 28x28); server =
+  fc 384 - 192 - C; auxiliary ``linear`` = one Linear.
+- ``cnn``: a small two-conv network for MNIST-sized data that trains in seconds on a CPU. Client =
+  conv3x3(16) - ReLU - maxpool2 - conv3x3(32) - ReLU - maxpool2, flattened (1568 for 28x28); server =
+  fc 128 - C; auxiliary ``linear`` = one Linear.
+
+Auxiliary heads come in two classes the fused engine recognizes: ``LinearAux`` (optional global
+average pool, else flatten, then ``fc``) and ``ConvAux`` (``trunk``, global average pool, ``fc``).
+
+Parameters are initialized from torch's global RNG in the order client, server, aux: seed with
+``torch.manual_seed`` before building for reproducible weights.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = [
+    "MODEL_NAMES",
+    "AUX_NAMES",
+    "SplitModel",
+    "LinearAux",
+    "ConvAux",
+    "BasicBlock",
+    "build_split_model",
+    "full",
+]
+
+MODEL_NAMES = ("resnet18", "simple_conv", "cnn")
+AUX_NAMES = ("default", "linear", "layer3")
+# Which auxiliaries each model supports; the first is what "default" means.
+_MODEL_AUX = {"resnet18": ("layer3", "linear"), "simple_conv": ("linear",), "cnn": ("linear",)}
+
+
+@dataclass
+class SplitModel:
+    """client: images [B, *in_shape] -> smashed activations [B, *cut_shape].
+    server, aux: smashed activations -> logits [B, num_classes].
+    cut_shape: one sample's smashed activations, (C, H, W) for a convolutional cut or (D,) when
+    the client flattens.
+    """
+
+    client: nn.Module
+    server: nn.Module
+    aux: nn.Module
+    cut_shape: tuple[int, ...]
+    num_classes: int
+
+
+class LinearAux(nn.Module):
+    """Auxiliary head: global-average-pool over H, W (``pool=True``) or flatten, then ``fc``."""
+
+    def __init__(self, in_features: int, num_classes: int, pool: bool):
+        super().__init__()
+        self.pool = bool(pool)
+        self.fc = nn.Linear(in_features, num_classes)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = z.mean(dim=(2, 3)) if self.pool else z.flatten(1)
+        return self.fc(h)
+
+
+class ConvAux(nn.Module):
+    """Auxiliary head with a convolutional trunk: ``fc(mean_hw(trunk(z)))``."""
+
+    def __init__(self, trunk: nn.Module, trunk_channels: int, num_classes: int):
+        super().__init__()
+        self.trunk = trunk
+        self.pool = True
+        self.fc = nn.Linear(trunk_channels, num_classes)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.trunk(z).mean(dim=(2, 3)))
+
+
+def full(client: nn.Module, server: nn.Module) -> nn.Sequential:
+    """The whole model (client then server), e.g. what FedAvg trains. Shares the modules' parameters."""
+    return nn.Sequential(client, server)
+
+
+# ----------------------------------------------------------------------------------------------
+# ResNet-18
+
+
+def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with BN; the shortcut is a 1x1 conv + BN when the shape changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = _conv3x3(cin, cout, stride)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = _conv3x3(cout, cout)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, cout, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + shortcut)
+
+
+def _resnet_layer(cin: int, cout: int, stride: int, blocks: int = 2) -> nn.Sequential:
+    return nn.Sequential(BasicBlock(cin, cout, stride), *[BasicBlock(cout, cout) for _ in range(blocks - 1)])
+
+
+def _resnet_init(module: nn.Module) -> None:
+    # torchvision's ResNet init: He-normal (fan_out) convs, BN as identity; Linear keeps the default.
+    for mod in module.modules():
+        if isinstance(mod, nn.Conv2d):
+            nn.init.kaiming_normal_(mod.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(mod, nn.BatchNorm2d):
+            nn.init.ones_(mod.weight)
+            nn.init.zeros_(mod.bias)
+
+
+def _resnet18(in_shape, num_classes: int, aux: str):
+    client = nn.Sequential(OrderedDict(
+        conv1=nn.Conv2d(in_shape[0], 64, kernel_size=7, stride=2, padding=3, bias=False),
+        bn1=nn.BatchNorm2d(64),
+        relu=nn.ReLU(inplace=True),
+        maxpool=nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+        layer1=_resnet_layer(64, 64, 1),
+        layer2=_resnet_layer(64, 128, 2),
+    ))
+    _resnet_init(client)
+    server = nn.Sequential(OrderedDict(
+        layer3=_resnet_layer(128, 256, 2),
+        layer4=_resnet_layer(256, 512, 2),
+        avgpool=nn.AdaptiveAvgPool2d(1),
+        flatten=nn.Flatten(1),
+        fc=nn.Linear(512, num_classes),
+    ))
+    _resnet_init(server)
+    if aux == "layer3":
+        aux_mod = ConvAux(_resnet_layer(128, 256, 2), 256, num_classes)
+        _resnet_init(aux_mod)
+    else:
+        aux_mod = LinearAux(128, num_classes, pool=True)
+    return client, server, aux_mod
+
+
+# ----------------------------------------------------------------------------------------------
+# Small conv nets
+
+
+def _flat_features(client: nn.Module, in_shape) -> int:
+    with torch.no_grad():
+        return int(client(torch.zeros((1,) + tuple(in_shape))).shape[1])
+
+
+def _simple_conv(in_shape, num_classes: int, aux: str):
+    def lrn():
+        return nn.LocalResponseNorm(4, alpha=0.001 / 9.0, beta=0.75, k=1.0)
+
+    # MaxPool(3, 2, padding 1) halves even sides and rounds odd ones up: 32 -> 16 -> 8, 28 -> 14 -> 7.
+    client = nn.Sequential(
+        nn.Conv2d(in_shape[0], 64, kernel_size=5, padding=2),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+        lrn(),
+        nn.Conv2d(64, 64, kernel_size=5, padding=2),
+        nn.ReLU(inplace=True),
+        lrn(),
+        nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+        nn.Flatten(1),
+    )
+    d = _flat_features(client, in_shape)
+    server = nn.Sequential(
+        nn.Linear(d, 384), nn.ReLU(inplace=True),
+        nn.Linear(384, 192), nn.ReLU(inplace=True),
+        nn.Linear(192, num_classes),
+    )
+    return client, server, LinearAux(d, num_classes, pool=False)
+
+
+def _cnn(in_shape, num_classes: int, aux: str):
+    client = nn.Sequential(
+        nn.Conv2d(in_shape[0], 16, kernel_size=3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, kernel_size=3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+        nn.Flatten(1),
+    )
+    d = _flat_features(client, in_shape)
+    server = nn.Sequential(nn.Linear(d, 128), nn.ReLU(inplace=True), nn.Linear(128, num_classes))
+    return client, server, LinearAux(d, num_classes, pool=False)
+
+
+_BUILDERS = {"resnet18": _resnet18, "simple_conv": _simple_conv, "cnn": _cnn}
+
+
+def build_split_model(name: str, in_shape, num_classes: int, aux: str = "default") -> SplitModel:
+    """Build model ``name`` split at its cut layer, for images of shape ``in_shape`` = (C, H, W).
+
+    Raises ValueError for an unknown model or auxiliary name, a bad shape or class count, or an input
+    too small for the model (checked with one forward pass of a zero image in eval mode).
+    """
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+    choices = _MODEL_AUX[name]
+    if aux == "default":
+        aux = choices[0]
+    if aux not in choices:
+        raise ValueError(
+            f"auxiliary {aux!r} is not available for model {name!r}; choose one of "
+            f"{', '.join(('default',) + choices)}"
+        )
+    try:
+        shape = tuple(int(v) for v in in_shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"in_shape must be (C, H, W), got {in_shape!r}") from None
+    if len(shape) != 3 or min(shape) < 1 or any(v != float(u) for v, u in zip(shape, in_shape)):
+        raise ValueError(f"in_shape must be three positive integers (C, H, W), got {in_shape!r}")
+    if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 2:
+        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    num_classes = int(num_classes)
+    try:
+        client, server, aux_mod = _BUILDERS[name](shape, num_classes, aux)
+        cut_shape = _check_forward(client, server, aux_mod, shape)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"input shape {shape} is too small for model {name!r} ({first})") from None
+    return SplitModel(client=client, server=server, aux=aux_mod, cut_shape=cut_shape,
+                      num_classes=num_classes)
+
+
+def _check_forward(client, server, aux, in_shape) -> tuple[int, ...]:
+    modules = (client, server, aux)
+    modes = [m.training for m in modules]
+    try:
+        for m in modules:
+            m.eval()  # BatchNorm in train mode cannot take one sample of 1x1 maps
+        with torch.no_grad():
+            z = client(torch.zeros((1,) + in_shape))
+            if z.numel() == 0:
+                raise RuntimeError("the cut-layer activations are empty")
+            server(z)
+            aux(z)
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
+    return tuple(int(v) for v in z.shape[1:])
