@@ -119,7 +119,7 @@ class Algorithm:
         z = z.detach()
         if self._quant is None:
             payload = z
-            nbytes = tensor_bytes(z.float()) if z.dtype != torch.float32 else tensor_bytes(z)
+            nbytes = tensor_bytes(z)
             z_srv = z
         else:
             bits = 8 if self.cfg.quantize == "int8" else 4

@@ -75,9 +75,14 @@ class Config:
 
         choice("algorithm", ALGORITHMS)
         choice("schedule", SCHEDULES)
-        choice("dataset", DATASETS)
+        if not self.dataset.startswith("synthetic:"):
+            choice("dataset", DATASETS)
         choice("partition", PARTITIONS)
         choice("quantize", QUANTIZE)
+        from fsl_fast.models import AUX_NAMES, MODEL_NAMES
+
+        choice("model", MODEL_NAMES)
+        choice("aux", AUX_NAMES)
         for name in ("clients", "rounds", "local_epochs", "batch_size", "server_update_interval",
                      "align_interval", "align_epochs", "align_batch_size", "buffer_size",
                      "eval_batch_size"):

@@ -41,7 +41,10 @@ class Run:
             raise ConfigError(f"partition left clients {empty} without samples; use fewer --clients")
         self.class_counts = class_counts(self.data.y_train.numpy(), self.parts, self.data.num_classes)
         torch.manual_seed(cfg.seed)
-        self.split = build_split_model(cfg.model, self.data.in_shape, self.data.num_classes, aux=cfg.aux)
+        try:
+            self.split = build_split_model(cfg.model, self.data.in_shape, self.data.num_classes, aux=cfg.aux)
+        except ValueError as e:  # unknown name, unsupported aux, input too small: user errors
+            raise ConfigError(f"--model/--aux: {e}") from None
         cls = ALGORITHM_CLASSES[cfg.algorithm]
         self.engine = build_engine(cfg, self.split, cfg.clients, cls, cfg.device)
         self.gens = [torch.Generator().manual_seed(data_seed(cfg.seed, k)) for k in range(cfg.clients)]

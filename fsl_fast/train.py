@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--algorithm", choices=ALGORITHMS, default=None, help=f"default {d.algorithm}")
     a("--model", default=None, help="cnn | simple_conv | resnet18 | auto (resnet18 for CIFAR, cnn for mnist5k)")
     a("--aux", default=None, help="auxiliary model: default | linear | layer3 (resnet18)")
-    a("--dataset", choices=DATASETS, default=None, help=f"default {d.dataset} (embedded)")
+    a("--dataset", default=None, help=f"{' | '.join(DATASETS)} | synthetic:CxHxW (default {d.dataset}, embedded)")
     a("--data-dir", default=None, help="folder holding CIFAR python-pickle folders or .tar.gz")
     a("--partition", choices=PARTITIONS, default=None, help="iid (default) | dirichlet")
     a("--alpha", type=float, default=None, help="Dirichlet concentration (with --partition dirichlet)")

@@ -24,9 +24,10 @@ def average_state_dicts(state_dicts, weights):
     for key in state_dicts[0]:
         ref = state_dicts[0][key]
         if ref.is_floating_point():
-            acc = torch.zeros_like(ref, dtype=torch.float32)
+            acc_dtype = torch.promote_types(ref.dtype, torch.float32)
+            acc = torch.zeros_like(ref, dtype=acc_dtype)
             for w, sd in zip(weights, state_dicts):
-                acc += float(w) * sd[key].float()
+                acc += float(w) * sd[key].to(acc_dtype)
             out[key] = acc.to(ref.dtype)
         else:
             acc = torch.zeros_like(ref, dtype=torch.float64)
