@@ -49,6 +49,7 @@ class Config:
     quantize_group_size: int = 0
     stochastic_rounding: bool = False
     fused: bool = False
+    client_batching: str = "auto"
     device: str = "cpu"
     threads: int = 0
     eval_batch_size: int = 1000
@@ -79,6 +80,7 @@ class Config:
             choice("dataset", DATASETS)
         choice("partition", PARTITIONS)
         choice("quantize", QUANTIZE)
+        choice("client_batching", ("auto", "loop", "vmap"))
         from fsl_fast.models import AUX_NAMES, MODEL_NAMES
 
         choice("model", MODEL_NAMES)
