@@ -26,6 +26,9 @@ def _backend_params():
         ok, why = available("cuda", "cuda")
         params.append(pytest.param(("cuda", "cuda"), id="cuda",
                                    marks=[] if ok else pytest.mark.skip(reason=f"cuda backend: {why}")))
+        ok, why = available("triton", "cuda")
+        params.append(pytest.param(("triton", "cuda"), id="triton-cuda",
+                                   marks=[] if ok else pytest.mark.skip(reason=f"triton backend: {why}")))
         params.append(pytest.param(("reference", "cuda"), id="reference-cuda"))
     else:
         params.append(pytest.param(("cuda", "cuda"), id="cuda", marks=pytest.mark.skip(
