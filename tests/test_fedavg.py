@@ -189,6 +189,12 @@ def test_weights_tolerance_and_tensor_weights():
     with pytest.raises(ValueError, match="must sum to 1"):
         validate_weights([0.5, 0.5 + 2e-5], 2)
     validate_weights([0.5, 0.5 + 5e-6], 2)
+    np = pytest.importorskip("numpy", reason="numpy not installed: numpy weights not tested")
+    assert validate_weights(np.array([0.25, 0.75]), 2) == [0.25, 0.75]
+    with pytest.raises(ValueError, match=r"must be 1-D of length K=2, got shape \(1, 2\)"):
+        validate_weights(np.array([[0.25, 0.75]]), 2)
+    with pytest.raises(ValueError, match="sequence of numbers, got dict"):
+        validate_weights({"a": 1.0}, 1)
 
 
 def test_bad_buffers_and_out_raise_clear_errors():

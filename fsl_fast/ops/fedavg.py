@@ -59,9 +59,11 @@ def validate_weights(weights, k: int, what: str = "weights") -> list[float]:
             raise ValueError(f"{what} must be real numbers, got dtype {weights.dtype}")
         vals = weights.detach().to("cpu", torch.float64).tolist()
     else:
-        if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
+        if isinstance(weights, (str, bytes, Mapping)) or not hasattr(weights, "__iter__"):
             raise ValueError(f"{what} must be a 1-D tensor or a sequence of numbers, "
                              f"got {type(weights).__name__}")
+        if getattr(weights, "ndim", 1) != 1:  # e.g. a 2-D numpy array
+            raise ValueError(f"{what} must be 1-D of length K={k}, got shape {tuple(weights.shape)}")
         try:
             vals = [float(x) for x in weights]
         except (TypeError, ValueError) as e:
