@@ -322,3 +322,26 @@ def test_opcheck_schema(seed):
                           test_utils=("test_schema",))
     torch.library.opcheck(torch.ops.fsl_fast.fedavg_broadcast.default, (buf, w, out),
                           test_utils=("test_schema",))
+
+
+@pytest.mark.skipif(not available("cpp", "cpu")[0], reason=f"cpp backend: {available('cpp', 'cpu')[1]}")
+def test_cpp_bits_do_not_depend_on_thread_count(seed):
+    from fsl_fast.ops import extension
+
+    # Prepare: enough columns for several blocks per thread.
+    buf = torch.randn(7, 50_001)
+    w = _weights(7)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fedavg(buf, w, backend="cpp")
+        # torch and the extension share the OpenMP runtime, so this sets the kernel's team size.
+        torch.set_num_threads(2)
+        if extension().omp_max_threads() != 2:
+            pytest.skip("could not give the extension's OpenMP 2 threads via torch.set_num_threads")
+        # Execute
+        two = fedavg(buf, w, backend="cpp")
+    finally:
+        torch.set_num_threads(before)
+    # Assert
+    assert torch.equal(one, two)
