@@ -7,8 +7,9 @@ Cases (float32):
 - simple_conv: K=100 clients x P=107,328 (client part of simple_conv: conv5x5 3->64 and
   conv5x5 64->64 with biases).
 
-Run: ``OMP_NUM_THREADS=1 python -m pytest bench/bench_fedavg.py --benchmark-only``
-(bench/conftest.py pins one thread). Every variant is checked against the authors' loop before it
+Run: ``OMP_NUM_THREADS=1 python -m pytest bench/bench_fedavg.py --benchmark-only -s``
+(bench/conftest.py pins one thread; ``-k gpu`` runs only the GPU part, which prints the % of
+device-to-device copy bandwidth). Every variant is checked against the authors' loop before it
 is timed. ``extra_info`` holds GB/s of the minimal traffic (K*P*4 bytes read + P*4 written) and,
 in ``test_ratios``, medians of all CPU variants timed interleaved in one process.
 """

@@ -37,7 +37,8 @@ namespace {
 // 4096 fp32 = 16 KiB of partial sums per block: fits L1 (48 KiB) next to the streamed rows.
 // Measured on the 2-vCPU Xeon, 1 thread, interleaved with torch.mv under background load
 // (K=10, P=11.18M): blocks of 2048..16384 columns and 4 or 8 rows per sweep all land within ~5% of
-// each other and 5-15% under torch.mv; streaming stores for out gained ~10% at K=3, ~3% at K=10.
+// each other and 5-20% under torch.mv. Streaming stores for out: 10-18% faster at K=3 (three
+// runs), within the noise at K=10 (where out is 1/11 of the traffic).
 constexpr int64_t kBlock = 4096;
 constexpr int kRowsPerSweep = 8;
 // Below this many elements (K*P) a parallel region costs more than it saves.
