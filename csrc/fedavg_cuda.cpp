@@ -1,5 +1,5 @@
 // CUDA binding of the flat-buffer FedAvg (compiled only in a CUDA build, FSL_FAST_WITH_CUDA).
-// Validates tensors, then calls the plain launcher of fedavg_cuda.cu on the current stream
+// Validates tensors, then calls the plain launcher of fedavg_kernels.cu on the current stream
 // (c10::cuda::getCurrentCUDAStream is what at::cuda::getCurrentCUDAStream returns; the c10 header
 // is lighter and lets this file be syntax-checked without the full CUDA library headers).
 #include <ATen/ATen.h>
@@ -12,7 +12,7 @@
 // fedavg.cpp: device-independent argument checks.
 void fsl_fast_fedavg_check(const at::Tensor& buf, const at::Tensor& weights, const at::Tensor& out);
 
-// fedavg_cuda.cu
+// fedavg_kernels.cu
 cudaError_t fsl_fast_fedavg_cuda_launch(void* buf, bool is_bf16, int64_t K, int64_t P, int64_t ld,
                                         const float* w, float* out, bool broadcast,
                                         cudaStream_t stream);

@@ -1,4 +1,4 @@
-"""Compile check of csrc/fedavg_cuda.cu with nvcc (no GPU needed), plus the PTX properties the
+"""Compile check of csrc/fedavg_kernels.cu with nvcc (no GPU needed), plus the PTX properties the
 numerics rely on: no fused multiply-add and no flush-to-zero in the averaging arithmetic, even with
 the build's --use_fast_math."""
 import re
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-SRC = Path(__file__).resolve().parents[1] / "csrc" / "fedavg_cuda.cu"
+SRC = Path(__file__).resolve().parents[1] / "csrc" / "fedavg_kernels.cu"
 NVCC = shutil.which("nvcc")
 FLAGS = ["-arch=sm_90", "-O3", "--use_fast_math"]  # as setup.py compiles it
 
@@ -16,14 +16,14 @@ pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH: ca
 
 
 def test_nvcc_compiles_fedavg_cuda(tmp_path):
-    res = subprocess.run([NVCC, "-c", *FLAGS, "-o", str(tmp_path / "fedavg_cuda.o"), str(SRC)],
+    res = subprocess.run([NVCC, "-c", *FLAGS, "-o", str(tmp_path / "fedavg_kernels.o"), str(SRC)],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, f"nvcc failed on {SRC.name}:\n{res.stderr}"
-    assert (tmp_path / "fedavg_cuda.o").stat().st_size > 0
+    assert (tmp_path / "fedavg_kernels.o").stat().st_size > 0
 
 
 def test_ptx_keeps_products_and_sums_separately_rounded(tmp_path):
-    ptx = tmp_path / "fedavg_cuda.ptx"
+    ptx = tmp_path / "fedavg_kernels.ptx"
     res = subprocess.run([NVCC, "-ptx", *FLAGS, "-o", str(ptx), str(SRC)],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, f"nvcc -ptx failed on {SRC.name}:\n{res.stderr}"

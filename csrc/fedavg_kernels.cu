@@ -1,4 +1,6 @@
 // Flat-buffer FedAvg on CUDA: a grid over columns, each thread sums its columns over the K rows.
+// (Named fedavg_kernels.cu, not fedavg_cuda.cu: setuptools names objects after the source stem,
+// so fedavg_cuda.cu and the binding fedavg_cuda.cpp would both become fedavg_cuda.o.)
 //
 // Only the CUDA runtime is included (no torch headers) so nvcc compiles this in seconds; the
 // torch binding is fedavg_cuda.cpp. Same contract and numerics as csrc/fedavg.cpp: acc = w0*x0,
