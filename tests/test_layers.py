@@ -4,6 +4,8 @@ Pool values and pool gradients must be bit-equal to torch (a max selects, it doe
 gradient is one grad_y value, or a sum of them in the same order for overlapping windows).
 LRN is compared in fp32 with rtol 1e-5: sqrt-based s^-0.75 differs from torch's pow by a few ulp.
 """
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -215,9 +217,21 @@ def test_fused_client_same_outputs_and_grads(seed, name, in_shape, batch):
     g = torch.randn_like(out_o)
     grads_o = torch.autograd.grad(out_o, list(orig.parameters()), g)
     grads_f = torch.autograd.grad(out_f, list(fused.parameters()), g)
+    # Weight gradients are long fp32 sums with cancellation, so a few-ulp LRN difference can show
+    # as 1e-3 relative on small entries. Judge both fp32 runs against float64 (flash-attention's
+    # rule): the fused error may be at most 2x torch's own fp32 error, plus 1e-6 of the scale.
+    orig64 = copy.deepcopy(orig).double()
+    out64 = orig64(x.double())
+    grads64 = torch.autograd.grad(out64, list(orig64.parameters()), g.double())
     names = [n for n, _ in orig.named_parameters()]
-    for n, a, b in zip(names, grads_f, grads_o):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name} grad {n}: {m}")
+    for n, a, b, r in zip(names, grads_f, grads_o, grads64):
+        err_f = (a.double() - r).abs().max().item()
+        err_o = (b.double() - r).abs().max().item()
+        bound = 2 * err_o + 1e-6 * r.abs().max().item()
+        print(f"{name} grad {n}: fused err {err_f:.3g}, torch fp32 err {err_o:.3g}")
+        assert err_f <= bound, f"{name} grad {n}: fused err {err_f:.3g} > bound {bound:.3g}"
+        if name == "cnn":  # only pools are fused there: bit-equal
+            assert torch.equal(a, b), f"cnn grad {n}"
 
 
 @needs_cpp
