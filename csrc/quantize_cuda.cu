@@ -21,13 +21,13 @@ constexpr int kWarps = kThreads / 32;
 constexpr int64_t kWarpGroupMax = 1024;
 constexpr int64_t kMaxBlocks = 1 << 20;  // grid-stride beyond this
 
-__device__ __forceinline__ uint32_t fmix32(uint32_t h) {
+// The contract's counter hash: fmix32 without its last xorshift, top 24 bits.
+__device__ __forceinline__ int mix24(uint32_t h) {
   h ^= h >> 16;
   h *= 0x85EBCA6Bu;
   h ^= h >> 13;
   h *= 0xC2B2AE35u;
-  h ^= h >> 16;
-  return h;
+  return static_cast<int>(h >> 8);
 }
 
 __device__ __forceinline__ float to_f32(float v) { return v; }
@@ -85,9 +85,7 @@ __device__ __forceinline__ int code_of(float xv, float inv, int qmax, uint32_t i
   const int rem = y & 0xFFFFFF;
   int mag;
   if (STOCH) {
-    uint32_t h = fmix32(idx ^ key);
-    h = fmix32(h + key);
-    mag = q + ((rem + static_cast<int>(h >> 8)) >> 24);
+    mag = q + ((rem + mix24(idx ^ key)) >> 24);
   } else {
     mag = q + ((rem > 0x800000) | ((rem == 0x800000) & (q & 1)));
   }

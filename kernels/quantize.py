@@ -27,13 +27,13 @@ _TINY_BITS = tl.constexpr(0x10000000)  # float32 bits of 2**-95
 
 
 @triton.jit
-def _fmix32(h):
+def _mix24(h):
+    # fmix32 without its last xorshift, top 24 bits (the contract's counter hash); uint32 in/out.
     h ^= h >> 16
     h *= 0x85EBCA6B
     h ^= h >> 13
     h *= 0xC2B2AE35
-    h ^= h >> 16
-    return h
+    return h >> 8
 
 
 @triton.jit
@@ -56,9 +56,7 @@ def _codes(x, inv, idx, key, QMAX: tl.constexpr, STOCH: tl.constexpr):
     q = y >> 24
     rem = y & 0xFFFFFF
     if STOCH:
-        h = _fmix32(idx.to(tl.uint32) ^ key)
-        h = _fmix32(h + key)
-        k = (h >> 8).to(tl.int32)
+        k = _mix24(idx.to(tl.uint32) ^ key).to(tl.int32)
         mag = q + ((rem + k) >> 24)
     else:
         up = (rem > 0x800000) | ((rem == 0x800000) & ((q & 1) == 1))

@@ -20,8 +20,10 @@ bit, and tests check codes and scales for equality with :func:`quantize_referenc
   ``code = sign(x) * min(mag, qmax)``.
 * Random numbers: ``key = fmix32(lo ^ fmix32(hi ^ 0x9E3779B9))`` from ``seed = hi * 2**32 + lo``;
   for the element with flat index ``i`` (row-major index into ``x``, ``i < 2**32``):
-  ``h = fmix32(fmix32(i ^ key) + key mod 2**32)``, ``k = h >> 8``. ``fmix32`` is MurmurHash3's
-  32-bit finalizer. Same codes on every backend for the same seed.
+  ``h = i ^ key; h ^= h >> 16; h *= 0x85EBCA6B; h ^= h >> 13; h *= 0xC2B2AE35`` (mod 2**32),
+  ``k = h >> 8``: MurmurHash3's 32-bit finalizer ``fmix32`` without its last xorshift, which
+  only touches the low 16 bits (see docs/quantize.md for the cost measurements behind one round).
+  Same codes on every backend for the same seed.
 * int8: ``codes`` int8 ``[N, M]``. int4: ``codes`` uint8 ``[N, ceil(M / 2)]``, element ``2j`` in
   the low nibble and ``2j + 1`` in the high nibble of byte ``j``, two's complement nibbles; odd
   ``M`` leaves the last high nibble 0. ``group_size`` must be even for int4 so groups never share
@@ -92,18 +94,14 @@ def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
     return (h * (c & 0xFFFF) + (((h * (c >> 16)) & 0xFFFF) << 16)) & _M32
 
 
-def _fmix32(h: torch.Tensor) -> torch.Tensor:
+def rng24_reference(index: torch.Tensor, key: int) -> torch.Tensor:
+    """24-bit random integers ``k`` (int64) for flat element indices ``index`` under ``key``:
+    ``fmix32`` without its final xorshift, top 24 bits."""
+    h = (index.to(torch.int64) & _M32) ^ key
     h = h ^ (h >> 16)
     h = _mul32(h, 0x85EBCA6B)
     h = h ^ (h >> 13)
     h = _mul32(h, 0xC2B2AE35)
-    return h ^ (h >> 16)
-
-
-def rng24_reference(index: torch.Tensor, key: int) -> torch.Tensor:
-    """24-bit random integers ``k`` (int64) for flat element indices ``index`` under ``key``."""
-    h = _fmix32((index.to(torch.int64) & _M32) ^ key)
-    h = _fmix32((h + key) & _M32)
     return h >> 8
 
 
