@@ -243,7 +243,9 @@ def quantize(x: torch.Tensor, bits: int = 8, group_size: int | None = None,
         if not x2.is_contiguous():
             x2 = x2.contiguous()
         impl(x2, p.bits, p.gs, bool(stochastic), key, codes, scales)
-        if not bool(torch.isfinite(scales).all()):
+        # Scales are >= 0 or NaN, and amax propagates NaN: one reduction and one host read
+        # (2 us on CPU against 11 us for isfinite().all()).
+        if scales.numel() and not math.isfinite(float(scales.amax())):
             _raise_nonfinite(scales, x.shape)
     else:
         scales.zero_()
