@@ -345,6 +345,15 @@ def test_noncontiguous_and_empty_inputs(be, seed):
     assert z4.codes.shape == (3, 0) and z4.scales.shape == (3, 0)
 
 
+@pytest.mark.parametrize("be", ALL, ids=lambda b: b[0])
+def test_input_requiring_grad_is_accepted(be, seed):
+    name, dev = be
+    x = torch.randn(3, 40, device=dev, requires_grad=True)
+    q = quantize(x, 4, 8, True, seed=seed, backend=name)
+    ref = quantize(x.detach(), 4, 8, True, seed=seed, backend=name)
+    assert torch.equal(q.codes, ref.codes) and not q.scales.requires_grad
+
+
 def test_public_reference_functions_match_dispatch(seed):
     x = torch.randn(3, 17)
     a = quantize_reference(x, 8, 4, True, seed=5)

@@ -220,6 +220,7 @@ def quantize(x: torch.Tensor, bits: int = 8, group_size: int | None = None,
                         f"(shape {tuple(x.shape)})")
     p = _plan(x.shape, bits, group_size)
     key = seed_key(seed)
+    x = x.detach()  # codes are not differentiable; no autograd graph for the reference either
     if stochastic and p.n * p.m >= 2**32:
         raise ValueError(f"quantize: stochastic rounding counts elements with 32 bits; x has "
                          f"{p.n * p.m} >= 2**32 elements (shape {tuple(x.shape)})")
