@@ -1,0 +1,128 @@
+"""Convolutional auxiliary alignment fast path (fsl_fast.aux_fast) against reverse-over-reverse
+autograd on the nn.Module, with the trunk in train mode (batch-statistics BatchNorm) and in eval
+mode. Metric: relative Frobenius error per gradient tensor."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from fsl_fast import aux_fast as X
+
+TOL = {torch.float64: 1e-11, torch.float32: 2e-5}  # fp32: two long GEMM chains, both sides fp32
+
+
+def rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def randomize_bn(model):
+    # non-trivial affine parameters and running statistics, so every term of BN is exercised
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.8, 1.2)
+
+
+def data(B, shape, C, dtype):
+    Z = torch.randn((B,) + shape, dtype=dtype)
+    Y = torch.randint(0, C, (B,))
+    T = torch.randn_like(Z) / B
+    return Z, Y, T
+
+
+def compare(model, Z, Y, T, dtype, grad_scale=1.0):
+    ref, fast = copy.deepcopy(model), copy.deepcopy(model)
+    l_ref, g_ref = X.conv_align_reference(ref.trunk, ref.fc, Z, Y, T, grad_scale)
+    l_fast, g_fast = X.conv_align_grads(fast.trunk, fast.fc, Z, Y, T, grad_scale)
+    names = [n for n, _ in model.trunk.named_parameters()] + ["fc.weight", "fc.bias"]
+    errs = {n: rel(a, b) for n, a, b in zip(names, g_fast, g_ref)}
+    worst = max(errs, key=errs.get)
+    print(f"conv align {dtype} B={Z.shape[0]}: loss err {rel(l_fast, l_ref):.2e}, worst grad "
+          f"{worst} {errs[worst]:.2e}")
+    assert len(g_fast) == len(names) and all(a.shape == b.shape for a, b in zip(g_fast, g_ref))
+    assert rel(l_fast, l_ref) <= TOL[dtype]
+    assert errs[worst] <= TOL[dtype], errs
+    # BatchNorm running statistics (and counters) advance exactly as in the reference forward
+    for (n, a), (_, b) in zip(fast.state_dict().items(), ref.state_dict().items()):
+        assert rel(a, b) <= TOL[dtype] if a.is_floating_point() else torch.equal(a, b), n
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("train", [True, False])
+def test_layer3_matches_reference(seed, dtype, train):
+    model = X.Layer3Aux(10).to(dtype)
+    randomize_bn(model)
+    model.train(train)
+    assert X.lowerable(model.trunk)
+    Z, Y, T = data(8, (128, 4, 4), 10, dtype)
+    compare(model, Z, Y, T, dtype)
+
+
+def test_layer3_grad_scale_and_odd_batch(seed):
+    model = X.Layer3Aux(100).double()
+    randomize_bn(model)
+    Z, Y, T = data(3, (128, 4, 4), 100, torch.float64)
+    compare(model, Z, Y, T, torch.float64, grad_scale=3 / 1000)
+
+
+class SmallAux(nn.Module):
+    """A different trunk: plain conv/BN/ReLU layers, a biased conv, unfold convs (5x5 and 3x3
+    maps), a block without downsample, a 1x1 conv with bias."""
+
+    def __init__(self, C=10):
+        super().__init__()
+        self.trunk = nn.Sequential(
+            nn.Conv2d(6, 8, 3, 1, 1, bias=True), nn.ReLU(), nn.BatchNorm2d(8),  # bias not cancelled by BN
+            nn.Conv2d(8, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8, momentum=None), nn.ReLU(),
+            X.BasicBlock(8, 8, 1),
+            nn.Conv2d(8, 12, 1, 1, 0),
+        )
+        self.fc = nn.Linear(12, C)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_other_lowerable_trunk(seed, dtype):
+    model = SmallAux(10).to(dtype)
+    randomize_bn(model)
+    assert X.lowerable(model.trunk)
+    Z, Y, T = data(5, (6, 5, 5), 10, dtype)
+    compare(model, Z, Y, T, dtype)
+
+
+def test_unsupported_trunk_falls_back_to_reference(seed):
+    class Aux(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.trunk = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.Tanh())
+            self.fc = nn.Linear(6, 3)
+
+    model = Aux().double()
+    assert not X.lowerable(model.trunk)
+    Z, Y, T = data(4, (4, 3, 3), 3, torch.float64)
+    compare(model, Z, Y, T, torch.float64)
+
+
+def test_conv_align_step_sets_grads_for_an_optimizer(seed):
+    model = X.Layer3Aux(10).double()
+    ref = copy.deepcopy(model)
+    Z, Y, T = data(4, (128, 4, 4), 10, torch.float64)
+    loss = X.conv_align_step(model, Z, Y, T)
+    _, g_ref = X.conv_align_reference(ref.trunk, ref.fc, Z, Y, T)
+    for p, g in zip(list(model.trunk.parameters()) + [model.fc.weight, model.fc.bias], g_ref):
+        assert p.grad is not None and rel(p.grad, g) <= 1e-11
+    assert loss.dim() == 0
+
+
+def test_bad_inputs(seed):
+    model = X.Layer3Aux(10)
+    Z, Y, T = data(2, (128, 4, 4), 10, torch.float32)
+    with pytest.raises(ValueError, match="T must have Z's shape"):
+        X.conv_align_grads(model.trunk, model.fc, Z, Y, T[:, :, :2])
+    with pytest.raises(ValueError, match="Y must be integer labels"):
+        X.conv_align_grads(model.trunk, model.fc, Z, Y.float(), T)
+    with pytest.raises(ValueError, match=r"Z must be \[B, C, H, W\]"):
+        X.conv_align_grads(model.trunk, model.fc, Z.flatten(1), Y, T.flatten(1))
