@@ -13,7 +13,7 @@ before differentiating it twice:
   last), so every convolution is a plain GEMM and BatchNorm statistics are column reductions;
 - a convolution whose input has no more positions than the kernel has taps (``H*W <= kh*kw``:
   layer3's 3x3 convolutions on 2x2 maps) becomes one dense ``[P_out*C_out, P*C_in]`` matrix
-  gathered from the kernel: 4 of the 9 taps of every output are padding there, so the dense GEMM
+  gathered from the kernel: 5 of the 9 taps of every output are padding there, so the dense GEMM
   does 1.05M instead of 2.36M multiply-adds per sample, at GEMM speed;
 - 1x1 convolutions are a strided slice and a GEMM; other convolutions are unfold + GEMM;
 - BatchNorm (train mode: batch statistics, which depend on Z and so enter the second derivative)
