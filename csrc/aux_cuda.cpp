@@ -80,6 +80,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aux_align_cuda(
   c10::cuda::CUDAGuard guard(x.device());
   const int64_t K = x.size(0), B = x.size(1), D = x.size(2), C = weight.size(1);
   const int splits = aux_cuda_row_splits((int)B);
+  TORCH_CHECK(K * splits <= 65535, "aux_align (cuda): K * row splits must be <= 65535 (grid z), got K=",
+              K, " splits=", splits);
   auto opt = x.options();
   at::Tensor loss = at::empty({K}, opt);
   at::Tensor dW = at::empty({K, C, D}, opt);
