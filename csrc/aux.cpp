@@ -460,6 +460,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> aux_align_cpu(
   return {loss, dW, db};
 }
 
+// Shape-only kernels so that torch.compile / FakeTensor tracing can see through the ops.
+at::Tensor aux_estimate_meta(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                             const at::Tensor& labels, double inv_spread, double scale) {
+  TORCH_CHECK(x.dim() == 3 && weight.dim() == 3, "aux_estimate: x [K, B, D], weight [K, C, D]");
+  return at::empty_like(x);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> aux_align_meta(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+    const at::Tensor& labels, const at::Tensor& target, double spread, double scale) {
+  TORCH_CHECK(x.dim() == 3 && weight.dim() == 3, "aux_align: x [K, B, D], weight [K, C, D]");
+  return {at::empty({x.size(0)}, x.options()), at::empty_like(weight), at::empty_like(bias)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fsl_fast, m) {
@@ -474,4 +488,9 @@ TORCH_LIBRARY_FRAGMENT(fsl_fast, m) {
 TORCH_LIBRARY_IMPL(fsl_fast, CPU, m) {
   m.impl("aux_estimate", &aux_estimate_cpu);
   m.impl("aux_align", &aux_align_cpu);
+}
+
+TORCH_LIBRARY_IMPL(fsl_fast, Meta, m) {
+  m.impl("aux_estimate", &aux_estimate_meta);
+  m.impl("aux_align", &aux_align_meta);
 }

@@ -264,3 +264,18 @@ def test_large_shape_fp32(seed):
     g = A.aux_estimate(feat, w, b, y, backend="cpp")
     loss, dW, db = A.aux_align(feat, w, b, y, t, backend="cpp")
     assert max(rel(g, g_ref), rel(loss, l_ref), rel(dW, dW_ref), rel(db, db_ref)) <= 1e-5
+
+
+def test_ops_pass_opcheck(seed):
+    """Schema and fake-tensor (meta) kernels of the registered ops agree with the CPU kernels."""
+    _backend.extension()
+    x = torch.randn(2, 5, 7)
+    w = torch.randn(2, 3, 7)
+    b = torch.randn(2, 3)
+    y = torch.randint(0, 3, (2, 5))
+    t = torch.randn(2, 5, 7)
+    utils = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.fsl_fast.aux_estimate.default, (x, w, b, y, 1.0, 0.2),
+                          test_utils=utils)
+    torch.library.opcheck(torch.ops.fsl_fast.aux_align.default, (x, w, b, y, t, 1.0, 0.2),
+                          test_utils=utils)

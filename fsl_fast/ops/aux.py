@@ -248,6 +248,8 @@ def _pick(op, feat, backend):
 
 
 def _kernel_estimate(name, feat, weight, bias, labels, pool=False, grad_scale=1.0):
+    # The kernels are not differentiable ops: inputs enter as data (AuxAlign wraps the gradient).
+    feat, weight, bias = feat.detach(), weight.detach(), bias.detach()
     batched, K, B, C, D, S = _check(feat, weight, bias, labels, None, pool)
     x, _, _ = _flat(feat, None, K, B, D, S, pool)
     w, b, y = _batch(weight, bias, labels, batched)
@@ -256,6 +258,7 @@ def _kernel_estimate(name, feat, weight, bias, labels, pool=False, grad_scale=1.
 
 
 def _kernel_align(name, feat, weight, bias, labels, target, pool=False, grad_scale=1.0):
+    feat, weight, bias, target = feat.detach(), weight.detach(), bias.detach(), target.detach()
     batched, K, B, C, D, S = _check(feat, weight, bias, labels, target, pool)
     x, t, var = _flat(feat, target, K, B, D, S, pool)
     w, b, y = _batch(weight, bias, labels, batched)
