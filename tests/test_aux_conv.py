@@ -34,14 +34,14 @@ def data(B, shape, C, dtype):
     return Z, Y, T
 
 
-def compare(model, Z, Y, T, dtype, grad_scale=1.0):
+def compare(model, Z, Y, T, dtype, grad_scale=1.0, method="manual"):
     ref, fast = copy.deepcopy(model), copy.deepcopy(model)
     l_ref, g_ref = X.conv_align_reference(ref.trunk, ref.fc, Z, Y, T, grad_scale)
-    l_fast, g_fast = X.conv_align_grads(fast.trunk, fast.fc, Z, Y, T, grad_scale)
+    l_fast, g_fast = X.conv_align_grads(fast.trunk, fast.fc, Z, Y, T, grad_scale, method)
     names = [n for n, _ in model.trunk.named_parameters()] + ["fc.weight", "fc.bias"]
     errs = {n: rel(a, b) for n, a, b in zip(names, g_fast, g_ref)}
     worst = max(errs, key=errs.get)
-    print(f"conv align {dtype} B={Z.shape[0]}: loss err {rel(l_fast, l_ref):.2e}, worst grad "
+    print(f"conv align {method} {dtype} B={Z.shape[0]}: loss err {rel(l_fast, l_ref):.2e}, worst grad "
           f"{worst} {errs[worst]:.2e}")
     assert len(g_fast) == len(names) and all(a.shape == b.shape for a, b in zip(g_fast, g_ref))
     assert rel(l_fast, l_ref) <= TOL[dtype]
@@ -51,22 +51,27 @@ def compare(model, Z, Y, T, dtype, grad_scale=1.0):
         assert rel(a, b) <= TOL[dtype] if a.is_floating_point() else torch.equal(a, b), n
 
 
+METHODS = ["manual", "autograd"]
+
+
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("train", [True, False])
-def test_layer3_matches_reference(seed, dtype, train):
+def test_layer3_matches_reference(seed, dtype, train, method):
     model = X.Layer3Aux(10).to(dtype)
     randomize_bn(model)
     model.train(train)
     assert X.lowerable(model.trunk)
     Z, Y, T = data(8, (128, 4, 4), 10, dtype)
-    compare(model, Z, Y, T, dtype)
+    compare(model, Z, Y, T, dtype, method=method)
 
 
-def test_layer3_grad_scale_and_odd_batch(seed):
+@pytest.mark.parametrize("method", METHODS)
+def test_layer3_grad_scale_and_odd_batch(seed, method):
     model = X.Layer3Aux(100).double()
     randomize_bn(model)
     Z, Y, T = data(3, (128, 4, 4), 100, torch.float64)
-    compare(model, Z, Y, T, torch.float64, grad_scale=3 / 1000)
+    compare(model, Z, Y, T, torch.float64, grad_scale=3 / 1000, method=method)
 
 
 class SmallAux(nn.Module):
@@ -84,13 +89,28 @@ class SmallAux(nn.Module):
         self.fc = nn.Linear(12, C)
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_other_lowerable_trunk(seed, dtype):
+@pytest.mark.parametrize("train", [True, False])
+def test_other_lowerable_trunk(seed, dtype, train, method):
     model = SmallAux(10).to(dtype)
     randomize_bn(model)
+    model.train(train)
     assert X.lowerable(model.trunk)
     Z, Y, T = data(5, (6, 5, 5), 10, dtype)
-    compare(model, Z, Y, T, dtype)
+    compare(model, Z, Y, T, dtype, method=method)
+
+
+def test_untracked_and_non_affine_batchnorm(seed):
+    """BatchNorm without running statistics (always batch statistics) and without affine."""
+    model = SmallAux(10).double()
+    model.trunk[2] = nn.BatchNorm2d(8, affine=False)
+    model.trunk[4] = nn.BatchNorm2d(8, track_running_stats=False)
+    model.double()
+    Z, Y, T = data(4, (6, 5, 5), 10, torch.float64)
+    compare(model, Z, Y, T, torch.float64)
+    model.eval()  # untracked BN keeps using batch statistics in eval mode
+    compare(model, Z, Y, T, torch.float64)
 
 
 def test_unsupported_trunk_falls_back_to_reference(seed):
@@ -124,5 +144,7 @@ def test_bad_inputs(seed):
         X.conv_align_grads(model.trunk, model.fc, Z, Y, T[:, :, :2])
     with pytest.raises(ValueError, match="Y must be integer labels"):
         X.conv_align_grads(model.trunk, model.fc, Z, Y.float(), T)
+    with pytest.raises(ValueError, match="method must be"):
+        X.conv_align_grads(model.trunk, model.fc, Z, Y, T, method="fast")
     with pytest.raises(ValueError, match=r"Z must be \[B, C, H, W\]"):
         X.conv_align_grads(model.trunk, model.fc, Z.flatten(1), Y, T.flatten(1))
