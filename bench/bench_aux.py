@@ -188,6 +188,9 @@ def test_layer3_align(benchmark, device, B, rounds):
                                                model.fc.bias.detach(), Y, tgt, pool=True,
                                                backend=head_backend),
     }
+    if B <= 256:  # the lowered trunk under autograd's double backward, for comparison
+        fns["lowered_autograd"] = lambda: X.conv_align_grads(fast.trunk, fast.fc, Z, Y, T,
+                                                             method="autograd")
     med = interleaved(fns, device, rounds, warmup=1)
     speed = med["reference"] / med["fast"]
     share = med["fused_head_only"] / med["fast"]
@@ -196,5 +199,7 @@ def test_layer3_align(benchmark, device, B, rounds):
     benchmark.extra_info["head_share_of_fast_path"] = round(share, 5)
     print(f"\nlayer3 align {device} B={B}: reference {med['reference'] * 1e3:.1f} ms, fast "
           f"{med['fast'] * 1e3:.1f} ms ({speed:.2f}x), fused head alone "
-          f"{med['fused_head_only'] * 1e3:.3f} ms ({100 * share:.2f}% of the fast path)")
+          f"{med['fused_head_only'] * 1e3:.3f} ms ({100 * share:.2f}% of the fast path)"
+          + (f", lowered autograd {med['lowered_autograd'] * 1e3:.1f} ms"
+             if "lowered_autograd" in med else ""))
     benchmark.pedantic(fns["fast"], rounds=1, warmup_rounds=0)

@@ -528,7 +528,7 @@ def _manual_align(trunk, fc, Z, Y, T, grad_scale):
     _acc(grads, fc.weight, Gt.t() @ feat + G.t() @ feat_t)
     _acc(grads, fc.bias, Gt.sum(0))
     dht = (Gt @ Wfc) / P
-    net.tbwd(dht.unsqueeze(1).expand_as(h).contiguous(), grads, False)
+    net.tbwd(dht.unsqueeze(1).expand_as(h), grads, False)
     params = _params(trunk, fc)
     return loss, tuple(grads.get(id(q), torch.zeros_like(q)) for q in params)
 
