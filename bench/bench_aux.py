@@ -203,3 +203,32 @@ def test_layer3_align(benchmark, device, B, rounds):
           + (f", lowered autograd {med['lowered_autograd'] * 1e3:.1f} ms"
              if "lowered_autograd" in med else ""))
     benchmark.pedantic(fns["fast"], rounds=1, warmup_rounds=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_layer3_align_batched_clients(benchmark, device):
+    """K=4 clients' layer3 alignments: K separate fast calls vs one batched computation (the
+    fused engine's form). On one CPU thread the two should be equal; the lever is the GPU."""
+    K, B, C = 4, 256, 10
+    torch.manual_seed(0)
+    models = [X.Layer3Aux(C).to(device) for _ in range(K)]
+    g = torch.Generator().manual_seed(2)
+    Z = torch.randn(K, B, 128, 4, 4, generator=g).to(device)
+    Y = torch.randint(0, C, (K, B), generator=g).to(device)
+    T = (torch.randn(K, B, 128, 4, 4, generator=g) * 1e-3).to(device)
+    loss, grads = X.conv_align_grads_batched([copy.deepcopy(m).trunk for m in models],
+                                             [m.fc for m in models], Z, Y, T)
+    for k in range(K):
+        l_k, g_k = X.conv_align_grads(copy.deepcopy(models[k]).trunk, models[k].fc, Z[k], Y[k], T[k])
+        assert rel(loss[k], l_k) < 1e-5 and max(rel(a, b) for a, b in zip(grads[k], g_k)) < 1e-5
+    trunks, fcs = [m.trunk for m in models], [m.fc for m in models]
+    fns = {
+        "separate": lambda: [X.conv_align_grads(trunks[k], fcs[k], Z[k], Y[k], T[k]) for k in range(K)],
+        "batched": lambda: X.conv_align_grads_batched(trunks, fcs, Z, Y, T),
+    }
+    med = interleaved(fns, device, rounds=2, warmup=1)
+    benchmark.extra_info.update({f"median_ms_{k}": round(v * 1e3, 3) for k, v in med.items()})
+    benchmark.extra_info["speedup_batched_vs_separate"] = round(med["separate"] / med["batched"], 3)
+    print(f"\nlayer3 align K={K} {device} B={B}: separate {med['separate'] * 1e3:.1f} ms, batched "
+          f"{med['batched'] * 1e3:.1f} ms ({med['separate'] / med['batched']:.2f}x)")
+    benchmark.pedantic(fns["batched"], rounds=1, warmup_rounds=0)

@@ -43,6 +43,7 @@ __all__ = [
     "lowerable",
     "conv_align_reference",
     "conv_align_grads",
+    "conv_align_grads_batched",
     "conv_align_step",
 ]
 
@@ -247,17 +248,22 @@ def _run(m, x, H, W):
 #         gradient, e.g. conv: d(delta_y^T x) = delta_y'^T x + delta_y^T x'.
 # Each node keeps what its later sweeps need. The GEMM count equals reverse-over-reverse's (six
 # forward-equivalents); what it saves is autograd's double-backward bookkeeping and its many
-# elementwise passes (BatchNorm's second-order terms are ~10 fused-friendly ops here).
+# elementwise passes (BatchNorm's second-order terms are a handful of ops here).
+#
+# Every node works on K clients at once: activations [K, B, P, C], weights stacked [K, ...],
+# GEMMs as bmm, BatchNorm statistics per client. One client is K = 1.
 
 
 class _Conv:
-    def __init__(self, conv, H, W):
-        self.m = conv
-        (self.kh, self.kw), (self.sh, self.sw), (self.ph, self.pw) = conv.kernel_size, conv.stride, conv.padding
+    def __init__(self, convs, H, W):
+        c = convs[0]
+        self.convs = convs
+        (self.kh, self.kw), (self.sh, self.sw), (self.ph, self.pw) = c.kernel_size, c.stride, c.padding
         self.H, self.W = H, W
         self.Ho = (H + 2 * self.ph - self.kh) // self.sh + 1
         self.Wo = (W + 2 * self.pw - self.kw) // self.sw + 1
-        self.ci, self.co = conv.in_channels, conv.out_channels
+        self.ci, self.co = c.in_channels, c.out_channels
+        self.has_bias = c.bias is not None
         if self.kh * self.kw > 1 and H * W <= self.kh * self.kw:
             self.kind = "dense"
         elif (self.kh, self.kw) == (1, 1) and (self.ph, self.pw) == (0, 0):
@@ -266,47 +272,53 @@ class _Conv:
             self.kind = "unfold"
 
     def _apply(self, x):
-        """y [B, Po, Co] = A x (no bias); keeps the operand the weight gradient needs."""
-        B = x.shape[0]
+        """y [K, B, Po, Co] = A x (no bias); keeps the operand the weight gradient needs."""
+        K, B = x.shape[:2]
+        Po = self.Ho * self.Wo
         if self.kind == "dense":
-            return (x.reshape(B, -1) @ self.M.t()).view(B, self.Ho * self.Wo, self.co), x
+            xo = x.reshape(K, B, -1)
+            return torch.bmm(xo, self.M.transpose(1, 2)).view(K, B, Po, self.co), xo
         if self.kind == "1x1":
-            xs = x.view(B, self.H, self.W, self.ci)[:, ::self.sh, ::self.sw, :].reshape(-1, self.ci)
-            return (xs @ self.Wm.t()).view(B, -1, self.co), xs
-        xn = x.reshape(B, self.H, self.W, self.ci).permute(0, 3, 1, 2)
-        # 2-D operands: a 3-D non-contiguous left operand makes matmul fall back to a bmm of B
-        # tiny GEMMs (100 ms instead of ~3 ms for layer3's first conv at B=256).
+            xs = x.reshape(K, B, self.H, self.W, self.ci)[:, :, ::self.sh, ::self.sw, :]
+            xs = xs.reshape(K, B * Po, self.ci)
+            return torch.bmm(xs, self.Wm.transpose(1, 2)).view(K, B, Po, self.co), xs
+        xn = x.reshape(K * B, self.H, self.W, self.ci).permute(0, 3, 1, 2)
+        # Contiguous operands: a 3-D non-contiguous left operand made matmul fall back to a bmm
+        # of B tiny GEMMs (100 ms instead of ~3 ms for layer3's first conv at B=256).
         cols = F.unfold(xn, (self.kh, self.kw), padding=(self.ph, self.pw),
-                        stride=(self.sh, self.sw)).transpose(1, 2).reshape(B * self.Ho * self.Wo, -1)
-        return (cols @ self.Wm.t()).view(B, self.Ho * self.Wo, self.co), cols
+                        stride=(self.sh, self.sw)).transpose(1, 2).reshape(K, B * Po, -1)
+        return torch.bmm(cols, self.Wm.transpose(1, 2)).view(K, B, Po, self.co), cols
 
     def _adjoint(self, dy):
-        B = dy.shape[0]
+        K, B = dy.shape[:2]
+        Po = self.Ho * self.Wo
         if self.kind == "dense":
-            return (dy.reshape(B, -1) @ self.M).view(B, self.H * self.W, self.ci)
+            return torch.bmm(dy.reshape(K, B, -1), self.M).view(K, B, self.H * self.W, self.ci)
         if self.kind == "1x1":
-            dx = dy.new_zeros(B, self.H, self.W, self.ci)
-            dx[:, ::self.sh, ::self.sw, :] = (dy.reshape(-1, self.co) @ self.Wm).view(
-                B, self.Ho, self.Wo, self.ci)
-            return dx.view(B, -1, self.ci)
-        dcols = (dy.reshape(-1, self.co) @ self.Wm).view(B, self.Ho * self.Wo, -1).transpose(1, 2)
+            dx = dy.new_zeros(K, B, self.H, self.W, self.ci)
+            dx[:, :, ::self.sh, ::self.sw, :] = torch.bmm(
+                dy.reshape(K, B * Po, self.co), self.Wm).view(K, B, self.Ho, self.Wo, self.ci)
+            return dx.view(K, B, -1, self.ci)
+        dcols = torch.bmm(dy.reshape(K, B * Po, self.co), self.Wm)
+        dcols = dcols.view(K * B, Po, -1).transpose(1, 2)
         dx = F.fold(dcols, (self.H, self.W), (self.kh, self.kw), padding=(self.ph, self.pw),
                     stride=(self.sh, self.sw))
-        return dx.permute(0, 2, 3, 1).reshape(B, -1, self.ci)
+        return dx.permute(0, 2, 3, 1).reshape(K, B, -1, self.ci)
 
     def fwd(self, x):
-        w = self.m.weight.detach()
+        K = x.shape[0]
+        w = torch.stack([c.weight.detach() for c in self.convs])  # [K, Co, Ci, kh, kw]
         if self.kind == "dense":
-            taps = _tap_table(self.m, self.H, self.W, x.device)
-            kp = torch.cat([w.permute(2, 3, 0, 1).reshape(-1, self.co, self.ci),
-                            w.new_zeros(1, self.co, self.ci)])
-            self.taps = taps
-            self.M = kp[taps].permute(0, 2, 1, 3).reshape(self.Ho * self.Wo * self.co, -1)
+            self.taps = _tap_table(self.convs[0], self.H, self.W, x.device)
+            kp = torch.cat([w.permute(0, 3, 4, 1, 2).reshape(K, -1, self.co, self.ci),
+                            w.new_zeros(K, 1, self.co, self.ci)], 1)
+            self.M = kp[:, self.taps].permute(0, 1, 3, 2, 4).reshape(
+                K, self.Ho * self.Wo * self.co, -1)
         else:
-            self.Wm = w.reshape(self.co, -1)
+            self.Wm = w.reshape(K, self.co, -1)
         y, self.xop = self._apply(x)
-        if self.m.bias is not None:
-            y = y + self.m.bias.detach()
+        if self.has_bias:
+            y = y + torch.stack([c.bias.detach() for c in self.convs]).view(K, 1, 1, self.co)
         return y
 
     def bwd(self, dy):
@@ -318,83 +330,99 @@ class _Conv:
         return y
 
     def tbwd(self, dyt, grads, need_input):
-        B = dyt.shape[0]
+        K, B = dyt.shape[:2]
         if self.kind == "dense":
-            gM = dyt.reshape(B, -1).t() @ self.xop.reshape(B, -1)
-            gM.addmm_(self.dy.reshape(B, -1).t(), self.xtop.reshape(B, -1))
-            blocks = gM.view(self.Ho * self.Wo, self.co, self.H * self.W, self.ci).permute(0, 2, 1, 3)
-            gk = blocks.new_zeros(self.kh * self.kw + 1, self.co, self.ci)
-            gk.index_add_(0, self.taps.reshape(-1), blocks.reshape(-1, self.co, self.ci))
-            gw = gk[:-1].view(self.kh, self.kw, self.co, self.ci).permute(2, 3, 0, 1)
+            a, b = dyt.reshape(K, B, -1), self.dy.reshape(K, B, -1)
+            gM = torch.bmm(a.transpose(1, 2), self.xop)
+            gM.baddbmm_(b.transpose(1, 2), self.xtop)
+            blocks = gM.view(K, self.Ho * self.Wo, self.co, self.H * self.W, self.ci)
+            blocks = blocks.permute(0, 1, 3, 2, 4).reshape(K, -1, self.co, self.ci)
+            gk = blocks.new_zeros(K, self.kh * self.kw + 1, self.co, self.ci)
+            gk.index_add_(1, self.taps.reshape(-1), blocks)
+            gw = gk[:, :-1].reshape(K, self.kh, self.kw, self.co, self.ci).permute(0, 3, 4, 1, 2)
         else:
-            a, b = dyt.reshape(-1, self.co), self.dy.reshape(-1, self.co)
-            gw = a.t() @ self.xop.reshape(a.shape[0], -1)
-            gw.addmm_(b.t(), self.xtop.reshape(b.shape[0], -1))
-            gw = gw.view_as(self.m.weight)
-        _acc(grads, self.m.weight, gw)
-        if self.m.bias is not None:
-            _acc(grads, self.m.bias, dyt.sum((0, 1)))
+            a, b = dyt.reshape(K, -1, self.co), self.dy.reshape(K, -1, self.co)
+            gw = torch.bmm(a.transpose(1, 2), self.xop)
+            gw.baddbmm_(b.transpose(1, 2), self.xtop)
+            gw = gw.view(K, self.co, self.ci, self.kh, self.kw)
+        for k, c in enumerate(self.convs):
+            _acc(grads, c.weight, gw[k])
+        if self.has_bias:
+            gb = dyt.sum((1, 2))
+            for k, c in enumerate(self.convs):
+                _acc(grads, c.bias, gb[k])
         return self._adjoint(dyt) if need_input else None
 
 
+def _stack_c(ts, K):
+    """[K, 1, 1, C] from K per-client [C] tensors."""
+    return torch.stack([t.detach() for t in ts]).view(K, 1, 1, -1)
+
+
 class _BN:
-    def __init__(self, bn):
-        self.m = bn
-        self.batch = bn.training or bn.running_mean is None
+    def __init__(self, bns):
+        self.bns = bns
+        b0 = bns[0]
+        self.batch = b0.training or b0.running_mean is None
+        self.affine = b0.affine
+        self.eps = b0.eps
 
     def fwd(self, x):
-        bn = self.m
-        n = x.shape[0] * x.shape[1]
+        K = x.shape[0]
+        n = x.shape[1] * x.shape[2]
         if self.batch:
-            mu = x.mean((0, 1))
+            mu = x.mean((1, 2), keepdim=True)
             xc = x - mu
-            var = (xc * xc).mean((0, 1))
-            if bn.training and bn.track_running_stats and bn.running_mean is not None:
-                with torch.no_grad():
-                    bn.num_batches_tracked.add_(1)
-                    f = (1.0 / float(bn.num_batches_tracked)) if bn.momentum is None else bn.momentum
-                    bn.running_mean.mul_(1 - f).add_(mu, alpha=f)
-                    bn.running_var.mul_(1 - f).add_(var * (n / max(n - 1, 1)), alpha=f)
-            self.inv = torch.rsqrt(var + bn.eps)
+            var = (xc * xc).mean((1, 2), keepdim=True)
+            for k, bn in enumerate(self.bns):
+                if bn.training and bn.track_running_stats and bn.running_mean is not None:
+                    with torch.no_grad():
+                        bn.num_batches_tracked.add_(1)
+                        f = (1.0 / float(bn.num_batches_tracked)) if bn.momentum is None else bn.momentum
+                        bn.running_mean.mul_(1 - f).add_(mu[k].view(-1), alpha=f)
+                        bn.running_var.mul_(1 - f).add_(var[k].view(-1) * (n / max(n - 1, 1)), alpha=f)
+            self.inv = torch.rsqrt(var + self.eps)
         else:
-            xc = x - bn.running_mean
-            self.inv = torch.rsqrt(bn.running_var + bn.eps)
+            xc = x - _stack_c([bn.running_mean for bn in self.bns], K)
+            self.inv = torch.rsqrt(_stack_c([bn.running_var for bn in self.bns], K) + self.eps)
         self.xhat = xc * self.inv
-        self.gamma = bn.weight.detach() if bn.affine else None
-        self.gi = self.inv if self.gamma is None else self.gamma * self.inv  # gamma / sigma
-        if self.gamma is None:
+        if not self.affine:
+            self.gi = self.inv
             return self.xhat
-        return torch.addcmul(bn.bias.detach(), self.xhat, self.gamma)
+        self.gamma = _stack_c([bn.weight for bn in self.bns], K)
+        self.gi = self.gamma * self.inv  # gamma / sigma
+        return torch.addcmul(_stack_c([bn.bias for bn in self.bns], K), self.xhat, self.gamma)
 
     def bwd(self, dy):
         self.dy = dy
         if not self.batch:
             self.dx = dy * self.gi
             return self.dx
-        self.m1 = dy.mean((0, 1))
-        self.m2 = (dy * self.xhat).mean((0, 1))
-        self.dx = (dy - self.m1 - self.xhat * self.m2) * self.gi
+        self.m2 = (dy * self.xhat).mean((1, 2), keepdim=True)
+        self.dx = (dy - dy.mean((1, 2), keepdim=True) - self.xhat * self.m2) * self.gi
         return self.dx
 
     def tfwd(self, xt):
         if not self.batch:
             self.xhat_t = xt * self.inv
         else:
-            self.sig_t = (self.xhat * xt).mean((0, 1)) * self.inv  # sigma' / sigma
-            self.xhat_t = (xt - xt.mean((0, 1))) * self.inv - self.xhat * self.sig_t
-        return self.xhat_t if self.gamma is None else self.xhat_t * self.gamma
+            self.sig_t = (self.xhat * xt).mean((1, 2), keepdim=True) * self.inv  # sigma'/sigma
+            self.xhat_t = (xt - xt.mean((1, 2), keepdim=True)) * self.inv - self.xhat * self.sig_t
+        return self.xhat_t * self.gamma if self.affine else self.xhat_t
 
     def tbwd(self, dyt, grads, need_input):
-        if self.gamma is not None:
-            _acc(grads, self.m.weight, (dyt * self.xhat + self.dy * self.xhat_t).sum((0, 1)))
-            _acc(grads, self.m.bias, dyt.sum((0, 1)))
+        t2 = dyt * self.xhat + self.dy * self.xhat_t  # tangent of dy * xhat
+        if self.affine:
+            gg, gb = t2.sum((1, 2)), dyt.sum((1, 2))
+            for k, bn in enumerate(self.bns):
+                _acc(grads, bn.weight, gg[k])
+                _acc(grads, bn.bias, gb[k])
         if not need_input:
             return None
         if not self.batch:
             return dyt * self.gi
-        m1t = dyt.mean((0, 1))
-        m2t = (dyt * self.xhat + self.dy * self.xhat_t).mean((0, 1))
-        inner = dyt - m1t - self.xhat_t * self.m2 - self.xhat * m2t
+        inner = (dyt - dyt.mean((1, 2), keepdim=True) - self.xhat_t * self.m2
+                 - self.xhat * t2.mean((1, 2), keepdim=True))
         return inner * self.gi - self.dx * self.sig_t
 
 
@@ -478,59 +506,99 @@ def _acc(grads, p, g):
     grads[k] = g if k not in grads else grads[k] + g
 
 
-def _build(m, H, W):
-    """Nodes of the lowered trunk and the output map size."""
+def _same(ms, what):
+    """All K modules must match in type and hyperparameters to be batched together."""
+    m0 = ms[0]
+    for m in ms[1:]:
+        if type(m) is not type(m0):
+            raise ValueError(f"conv_align: client trunks differ at {what}: {type(m0).__name__} vs "
+                             f"{type(m).__name__}")
+        if isinstance(m0, nn.Conv2d) and (m.kernel_size, m.stride, m.padding, m.in_channels,
+                                          m.out_channels, m.bias is None) != (
+                m0.kernel_size, m0.stride, m0.padding, m0.in_channels, m0.out_channels,
+                m0.bias is None):
+            raise ValueError(f"conv_align: client trunks differ at {what}: {m0} vs {m}")
+        if isinstance(m0, nn.BatchNorm2d) and (m.training, m.affine, m.eps, m.num_features,
+                                               m.running_mean is None) != (
+                m0.training, m0.affine, m0.eps, m0.num_features, m0.running_mean is None):
+            raise ValueError(f"conv_align: client trunks differ at {what}: {m0} vs {m} "
+                             f"(or train/eval mode)")
+        if isinstance(m0, nn.Sequential) and len(m) != len(m0):
+            raise ValueError(f"conv_align: client trunks differ in length at {what}")
+
+
+def _build(ms, H, W, what="trunk"):
+    """Nodes of the lowered trunk for K structurally identical modules, and the output size."""
+    _same(ms, what)
+    m = ms[0]
     if isinstance(m, nn.Sequential):
         nodes = []
-        for sub in m:
-            n, H, W = _build(sub, H, W)
+        for i in range(len(m)):
+            n, H, W = _build([x[i] for x in ms], H, W, f"{what}.{i}")
             nodes.append(n)
         return _Seq(nodes), H, W
     if _is_block(m):
-        c1 = _Conv(m.conv1, H, W)
-        c2 = _Conv(m.conv2, c1.Ho, c1.Wo)
-        main = _Seq([c1, _BN(m.bn1), _ReLU(), c2, _BN(m.bn2)])
-        short = _Identity() if m.downsample is None else _build(m.downsample, H, W)[0]
+        if any((x.downsample is None) != (m.downsample is None) for x in ms):
+            raise ValueError(f"conv_align: client trunks differ at {what}.downsample")
+        sub = lambda a: [getattr(x, a) for x in ms]  # noqa: E731
+        for a in ("conv1", "bn1", "conv2", "bn2"):
+            _same(sub(a), f"{what}.{a}")
+        c1 = _Conv(sub("conv1"), H, W)
+        c2 = _Conv(sub("conv2"), c1.Ho, c1.Wo)
+        main = _Seq([c1, _BN(sub("bn1")), _ReLU(), c2, _BN(sub("bn2"))])
+        short = (_Identity() if m.downsample is None
+                 else _build(sub("downsample"), H, W, f"{what}.downsample")[0])
         return _Block(main, short), c1.Ho, c1.Wo
     if isinstance(m, nn.Conv2d):
-        c = _Conv(m, H, W)
+        c = _Conv(ms, H, W)
         return c, c.Ho, c.Wo
     if isinstance(m, nn.BatchNorm2d):
-        return _BN(m), H, W
+        return _BN(ms), H, W
     if isinstance(m, nn.ReLU):
         return _ReLU(), H, W
     raise TypeError(f"aux_fast: cannot lower {type(m).__name__}")
 
 
 @torch.no_grad()
-def _manual_align(trunk, fc, Z, Y, T, grad_scale):
-    B, C, H, W = Z.shape
-    net, Ho, Wo = _build(trunk, H, W)
-    x = Z.permute(0, 2, 3, 1).reshape(B, H * W, C)
-    h = net.fwd(x)                                    # [B, P, Ct]
-    P = h.shape[1]
-    feat = h.mean(1)
-    Wfc, bfc = fc.weight.detach(), fc.bias.detach()
-    p = torch.softmax(torch.addmm(bfc, feat, Wfc.t()), -1)
+def _manual_align_k(trunks, fcs, Z, Y, T, grad_scale):
+    """K clients: Z, T [K, B, C, H, W], Y [K, B] -> (loss [K], [grads of client k])."""
+    K, B, C, H, W = Z.shape
+    net, _, _ = _build(list(trunks), H, W)
+    x = Z.permute(0, 1, 3, 4, 2).reshape(K, B, H * W, C)
+    h = net.fwd(x)                                    # [K, B, P, Ct]
+    P = h.shape[2]
+    feat = h.mean(2)
+    Wfc = torch.stack([fc.weight.detach() for fc in fcs])  # [K, classes, Ct]
+    bfc = torch.stack([fc.bias.detach() for fc in fcs])
+    p = torch.softmax(torch.baddbmm(bfc.unsqueeze(1), feat, Wfc.transpose(1, 2)), -1)
     s = grad_scale / B
-    G = (p - F.one_hot(Y, Wfc.shape[0]).to(p.dtype)) * s
-    dh = (G @ Wfc) / P                                # adjoint of every position of h
-    dx = net.bwd(dh.unsqueeze(1).expand_as(h))
-    g_hat = dx.view(B, H, W, C).permute(0, 3, 1, 2)
+    G = (p - F.one_hot(Y, Wfc.shape[1]).to(p.dtype)) * s
+    dh = torch.bmm(G, Wfc) / P                        # adjoint of every position of h
+    dx = net.bwd(dh.unsqueeze(2).expand_as(h))
+    g_hat = dx.view(K, B, H, W, C).permute(0, 1, 4, 2, 3)
     diff = g_hat - T
-    loss = diff.square().sum()
-    R = (2 * diff).permute(0, 2, 3, 1).reshape(B, H * W, C)
-    ht = net.tfwd(R)
-    feat_t = ht.mean(1)
-    zt = feat_t @ Wfc.t()
+    loss = diff.square().sum((1, 2, 3, 4))
+    R = (2 * diff).permute(0, 1, 3, 4, 2).reshape(K, B, H * W, C)
+    feat_t = net.tfwd(R).mean(2)
+    zt = torch.bmm(feat_t, Wfc.transpose(1, 2))
     Gt = s * p * (zt - (zt * p).sum(-1, keepdim=True))
     grads: dict = {}
-    _acc(grads, fc.weight, Gt.t() @ feat + G.t() @ feat_t)
-    _acc(grads, fc.bias, Gt.sum(0))
-    dht = (Gt @ Wfc) / P
-    net.tbwd(dht.unsqueeze(1).expand_as(h), grads, False)
-    params = _params(trunk, fc)
-    return loss, tuple(grads.get(id(q), torch.zeros_like(q)) for q in params)
+    gW = torch.bmm(Gt.transpose(1, 2), feat).baddbmm_(G.transpose(1, 2), feat_t)
+    gb = Gt.sum(1)
+    for k, fc in enumerate(fcs):
+        _acc(grads, fc.weight, gW[k])
+        _acc(grads, fc.bias, gb[k])
+    dht = torch.bmm(Gt, Wfc) / P
+    net.tbwd(dht.unsqueeze(2).expand_as(h), grads, False)
+    out = []
+    for trunk, fc in zip(trunks, fcs):
+        out.append(tuple(grads.get(id(q), torch.zeros_like(q)) for q in _params(trunk, fc)))
+    return loss, out
+
+
+def _manual_align(trunk, fc, Z, Y, T, grad_scale):
+    loss, grads = _manual_align_k([trunk], [fc], Z[None], Y[None], T[None], grad_scale)
+    return loss[0], grads[0]
 
 
 def _check(trunk, fc, Z, Y, T):
@@ -581,6 +649,40 @@ def conv_align_grads(trunk, fc, Z, Y, T, grad_scale: float = 1.0, method: str = 
         grads = torch.autograd.grad(loss, params, allow_unused=True)
     grads = tuple(torch.zeros_like(p) if d is None else d for p, d in zip(params, grads))
     return loss.detach(), grads
+
+
+def conv_align_grads_batched(trunks, fcs, Z, Y, T, grad_scale: float = 1.0):
+    """Alignment of K clients' auxiliaries in one computation (the fused engine's form).
+
+    Args:
+        trunks, fcs: K structurally identical trunks (see :func:`lowerable`; same layer types,
+            shapes and train/eval mode) and their nn.Linear heads.
+        Z, T: [K, B, Cin, H, W]; Y: [K, B] integer labels.
+    Returns:
+        ``(loss [K], grads)`` where ``grads[k]`` is aligned with
+        ``list(trunks[k].parameters()) + [fcs[k].weight, fcs[k].bias]``. Each client's BatchNorm
+        running statistics advance as in its own call. Activations are stacked [K, B, P, C] and
+        every GEMM is one bmm over the K clients (on a GPU this fills the device; on one CPU
+        thread it equals K separate calls).
+    """
+    trunks, fcs = list(trunks), list(fcs)
+    K = len(trunks)
+    if K == 0 or len(fcs) != K:
+        raise ValueError(f"conv_align_grads_batched: need K >= 1 trunks and as many fcs, got "
+                         f"{len(trunks)} and {len(fcs)}")
+    if Z.dim() != 5 or Z.shape[0] != K:
+        raise ValueError(f"conv_align_grads_batched: Z must be [K={K}, B, C, H, W], got "
+                         f"{tuple(Z.shape)}")
+    if Y.shape != Z.shape[:2]:
+        raise ValueError(f"conv_align_grads_batched: Y must be [K, B] = {list(Z.shape[:2])}, "
+                         f"got {tuple(Y.shape)}")
+    for k in range(K):
+        _check(trunks[k], fcs[k], Z[k], Y[k], T[k] if T.shape == Z.shape else T)
+    if not all(lowerable(t) for t in trunks):
+        outs = [conv_align_reference(trunks[k], fcs[k], Z[k], Y[k], T[k], grad_scale)
+                for k in range(K)]
+        return torch.stack([o[0] for o in outs]), [o[1] for o in outs]
+    return _manual_align_k(trunks, fcs, Z, Y, T, grad_scale)
 
 
 def conv_align_step(aux, Z, Y, T, grad_scale: float = 1.0, method: str = "manual"):

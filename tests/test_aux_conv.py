@@ -148,3 +148,37 @@ def test_bad_inputs(seed):
         X.conv_align_grads(model.trunk, model.fc, Z, Y, T, method="fast")
     with pytest.raises(ValueError, match=r"Z must be \[B, C, H, W\]"):
         X.conv_align_grads(model.trunk, model.fc, Z.flatten(1), Y, T.flatten(1))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_batched_clients_equal_separate_calls(seed, train):
+    """K clients in one computation: each client's loss, gradients and BatchNorm statistics equal
+    its own call (float64, different weights per client)."""
+    K = 3
+    models = [X.Layer3Aux(10).double() for _ in range(K)]
+    for m in models:
+        randomize_bn(m)
+        m.train(train)
+    Z = torch.randn(K, 4, 128, 4, 4, dtype=torch.float64)
+    Y = torch.randint(0, 10, (K, 4))
+    T = torch.randn_like(Z) / 4
+    batched = [copy.deepcopy(m) for m in models]
+    loss, grads = X.conv_align_grads_batched([m.trunk for m in batched], [m.fc for m in batched],
+                                             Z, Y, T)
+    assert loss.shape == (K,)
+    for k in range(K):
+        ref = copy.deepcopy(models[k])
+        l_ref, g_ref = X.conv_align_reference(ref.trunk, ref.fc, Z[k], Y[k], T[k])
+        assert rel(loss[k], l_ref) <= 1e-11
+        assert max(rel(a, b) for a, b in zip(grads[k], g_ref)) <= 1e-11
+        for (n, a), (_, b) in zip(batched[k].state_dict().items(), ref.state_dict().items()):
+            assert (rel(a, b) <= 1e-11) if a.is_floating_point() else torch.equal(a, b), n
+
+
+def test_batched_rejects_mismatched_trunks(seed):
+    a, b = X.Layer3Aux(10), X.Layer3Aux(10)
+    b.trunk[1].bn1.eval()
+    Z = torch.randn(2, 2, 128, 4, 4)
+    with pytest.raises(ValueError, match="differ at trunk.1.bn1"):
+        X.conv_align_grads_batched([a.trunk, b.trunk], [a.fc, b.fc], Z, torch.zeros(2, 2, dtype=torch.long),
+                                   torch.zeros_like(Z))
