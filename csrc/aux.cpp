@@ -94,6 +94,8 @@ inline double vsum<double>(Vec<double>::type v) {
 // Rows per block: 8 vector accumulators plus one weight vector fit the 32 zmm registers and
 // cut the passes over W by 8 compared with a row at a time (W of 10 x 2048 is 80 KB, in L2).
 constexpr int RB = 8;
+// The estimate has no dW update and no R scratch, so it affords 16 rows (16 accumulators + W).
+constexpr int kEstRB = 16;
 // Deterministic dW: at most this many partials per client, at least kSliceRows rows per slice.
 constexpr int64_t kMaxSlices = 8;
 constexpr int64_t kSliceRows = 128;
@@ -117,7 +119,7 @@ struct Head {
 // D is walked in tiles so that the block's rows (RB x tile) and W's tile (C x tile) stay in L1;
 // the per-(r, c) vector accumulators live in `acc_buf` ([C][RB][N] scratch) between tiles.
 // Untiled, every row load came from L2 (the block's rows, RB x 8 KB at D=2048, exceed L1).
-template <typename T>
+template <typename T, int RB>
 inline void rows_dot_W(const T* const* rows, const T* W, int64_t C, int64_t D, T* out /*[RB][C]*/,
                        T* acc_buf) {
   using V = typename Vec<T>::type;
@@ -150,7 +152,7 @@ inline void rows_dot_W(const T* const* rows, const T* W, int64_t C, int64_t D, T
 }
 
 // p[r] = softmax(z[r] + b), G[r] = scale * (p - onehot(y)). Works in place on z -> p.
-template <typename T>
+template <typename T, int RB>
 inline void softmax_G(const Head<T>& h, int64_t row0, int nb, T* zp /*[RB][C]*/, T* G) {
   const int64_t C = h.C;
   for (int r = 0; r < nb; ++r) {
@@ -177,7 +179,7 @@ inline void softmax_G(const Head<T>& h, int64_t row0, int nb, T* zp /*[RB][C]*/,
 }
 
 // Visits d-chunks of u[r] = sum_c G[r][c] W[c] (RB rows at once) and hands each chunk to fn.
-template <typename T, typename Fn>
+template <typename T, int RB, typename Fn>
 inline void for_each_u_chunk(const T* W, const T* G, int64_t C, int64_t D, Fn& fn) {
   using V = typename Vec<T>::type;
   constexpr int N = Vec<T>::N;
@@ -204,6 +206,7 @@ inline void for_each_u_chunk(const T* W, const T* G, int64_t C, int64_t D, Fn& f
 template <typename T>
 void estimate_client(const Head<T>& h, T inv_spread, T* g /*[B, D]*/) {
   using V = typename Vec<T>::type;
+  constexpr int RB = kEstRB;
   const int64_t nblk = (h.B + RB - 1) / RB;
   at::parallel_for(0, nblk, 1, [&](int64_t b0, int64_t b1) {
     std::vector<T> zp(RB * h.C), G(RB * h.C), accb(h.C * RB * Vec<T>::N);
@@ -212,8 +215,8 @@ void estimate_client(const Head<T>& h, T inv_spread, T* g /*[B, D]*/) {
       const int nb = (int)std::min<int64_t>(RB, h.B - row0);
       const T* rows[RB];
       for (int r = 0; r < RB; ++r) rows[r] = h.x + (row0 + (r < nb ? r : 0)) * h.D;
-      rows_dot_W<T>(rows, h.W, h.C, h.D, zp.data(), accb.data());
-      softmax_G<T>(h, row0, nb, zp.data(), G.data());
+      rows_dot_W<T, RB>(rows, h.W, h.C, h.D, zp.data(), accb.data());
+      softmax_G<T, RB>(h, row0, nb, zp.data(), G.data());
       struct Store {
         T* g;
         int64_t D;
@@ -226,7 +229,7 @@ void estimate_client(const Head<T>& h, T inv_spread, T* g /*[B, D]*/) {
           for (int r = 0; r < nb; ++r) g[r * D + d] = acc[r] * s;
         }
       } st{g + row0 * h.D, h.D, nb, inv_spread};
-      for_each_u_chunk<T>(h.W, G.data(), h.C, h.D, st);
+      for_each_u_chunk<T, RB>(h.W, G.data(), h.C, h.D, st);
     }
   });
 }
@@ -248,8 +251,8 @@ double align_slice(const Head<T>& h, const T* tgt, T spread, int64_t blk0, int64
     const int nb = (int)std::min<int64_t>(RB, h.B - row0);
     const T* rows[RB];
     for (int r = 0; r < RB; ++r) rows[r] = h.x + (row0 + (r < nb ? r : 0)) * D;
-    rows_dot_W<T>(rows, h.W, C, D, zp.data(), accb.data());
-    softmax_G<T>(h, row0, nb, zp.data(), G.data());
+    rows_dot_W<T, RB>(rows, h.W, C, D, zp.data(), accb.data());
+    softmax_G<T, RB>(h, row0, nb, zp.data(), G.data());
     const T* p = zp.data();
 
     // R = 2 (u / spread - target) and the loss, chunk by chunk; padded rows get R = 0.
@@ -288,13 +291,13 @@ double align_slice(const Head<T>& h, const T* tgt, T spread, int64_t blk0, int64
       res.lacc[r] = vbroadcast<T>(0);
       res.lsc[r] = 0;
     }
-    for_each_u_chunk<T>(h.W, G.data(), C, D, res);
+    for_each_u_chunk<T, RB>(h.W, G.data(), C, D, res);
     for (int r = 0; r < nb; ++r) loss += (double)vsum<T>(res.lacc[r]) + (double)res.lsc[r];
 
     // dP = R W^T, then dz = scale * p * (dP - <dP, p>) (stored over dP).
     const T* Rrows[RB];
     for (int r = 0; r < RB; ++r) Rrows[r] = Rbuf.data() + r * D;
-    rows_dot_W<T>(Rrows, h.W, C, D, dP.data(), accb.data());
+    rows_dot_W<T, RB>(Rrows, h.W, C, D, dP.data(), accb.data());
     for (int r = 0; r < nb; ++r) {
       T dot = 0;
       for (int64_t c = 0; c < C; ++c) dot += dP[r * C + c] * p[r * C + c];
