@@ -279,3 +279,13 @@ def test_ops_pass_opcheck(seed):
                           test_utils=utils)
     torch.library.opcheck(torch.ops.fsl_fast.aux_align.default, (x, w, b, y, t, 1.0, 0.2),
                           test_utils=utils)
+
+
+@pytest.mark.parametrize("pool,shape", [(False, (7,)), (True, (3, 2, 2))])
+def test_auxalign_passes_gradcheck(seed, pool, shape):
+    """torch.autograd.gradcheck (float64) of AuxAlign's closed-form backward (C++ kernel)."""
+    feat, w, b, y, t = make(5, 4, shape, pool)
+    w.requires_grad_(True)
+    b.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda W, Bias: A.AuxAlign.apply(W, Bias, feat, y, t, pool, 1.0, "cpp"), (w, b))
