@@ -145,7 +145,20 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// One block per group; 4 elements per thread step through 16-/8-byte loads when aligned.
+// One block per group; 4 elements per thread step through 16-/8-byte loads when aligned. The
+// first kCache 4-element vectors of each thread (kCache * 4 * 256 = 8192 elements per group) stay
+// in registers between the absmax pass and the code pass, so groups up to that length are read
+// from memory once; the rest of a longer group is read again in the code pass (from L2 if it is
+// still there).
+constexpr int kCache = 8;
+
+template <bool STOCH>
+__device__ __forceinline__ void codes4(const float (&f)[4], float inv, int qmax, uint32_t i0,
+                                       uint32_t key, int (&c)[4]) {
+#pragma unroll
+  for (int k = 0; k < 4; ++k) c[k] = code_of<STOCH>(f[k], inv, qmax, i0 + k, key);
+}
+
 template <typename T, int BITS, bool STOCH>
 __global__ void __launch_bounds__(kThreads)
     quant_block_kernel(const T* __restrict__ x, uint8_t* __restrict__ codes,
@@ -161,8 +174,22 @@ __global__ void __launch_bounds__(kThreads)
     const T* xg = x + base;
     const bool vec = reinterpret_cast<uintptr_t>(xg) % (4 * sizeof(T)) == 0;
     const int64_t nvec = vec ? len / 4 : 0;
+    float cache[kCache][4];
     uint32_t mb = 0;
-    for (int64_t v = threadIdx.x; v < nvec; v += kThreads) {
+#pragma unroll
+    for (int it = 0; it < kCache; ++it) {
+      const int64_t v = threadIdx.x + static_cast<int64_t>(it) * kThreads;
+      if (v < nvec) {
+        load4(xg + 4 * v, cache[it]);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const uint32_t b = abs_bits(cache[it][k]);
+          mb = b > mb ? b : mb;
+        }
+      }
+    }
+    for (int64_t v = threadIdx.x + static_cast<int64_t>(kCache) * kThreads; v < nvec;
+         v += kThreads) {
       float f[4];
       load4(xg + 4 * v, f);
 #pragma unroll
@@ -186,31 +213,53 @@ __global__ void __launch_bounds__(kThreads)
     const uint32_t ib = static_cast<uint32_t>(base);
     if (BITS == 8) {
       int8_t* cg = reinterpret_cast<int8_t*>(codes) + base;
+      // 4 codes per 32-bit store when the codes are 4-byte aligned (they are whenever x is
+      // 16-byte aligned at the group and the buffer comes from the caching allocator).
       const int64_t nv = reinterpret_cast<uintptr_t>(cg) % 4 == 0 ? nvec : 0;
-      for (int64_t v = threadIdx.x; v < nv; v += kThreads) {
-        float f[4];
-        load4(xg + 4 * v, f);
-        const uint32_t i0 = ib + static_cast<uint32_t>(4 * v);
-        uint32_t word = 0;
 #pragma unroll
-        for (int k = 0; k < 4; ++k)
-          word |= (static_cast<uint32_t>(code_of<STOCH>(f[k], inv, qmax, i0 + k, key)) & 0xFFu)
-                  << (8 * k);
-        *reinterpret_cast<uint32_t*>(cg + 4 * v) = word;
+      for (int it = 0; it < kCache; ++it) {
+        const int64_t v = threadIdx.x + static_cast<int64_t>(it) * kThreads;
+        if (v < nv) {
+          int c[4];
+          codes4<STOCH>(cache[it], inv, qmax, ib + static_cast<uint32_t>(4 * v), key, c);
+          *reinterpret_cast<uint32_t*>(cg + 4 * v) =
+              (static_cast<uint32_t>(c[0]) & 0xFFu) | ((static_cast<uint32_t>(c[1]) & 0xFFu) << 8) |
+              ((static_cast<uint32_t>(c[2]) & 0xFFu) << 16) | (static_cast<uint32_t>(c[3]) << 24);
+        }
+      }
+      for (int64_t v = threadIdx.x + static_cast<int64_t>(kCache) * kThreads; v < nv;
+           v += kThreads) {
+        float f[4];
+        int c[4];
+        load4(xg + 4 * v, f);
+        codes4<STOCH>(f, inv, qmax, ib + static_cast<uint32_t>(4 * v), key, c);
+        *reinterpret_cast<uint32_t*>(cg + 4 * v) =
+            (static_cast<uint32_t>(c[0]) & 0xFFu) | ((static_cast<uint32_t>(c[1]) & 0xFFu) << 8) |
+            ((static_cast<uint32_t>(c[2]) & 0xFFu) << 16) | (static_cast<uint32_t>(c[3]) << 24);
       }
       for (int64_t j = 4 * nv + threadIdx.x; j < len; j += kThreads)
         cg[j] = static_cast<int8_t>(
             code_of<STOCH>(to_f32(xg[j]), inv, qmax, ib + static_cast<uint32_t>(j), key));
     } else {
-      uint8_t* cg = codes + row * L.code_cols + c0 / 2;
-      for (int64_t v = threadIdx.x; v < nvec; v += kThreads) {
+      uint8_t* cg = codes + row * L.code_cols + c0 / 2;  // c0 is even (even group size)
+#pragma unroll
+      for (int it = 0; it < kCache; ++it) {
+        const int64_t v = threadIdx.x + static_cast<int64_t>(it) * kThreads;
+        if (v < nvec) {
+          int c[4];
+          codes4<STOCH>(cache[it], inv, qmax, ib + static_cast<uint32_t>(4 * v), key, c);
+          cg[2 * v] = pack4(c[0], c[1]);
+          cg[2 * v + 1] = pack4(c[2], c[3]);
+        }
+      }
+      for (int64_t v = threadIdx.x + static_cast<int64_t>(kCache) * kThreads; v < nvec;
+           v += kThreads) {
         float f[4];
+        int c[4];
         load4(xg + 4 * v, f);
-        const uint32_t i0 = ib + static_cast<uint32_t>(4 * v);
-        cg[2 * v] = pack4(code_of<STOCH>(f[0], inv, qmax, i0, key),
-                          code_of<STOCH>(f[1], inv, qmax, i0 + 1, key));
-        cg[2 * v + 1] = pack4(code_of<STOCH>(f[2], inv, qmax, i0 + 2, key),
-                              code_of<STOCH>(f[3], inv, qmax, i0 + 3, key));
+        codes4<STOCH>(f, inv, qmax, ib + static_cast<uint32_t>(4 * v), key, c);
+        cg[2 * v] = pack4(c[0], c[1]);
+        cg[2 * v + 1] = pack4(c[2], c[3]);
       }
       const int64_t pairs = (len + 1) / 2;
       for (int64_t p = 2 * nvec + threadIdx.x; p < pairs; p += kThreads) {

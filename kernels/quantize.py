@@ -159,8 +159,12 @@ def quantize_rows(x2: torch.Tensor, bits: int, gs: int, stochastic: bool, key: i
         gs_pad = max(triton.next_power_of_2(gs), 2)
         r = max(1, TILE_ELEMS // gs_pad)
         grid = (triton.cdiv(n_groups, r),)
+        # About 16 elements per thread: an 8192-element tile with 8 warps would hold 32 values
+        # (plus 64-bit offsets) per thread.
+        tile = gs_pad * r
+        warps = 16 if tile >= 8192 else 8 if tile >= 4096 else 4
         _quant_tile_kernel[grid](x2, codes, scales, m, g, gs, n_groups, key, GS_PAD=gs_pad, R=r,
-                                 num_warps=8 if gs_pad * r >= 4096 else 4, **common)
+                                 num_warps=warps, **common)
     else:
         _quant_loop_kernel[(n_groups,)](x2, codes, scales, m, g, gs, key, BLOCK=LOOP_BLOCK,
                                         num_warps=8, **common)
