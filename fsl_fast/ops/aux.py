@@ -56,7 +56,7 @@ __all__ = [
 
 
 def _check(feat, weight, bias, labels, target, pool):
-    """Validate and return (batched, K, B, C, D, S, spatial-shape)."""
+    """Validate; return (batched, K, B, C, D, S) with S the number of pooled positions."""
     if not isinstance(feat, torch.Tensor) or not feat.is_floating_point():
         raise TypeError(f"aux: feat must be a floating tensor, got "
                         f"{getattr(feat, 'dtype', type(feat).__name__)}")
@@ -97,7 +97,8 @@ def _check(feat, weight, bias, labels, target, pool):
         raise ValueError(f"aux: labels must be {list(want_y)}, got {tuple(labels.shape)}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"aux: labels must be an integer tensor, got {labels.dtype}")
-    for name, t in (("weight", weight), ("bias", bias)) + ((("target", target),) if target is not None else ()):
+    others = [("weight", weight), ("bias", bias)] + ([("target", target)] if target is not None else [])
+    for name, t in others:
         if t.dtype != feat.dtype:
             raise TypeError(f"aux: {name} dtype {t.dtype} differs from feat dtype {feat.dtype}")
         if t.device != feat.device:
