@@ -1,5 +1,5 @@
 // CUDA binding of the fused linear auxiliary head: validates tensors, allocates outputs and
-// workspaces, and launches the kernels of aux_cuda.cu on the current stream. Compiled only in a
+// workspaces, and launches the kernels of aux_kernels.cu on the current stream. Compiled only in a
 // CUDA build (FSL_FAST_WITH_CUDA); the schemas are defined in aux.cpp.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>

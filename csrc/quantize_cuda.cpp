@@ -1,4 +1,4 @@
-// CUDA binding of the quantize ops (kernels in quantize_cuda.cu; schemas in quantize.cpp).
+// CUDA binding of the quantize ops (kernels in quantize_kernels.cu; schemas in quantize.cpp).
 // Validates tensors, picks the device and current stream, and calls the plain launchers.
 // c10/cuda headers only (not ATen/cuda/CUDAContext.h, which pulls in cuBLAS/cuSPARSE headers).
 #include <ATen/ATen.h>

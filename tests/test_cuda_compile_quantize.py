@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-CU = Path(__file__).resolve().parents[1] / "csrc" / "quantize_cuda.cu"
+CU = Path(__file__).resolve().parents[1] / "csrc" / "quantize_kernels.cu"
 NVCC = shutil.which("nvcc")
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH: cannot compile-check "
-                                                     "csrc/quantize_cuda.cu")
+                                                     "csrc/quantize_kernels.cu")
 # setup.py's nvcc flags for the CUDA build.
 FLAGS = ["-O3", "--use_fast_math", "-arch=sm_90"]
 

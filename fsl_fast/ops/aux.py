@@ -187,7 +187,7 @@ def aux_align_reference(feat, weight, bias, labels, target, pool=False, grad_sca
 
 
 def _ext_estimate(x, w, b, y, inv_spread, scale):
-    # torch.ops dispatches on the device: the CPU kernel (csrc/aux.cpp) or CUDA (csrc/aux_cuda.cu).
+    # torch.ops dispatches on the device: the CPU kernel (csrc/aux.cpp) or CUDA (csrc/aux_kernels.cu).
     _backend.extension()
     return torch.ops.fsl_fast.aux_estimate(x, w, b, y, inv_spread, scale)
 
