@@ -91,3 +91,14 @@ def test_accuracy_on_embedded_data(algorithm):
     for a, b in zip(ref.metrics, fused.metrics):
         assert abs(a["test_accuracy"] - b["test_accuracy"]) <= 0.005, (a["round"], a["test_accuracy"], b["test_accuracy"])
     assert ref.metrics[-1]["test_accuracy"] > ref.metrics[0]["test_accuracy"]
+
+
+@pytest.mark.parametrize("algorithm", ["fsl_sage", "splitfed_v1"])
+def test_vmap_client_batching(algorithm):
+    """All active clients as one vmapped computation (the GPU default) matches the reference."""
+    cfg = Config(algorithm=algorithm, schedule="parallel", **BASE).resolved()
+    ref = _run(cfg, 2)
+    fused = _run(dataclasses.replace(cfg, fused=True, client_batching="vmap"), 2)
+    assert fused.engine.batching == "vmap"
+    worst = _compare_states(ref.engine.named_state(), fused.engine.named_state(), rtol=1e-4, atol=1e-5)
+    print(f"vmap {algorithm}: worst relative difference {worst[0]:.2e} at {worst[1]}")

@@ -1,0 +1,130 @@
+"""Seconds per training round, reference engine vs fused engine, one thread.
+
+Cases (10 clients each): the embedded default (mnist5k, cnn), simple_conv and resnet18 (layer3
+auxiliary) on 32x32 data (the bundled synthetic 3x32x32 set: 64 samples per client, batch 32,
+so two local iterations per client). Timed rounds are ordinary rounds (no alignment); the
+alignment round is timed separately. Both engines run interleaved in one process; the ratio
+reference/fused is in extra_info and printed, with where the fused round spends its time.
+
+Peak memory (RSS of a fresh process running one round) for 10 and 100 clients:
+``python bench/bench_round.py --memory``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fsl_fast.config import Config
+from fsl_fast.runner import Run
+
+CASES = {
+    "mnist5k-cnn": dict(dataset="mnist5k"),
+    "simple_conv-32x32": dict(dataset="synthetic:3x32x32", model="simple_conv", batch_size=32),
+    "resnet18-32x32": dict(dataset="synthetic:3x32x32", model="resnet18", aux="layer3", batch_size=32),
+}
+
+
+def _cfg(case, algorithm="fsl_sage", **kw):
+    base = dict(algorithm=algorithm, clients=10, schedule="parallel", threads=1, align_interval=1000,
+                seed=0)
+    base.update(CASES[case])
+    base.update(kw)
+    return Config(**base).resolved()
+
+
+def _phases(run):
+    return {k[8:]: round(v, 4) for k, v in run.metrics[-1].items() if k.startswith("seconds_")}
+
+
+def _interleaved(cfg, reps):
+    ref, fused = Run(cfg), Run(dataclasses.replace(cfg, fused=True))
+    ref.step()  # round 0 (alignment round for fsl_sage): warm-up
+    fused.step()
+    tr, tf = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        ref.step()
+        tr.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        fused.step()
+        tf.append(time.perf_counter() - t0)
+    return ref, fused, statistics.median(tr), statistics.median(tf)
+
+
+@pytest.mark.parametrize("algorithm", ["fsl_sage", "splitfed_v2", "fedavg"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_round_seconds(benchmark, case, algorithm):
+    if case == "resnet18-32x32" and algorithm != "fsl_sage":
+        pytest.skip("resnet18 timed for fsl_sage only (keeps the suite short)")
+    cfg = _cfg(case, algorithm)
+    reps = 2 if case != "mnist5k-cnn" else 3
+    ref, fused, t_ref, t_fused = _interleaved(cfg, reps)
+    # correctness before speed: the two engines trained the same model
+    a, b = ref.metrics[-1], fused.metrics[-1]
+    assert abs(a["test_accuracy"] - b["test_accuracy"]) <= 0.01, (a["test_accuracy"], b["test_accuracy"])
+    benchmark.pedantic(fused.step, rounds=1, iterations=1)
+    ratio = t_ref / t_fused
+    benchmark.extra_info.update(reference_s=t_ref, fused_s=t_fused, speedup=ratio,
+                                fused_phases=_phases(fused), reference_phases=_phases(ref))
+    print(f"\n[{case} {algorithm}] reference {t_ref:.3f} s/round, fused {t_fused:.3f} s/round, "
+          f"speedup {ratio:.2f}x\n  reference phases {_phases(ref)}\n  fused phases     {_phases(fused)}")
+
+
+@pytest.mark.parametrize("case", ["mnist5k-cnn", "resnet18-32x32"])
+def test_alignment_round_seconds(benchmark, case):
+    """Round 0 of fsl_sage aligns every client's auxiliary (100 epochs on its buffer)."""
+    cfg = _cfg(case, align_interval=1, align_epochs=100 if case == "mnist5k-cnn" else 5)
+    out = {}
+    for fused in (False, True):
+        run = Run(dataclasses.replace(cfg, fused=fused))
+        run.step()  # fills the buffers (round 0 aligns on its first upload)
+        t0 = time.perf_counter()
+        run.step()
+        out[fused] = (time.perf_counter() - t0, _phases(run))
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    benchmark.extra_info.update(reference_s=out[False][0], fused_s=out[True][0],
+                                speedup=out[False][0] / out[True][0],
+                                reference_align_s=out[False][1].get("align"), fused_align_s=out[True][1].get("align"))
+    print(f"\n[{case} alignment round] reference {out[False][0]:.3f} s (align {out[False][1].get('align')}), "
+          f"fused {out[True][0]:.3f} s (align {out[True][1].get('align')}), "
+          f"speedup {out[False][0] / out[True][0]:.2f}x")
+
+
+_MEM = """
+import json, resource, sys, torch
+from fsl_fast.config import Config
+from fsl_fast.runner import Run
+cfg = Config(**json.loads(sys.argv[1])).resolved()
+run = Run(cfg); run.step(); run.step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+
+def peak_memory_table():
+    rows = []
+    for case in ("mnist5k-cnn", "resnet18-32x32"):
+        for clients in (10, 100):
+            for fused in (False, True):
+                kw = dict(CASES[case], algorithm="fsl_sage", clients=clients, fused=fused, threads=1,
+                          align_epochs=2, schedule="parallel")
+                if case != "mnist5k-cnn":
+                    kw["dataset"] = "synthetic:3x32x32"
+                    if clients == 100:
+                        kw["batch_size"] = 6
+                mb = float(subprocess.check_output([sys.executable, "-c", _MEM, json.dumps(kw)], text=True))
+                rows.append((case, clients, "fused" if fused else "reference", mb))
+                print(f"| {case} | {clients} | {'fused' if fused else 'reference'} | {mb:.0f} |", flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    if "--memory" in sys.argv:
+        print("| case | clients | engine | peak RSS (MiB) |\n|---|---|---|---|")
+        peak_memory_table()
