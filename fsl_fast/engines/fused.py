@@ -88,6 +88,9 @@ class FusedEngine(Engine):
         dev = self.device
         lr, wd, K = cfg.lr, cfg.weight_decay, num_clients
         self.clients = _Stack(_fuse(split.client).to(dev), K, dev, lr, wd)
+        # vmap runs the unfused modules (the fused-layer autograd Functions are CPU kernels
+        # without vmap rules; on CUDA the layer ops are torch's own anyway). Same state keys.
+        self._plain_client = copy.deepcopy(split.client).to(dev)
         mode = getattr(cfg, "client_batching", "auto")
         if mode == "auto":
             mode = "vmap" if dev.type == "cuda" else "loop"
@@ -117,7 +120,7 @@ class FusedEngine(Engine):
         from torch.func import functional_call
 
         if self._vmap_fn is None:
-            base = copy.deepcopy(self.clients.template)
+            base = self._plain_client
             self._vmap_fn = lambda p, x: functional_call(base, p, (x,))
             self._leaf = self.clients.flat.buffer.detach().requires_grad_(True)
         flat = self.clients.flat
