@@ -23,14 +23,14 @@ if ! $PY setup.py build_ext --inplace > "$OUTDIR/build.log" 2>&1; then
   tail -40 "$OUTDIR/build.log"
   echo "BUILD FAILED"; exit 1
 fi
-$PY -m fsl_fast.env | tee "$OUTDIR/env.txt"
+$PY -m fsl_fast.env | tee -a "$OUTDIR/device.txt"
 
 stamp "CUDA + Triton tests"
 $PY -m pytest -q -p no:cacheprovider tests/test_quantize.py tests/test_fedavg.py tests/test_flat.py \
   tests/test_aux.py tests/test_aux_conv.py tests/test_layers.py tests/triton -x 2>&1 | tail -25 | tee "$OUTDIR/tests.txt"
 
 stamp "GPU benchmarks"
-B="--benchmark-only -q -p no:cacheprovider --benchmark-min-rounds=5 --benchmark-max-time=0.2"
+B="--benchmark-only -q -p no:cacheprovider --benchmark-min-rounds=3 --benchmark-max-time=0.1"
 $PY -m pytest bench/bench_quantize.py -k test_gpu $B --benchmark-json="$OUTDIR/bq.json" 2>&1 | tail -3
 $PY -m pytest bench/bench_fedavg.py -k test_gpu $B --benchmark-json="$OUTDIR/bf.json" 2>&1 | tail -3
 $PY -m pytest bench/bench_aux.py -k cuda $B --benchmark-json="$OUTDIR/ba.json" 2>&1 | tail -3

@@ -2,6 +2,7 @@
 auxiliary, 10 clients, synthetic 3x32x32, batch 32), after a warm-up round; then an alignment
 round (5 alignment epochs) for each. Prints a small table."""
 import dataclasses
+import os
 import time
 
 import torch
@@ -10,19 +11,30 @@ from fsl_fast.config import Config
 from fsl_fast.runner import Run
 
 
+DEVICE = os.environ.get("FSL_FAST_ROUND_DEVICE", "cuda")
+
+
+def _sync():
+    if DEVICE.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def timed(run):
-    torch.cuda.synchronize()
+    _sync()
     t0 = time.perf_counter()
     run.step()
-    torch.cuda.synchronize()
+    _sync()
     return time.perf_counter() - t0
 
 
 def main():
     rows = []
-    for model, aux, ds in (("resnet18", "layer3", "synthetic:3x32x32"), ("cnn", "linear", "synthetic:1x28x28")):
+    cases = [("resnet18", "layer3", "synthetic:3x32x32"), ("cnn", "linear", "synthetic:1x28x28")]
+    if os.environ.get("FSL_FAST_ROUND_QUICK"):
+        cases = cases[1:]
+    for model, aux, ds in cases:
         cfg = Config(algorithm="fsl_sage", model=model, aux=aux, dataset=ds, clients=10, batch_size=32,
-                     schedule="parallel", device="cuda", align_interval=3, align_epochs=5).resolved()
+                     schedule="parallel", device=DEVICE, align_interval=3, align_epochs=5).resolved()
         res = {}
         for fused in (False, True):
             run = Run(dataclasses.replace(cfg, fused=fused))
