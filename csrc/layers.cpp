@@ -85,14 +85,13 @@ void pool_plane_general(const float* __restrict x, float* __restrict y, int32_t*
 // Stride-2 windows of K = 2 or 3 (the models' k2s2p0 and k3s2p1), any padding p <= K/2.
 // Separable, in the order that keeps a row-major scan's tie rule: for every padded input row, the
 // first maximum along each window's K columns (smallest kx); then, down the window's K rows, the
-// first row whose maximum is strictly larger (smallest ky). Each input row is copied into a
-// -inf-bordered row buffer and split into even and odd columns, so cell kx of window ox is
-// ev[ox + kx/2] or od[ox + kx/2]: contiguous reads. All loops run over Wo16 = Wo rounded up to
+// first row whose maximum is strictly larger (smallest ky). Each input row is split into even and odd padded columns, so cell kx of window ox is ev[ox + kx/2] or
+// od[ox + kx/2]: contiguous reads. All loops run over Wo16 = Wo rounded up to
 // 16 lanes (the extra lanes read -inf and are dropped), so they vectorize fully even for the
 // models' odd widths (7, 15): with exact trip counts GCC ran Wo = 15 in its scalar epilogue.
 // Measured on (64,64,32,32), 1 thread: a direct 3x3 scan per output 30 ms, this ~4 ms.
 struct PoolScratch {
-  std::vector<float> row, ev, od, hm, ty;
+  std::vector<float> ev, od, hm, ty;
   std::vector<int32_t> hc, ti;
 };
 
@@ -100,23 +99,25 @@ template <int K>
 bool pool_plane_s2(const float* __restrict x, int64_t H, int64_t W, int64_t p, int64_t Ho,
                    int64_t Wo, float* __restrict y, int32_t* __restrict idx, PoolScratch& sc) {
   const int64_t Wo16 = (Wo + 15) / 16 * 16;
-  const int64_t Wb = 2 * Wo16 + 2;     // row buffer: p cells of -inf, W values, -inf to the end
   const int64_t R = (Ho - 1) * 2 + K;  // padded rows the windows reach
-  if (static_cast<int64_t>(sc.row.size()) != Wb || static_cast<int64_t>(sc.hm.size()) < R * Wo16) {
-    sc.row.assign(Wb, kNegInf);
-    sc.ev.assign(Wo16 + 1, kNegInf);
-    sc.od.assign(Wo16 + 1, kNegInf);
-    sc.hm.assign(R * Wo16, kNegInf);
-    sc.hc.assign(R * Wo16, 0);
-    sc.ty.assign(Wo16, 0.f);
-    sc.ti.assign(Wo16, 0);
+  // Padded column q = 2j (even) or 2j + 1 (odd) is input column q - p. The valid j ranges are
+  // written per row straight from x; cells outside stay -inf (set here, once per plane).
+  const int64_t e_lo = (p + 1) / 2, e_hi = std::min<int64_t>((W - 1 + p) / 2 + 1, Wo16 + 1);
+  const int64_t o_lo = p / 2;
+  const int64_t o_hi = W - 2 + p < 0 ? 0 : std::min<int64_t>((W - 2 + p) / 2 + 1, Wo16 + 1);
+  if (static_cast<int64_t>(sc.ev.size()) != Wo16 + 1 ||
+      static_cast<int64_t>(sc.hm.size()) < R * Wo16) {
+    sc.ev.resize(Wo16 + 1);
+    sc.od.resize(Wo16 + 1);
+    sc.hm.resize(R * Wo16);
+    sc.hc.resize(R * Wo16);
+    sc.ty.resize(Wo16);
+    sc.ti.resize(Wo16);
   }
-  // Rows are copied to [p, p + W) only, so the -inf border survives; refilled per plane because a
-  // previous plane of another call could have had a different p or W (it costs ~Wb stores).
-  std::fill(sc.row.begin(), sc.row.end(), kNegInf);
-  float* __restrict rb = sc.row.data();
   float* __restrict ev = sc.ev.data();
   float* __restrict od = sc.od.data();
+  std::fill(ev, ev + Wo16 + 1, kNegInf);
+  std::fill(od, od + Wo16 + 1, kNegInf);
   int nan = 0;
   for (int64_t r = 0; r < R; ++r) {
     float* __restrict mr = sc.hm.data() + r * Wo16;
@@ -128,13 +129,15 @@ bool pool_plane_s2(const float* __restrict x, int64_t H, int64_t W, int64_t p, i
       continue;
     }
     const float* __restrict xr = x + iy * W;
-    for (int64_t j = 0; j < W; ++j) {
-      rb[p + j] = xr[j];
-      nan |= (xr[j] != xr[j]);
+    for (int64_t j = e_lo; j < e_hi; ++j) {
+      const float v = xr[2 * j - p];
+      ev[j] = v;
+      nan |= (v != v);
     }
-    for (int64_t j = 0; j <= Wo16; ++j) {
-      ev[j] = rb[2 * j];
-      od[j] = rb[2 * j + 1];
+    for (int64_t j = o_lo; j < o_hi; ++j) {
+      const float v = xr[2 * j + 1 - p];
+      od[j] = v;
+      nan |= (v != v);
     }
     for (int64_t ox = 0; ox < Wo16; ++ox) {
       float m = ev[ox];

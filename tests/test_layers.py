@@ -204,8 +204,8 @@ def test_fused_client_same_outputs_and_grads(seed, name, in_shape, batch):
     fused = L.fuse_client_layers(orig)
     kinds = [type(m).__name__ for m in fused.modules()]
     if name == "simple_conv":
-        # conv-ReLU-pool fuses; in conv-ReLU-LRN-pool the ReLU is not next to the pool: both stay
-        assert kinds.count("PoolReLU") == 1 and kinds.count("MaxPool2d") == 1
+        # conv-ReLU-pool fuses; in conv-ReLU-LRN-pool the ReLU stays and the pool becomes PoolReLU
+        assert kinds.count("PoolReLU") == 2 and kinds.count("MaxPool2d") == 0
         assert kinds.count("ReLU") == 1
         assert kinds.count("LRN") == 2 and "LocalResponseNorm" not in kinds
     else:
@@ -258,11 +258,31 @@ def test_fuse_copies_and_keeps_state_dict_keys(seed):
     torch.testing.assert_close(fresh(x), orig(x), rtol=1e-5, atol=1e-6)
 
 
+@needs_cpp
+def test_relu_lrn_pool_rule_is_exact(seed):
+    # The rewriter's ReLU, LRN, MaxPool -> ReLU, LRN, PoolReLU rule: bit-equal values and input
+    # gradients, including windows that are all zero after the ReLU (inputs mostly negative).
+    x = torch.randn(2, 6, 12, 12) - 1.5
+    torch_lrn = nn.LocalResponseNorm(4, alpha=0.001 / 9, beta=0.75, k=1.0)
+    orig = nn.Sequential(nn.ReLU(), torch_lrn, nn.MaxPool2d(3, 2, 1))
+    fused = nn.Sequential(nn.ReLU(), torch_lrn, L.PoolReLU(3, 2, 1, backend="cpp"))
+    y0 = orig(x)
+    assert (y0 == 0).any() and (y0 > 0).any()
+    g = torch.randn_like(y0)
+    y_a, gx_a = _fwd_bwd(orig, x, g)
+    y_b, gx_b = _fwd_bwd(fused, x, g)
+    assert torch.equal(y_a, y_b) and torch.equal(gx_a, gx_b)
+
+
 def test_fuse_nested_and_unfusable():
     inner = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2))
     model = nn.Sequential(inner, nn.ReLU(), nn.MaxPool2d((2, 3)), nn.ReLU(),
                           nn.MaxPool2d(2, ceil_mode=True), nn.LocalResponseNorm(3))
+    model.append(nn.ReLU())
+    model.append(nn.LocalResponseNorm(2))
+    model.append(nn.MaxPool2d(3, 2, 1))
     fused = L.fuse_client_layers(model, backend="reference")
+    assert [type(m).__name__ for m in fused[6:]] == ["ReLU", "LRN", "PoolReLU"]
     assert isinstance(fused[0][1], nn.Identity) and isinstance(fused[0][2], L.PoolReLU)
     assert isinstance(fused[2], nn.MaxPool2d)  # non-square window stays torch's
     assert isinstance(fused[4], nn.MaxPool2d)  # ceil_mode stays torch's
