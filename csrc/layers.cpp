@@ -98,7 +98,8 @@ struct PoolScratch {
 template <int K>
 bool pool_plane_s2(const float* __restrict x, int64_t H, int64_t W, int64_t p, int64_t Ho,
                    int64_t Wo, float* __restrict y, int32_t* __restrict idx, PoolScratch& sc) {
-  const int64_t Wo16 = (Wo + 15) / 16 * 16;
+  // 8 lanes suffice for Wo <= 8 (simple_conv 16x16 -> 8): GCC runs those in its 32-byte loop.
+  const int64_t Wo16 = Wo <= 8 ? 8 : (Wo + 15) / 16 * 16;
   const int64_t R = (Ho - 1) * 2 + K;  // padded rows the windows reach
   // Padded column q = 2j (even) or 2j + 1 (odd) is input column q - p. The valid j ranges are
   // written per row straight from x; cells outside stay -inf (set here, once per plane).
