@@ -57,12 +57,19 @@ def test_pool_relu_matches_torch(seed, shape, cfg):
                                     f"max diff {(gx - gx_ref).abs().max().item()}"
 
 
+# The C++ forward has three paths: even H, W with k2s2p0 / k3s2p1 (many planes per flat loop),
+# other stride-2 k2/k3 (per plane), anything else (general scan). Shapes below hit all three.
+TIE_SHAPES = [(3, 4, 13, 12), (3, 4, 12, 14), (2, 3, 16, 16)]
+
+
 @needs_cpp
-@pytest.mark.parametrize("cfg", [(2, 2, 0), (3, 2, 1), (3, 3, 0)], ids=lambda c: "k%ds%dp%d" % c)
-def test_pool_relu_ties_and_negative_windows(seed, cfg):
+@pytest.mark.parametrize("cfg", [(2, 2, 0), (3, 2, 1), (3, 3, 0), (2, 2, 1)],
+                         ids=lambda c: "k%ds%dp%d" % c)
+@pytest.mark.parametrize("shape", TIE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_pool_relu_ties_and_negative_windows(seed, cfg, shape):
     k, s, p = cfg
     # integers in [-2, 2]: many ties among positive maxima, zeros, and all-negative windows
-    x = torch.randint(-2, 3, (3, 4, 13, 12)).float()
+    x = torch.randint(-2, 3, shape).float()
     x[0, 0] = -1.0  # a whole plane of negatives: y = 0, zero gradient
     x[0, 1] = 2.0  # a whole plane of ties
     g = torch.randn_like(_pool_ref(x, k, s, p))
@@ -73,6 +80,18 @@ def test_pool_relu_ties_and_negative_windows(seed, cfg):
     assert gx[0, 0].abs().sum() == 0
     # the ties plane: with non-overlapping windows each window routes to its first cell
     assert (gx[0, 1] != 0).sum() <= y_ref[0, 1].numel()
+
+
+@needs_cpp
+@pytest.mark.parametrize("cfg", [(2, 2, 0), (3, 2, 1)], ids=lambda c: "k%ds%dp%d" % c)
+def test_pool_relu_many_planes(seed, cfg):
+    # more planes than one flat group (16K vertical maxima: 41 planes of 28x28), ragged last group
+    k, s, p = cfg
+    x = torch.randn(3, 37, 28, 28)
+    g = torch.randn_like(_pool_ref(x, k, s, p))
+    y_ref, gx_ref = _fwd_bwd(lambda t: _pool_ref(t, k, s, p), x, g)
+    y, gx = _fwd_bwd(lambda t: L.pool_relu(t, k, s, p, backend="cpp"), x, g)
+    assert torch.equal(y, y_ref) and torch.equal(gx, gx_ref)
 
 
 @needs_cpp
@@ -89,9 +108,10 @@ def test_pool_relu_equals_relu_after_pool(seed):
 
 @needs_cpp
 @pytest.mark.parametrize("cfg", [(2, 2, 0), (3, 2, 1), (3, 3, 0)], ids=lambda c: "k%ds%dp%d" % c)
-def test_pool_relu_nan_propagates_like_torch(seed, cfg):
+@pytest.mark.parametrize("shape", [(1, 2, 9, 8), (1, 2, 10, 8)], ids=lambda s: "x".join(map(str, s)))
+def test_pool_relu_nan_propagates_like_torch(seed, cfg, shape):
     k, s, p = cfg
-    x = torch.randn(1, 2, 9, 8)
+    x = torch.randn(shape)
     x[0, 0, 3, 4] = float("nan")
     y_ref = _pool_ref(x, k, s, p)
     y = L.pool_relu(x, k, s, p, backend="cpp")
