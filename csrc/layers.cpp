@@ -406,8 +406,9 @@ at::Tensor pool_relu_bwd(const at::Tensor& grad_y, const at::Tensor& idx, int64_
       const float* gi = g + pl * So;
       const int32_t* ii = id + pl * So;
       for (int64_t o = 0; o < So; ++o) {
+        // one unsigned compare skips -1 and keeps a foreign idx tensor from writing out of bounds
         const int32_t j = ii[o];
-        if (j >= 0) out[j] += gi[o];
+        if (static_cast<uint64_t>(static_cast<int64_t>(j)) < static_cast<uint64_t>(HW)) out[j] += gi[o];
       }
     }
   });

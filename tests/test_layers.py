@@ -169,6 +169,18 @@ def test_lrn_many_channels_and_blocks(seed):
     torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-6)
 
 
+@needs_cpp
+def test_double_backward_is_refused(seed):
+    # the C++ backward is not itself differentiable: asking for it must fail, not give zeros
+    x = torch.randn(1, 4, 6, 6, requires_grad=True)
+    for f in (lambda t: L.pool_relu(t, 2, 2, 0, backend="cpp"),
+              lambda t: L.lrn(t, 3, 0.1, 0.75, 1.0, backend="cpp")):
+        (gx,) = torch.autograd.grad(f(x).square().sum(), x, create_graph=True)
+        assert gx.requires_grad
+        with pytest.raises(RuntimeError, match="once_differentiable"):
+            gx.sum().backward()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_reference_backend_matches_torch(seed, device):
     # On CUDA tensors (or with backend="reference") torch's own kernels run.

@@ -24,6 +24,7 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from fsl_fast.ops import _backend
 
@@ -116,6 +117,7 @@ class _PoolReLUFn(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # the C++ backward has no derivative; double backward raises clearly
     def backward(ctx, gy):
         (idx,) = ctx.saved_tensors
         gx = _ops().pool_relu_bwd(gy.contiguous(), idx, ctx.hw[0], ctx.hw[1])
@@ -131,6 +133,7 @@ class _LRNFn(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, gy):
         x, s = ctx.saved_tensors
         gx = _ops().lrn_bwd(gy.contiguous(), x, s, *ctx.args)
