@@ -326,3 +326,22 @@ def test_fuse_nested_and_unfusable():
     torch.testing.assert_close(fused(x), model(x))
     with pytest.raises(TypeError, match="module must be an nn.Module"):
         L.fuse_client_layers("cnn")
+
+
+@needs_cpp
+def test_two_threads_same_results(seed):
+    # at::parallel_for chunking (flat pool groups, LRN pixel blocks) must not change results
+    x = torch.randn(3, 50, 16, 16)
+    g = torch.randn(3, 50, 8, 8)
+    prev = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            yp, gp = _fwd_bwd(lambda t: L.pool_relu(t, 3, 2, 1, backend="cpp"), x, g)
+            yl, gl = _fwd_bwd(lambda t: L.lrn(t, 4, 0.01, 0.75, 1.0, backend="cpp"), x, x)
+            outs.append((yp, gp, yl, gl))
+    finally:
+        torch.set_num_threads(prev)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
