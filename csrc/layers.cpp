@@ -82,14 +82,15 @@ void pool_plane_general(const float* __restrict x, float* __restrict y, int32_t*
   }
 }
 
-// Stride-2 windows of K = 2 or 3 (the models' k2s2p0 and k3s2p1), any padding p <= K/2.
-// Separable, in the order that keeps a row-major scan's tie rule: for every padded input row, the
-// first maximum along each window's K columns (smallest kx); then, down the window's K rows, the
-// first row whose maximum is strictly larger (smallest ky). Each input row is split into even and odd padded columns, so cell kx of window ox is ev[ox + kx/2] or
-// od[ox + kx/2]: contiguous reads. All loops run over Wo16 = Wo rounded up to
-// 16 lanes (the extra lanes read -inf and are dropped), so they vectorize fully even for the
-// models' odd widths (7, 15): with exact trip counts GCC ran Wo = 15 in its scalar epilogue.
-// Measured on (64,64,32,32), 1 thread: a direct 3x3 scan per output 30 ms, this ~4 ms.
+// Stride-2 windows of K = 2 or 3, any padding p <= K/2, one plane at a time: the path for shapes
+// the flat multi-plane path below does not take (odd H or W, k2s2p1, k3s2p0). Separable, in the
+// order that keeps a row-major scan's tie rule: for every padded input row, the first maximum
+// along each window's K columns (smallest kx); then, down the window's K rows, the first row whose
+// maximum is strictly larger (smallest ky). Each input row is split into even and odd padded
+// columns, so cell kx of window ox is ev[ox + kx/2] or od[ox + kx/2]: contiguous reads. Loops run
+// over Wo16 = Wo rounded up to 8 or 16 lanes (extra lanes read -inf and are dropped): with exact
+// trip counts GCC ran widths like 15 in its scalar epilogue. Measured on (64,64,32,32) k3s2p1,
+// 1 thread: a direct 3x3 scan per output 30 ms, this ~4 ms, the flat path 1.8 ms.
 struct PoolScratch {
   std::vector<float> ev, od, hm, ty;
   std::vector<int32_t> hc, ti;
@@ -181,15 +182,6 @@ bool pool_plane_s2(const float* __restrict x, int64_t H, int64_t W, int64_t p, i
   return false;
 }
 
-// The models' two configurations on even H, W (cnn: 28, 14; simple_conv: 32, 16), many planes at
-// once. Per-plane loops ran at trip counts of 7-16, where loop overhead dominated: (64,64,16,16)
-// k3s2p1 took 1.7 ms forward with pool_plane_s2. Here the window is taken vertical first, so the
-// horizontal pass is one flat loop over all outputs of G planes: with W = 2 Wo, cell kx of output
-// u (= q Wo + ox, q = plane-row) is column 2u + kx - p of the vertical-max rows vm (row stride W).
-// Ties: among equal maxima the smallest flat input index wins, which is the first one in
-// row-major scan order (what torch picks); the vertical pass keeps the first row per column, the
-// horizontal pass compares (value, index). For p = 1, cell kx = 0 of ox = 0 is padding; the flat
-// loop reads the previous row's last column there, so those outputs are redone after it.
 // One column of the vertical pass: the first maximum of rows a, b (and c3) and its flat index.
 // Returns 1 if any of the cells is NaN.
 template <bool Three>
@@ -216,7 +208,7 @@ inline int vmax_cell(const float* __restrict a, const float* __restrict b,
   return bad;
 }
 
-// The vertical pass of one output row over n columns. With n16 (a multiple of 16) the loop is
+// The vertical pass of one output row over n columns. With blocks16 (n a multiple of 16) the loop is
 // blocks of 16 lanes, one AVX-512 vector each, with no scalar remainder: at the models' widths
 // (14, 28) GCC's exact-count loop spent most of its time in the scalar epilogue. The extra columns
 // read past the row (into the next rows of x) and write past it into vm, which the next row then
@@ -238,6 +230,15 @@ inline int vmax_row(const float* __restrict a, const float* __restrict b,
   return bad;
 }
 
+// The models' two configurations on even H, W (cnn: 28, 14; simple_conv: 32, 16), many planes at
+// once. Per-plane loops ran at trip counts of 7-16, where loop overhead dominated: (64,64,16,16)
+// k3s2p1 took 1.7 ms forward with pool_plane_s2, 0.55 ms here. Here the window is taken vertical first, so the
+// horizontal pass is one flat loop over all outputs of G planes: with W = 2 Wo, cell kx of output
+// u (= q Wo + ox, q = plane-row) is column 2u + kx - p of the vertical-max rows vm (row stride W).
+// Ties: among equal maxima the smallest flat input index wins, which is the first one in
+// row-major scan order (what torch picks); the vertical pass keeps the first row per column, the
+// horizontal pass compares (value, index). For p = 1, cell kx = 0 of ox = 0 is padding; the flat
+// loop reads the previous row's last column there, so those outputs are redone after it.
 template <int K>
 bool pool_planes_flat(const float* __restrict x, const float* x_end, int64_t P, int64_t H,
                       int64_t W, float* __restrict y, int32_t* __restrict idx,
