@@ -232,13 +232,14 @@ inline int vmax_row(const float* __restrict a, const float* __restrict b,
 
 // The models' two configurations on even H, W (cnn: 28, 14; simple_conv: 32, 16), many planes at
 // once. Per-plane loops ran at trip counts of 7-16, where loop overhead dominated: (64,64,16,16)
-// k3s2p1 took 1.7 ms forward with pool_plane_s2, 0.55 ms here. Here the window is taken vertical first, so the
-// horizontal pass is one flat loop over all outputs of G planes: with W = 2 Wo, cell kx of output
-// u (= q Wo + ox, q = plane-row) is column 2u + kx - p of the vertical-max rows vm (row stride W).
-// Ties: among equal maxima the smallest flat input index wins, which is the first one in
-// row-major scan order (what torch picks); the vertical pass keeps the first row per column, the
-// horizontal pass compares (value, index). For p = 1, cell kx = 0 of ox = 0 is padding; the flat
-// loop reads the previous row's last column there, so those outputs are redone after it.
+// k3s2p1 took 1.7 ms forward with pool_plane_s2, 0.55 ms here. The window is taken vertical
+// first, so the horizontal pass is one flat loop over all outputs of G planes: with W = 2 Wo,
+// cell kx of output u (= q Wo + ox, q = plane-row) is column 2u + kx - p of the vertical-max rows
+// vm (row stride W). Ties: among equal maxima the smallest flat input index wins, which is the
+// first one in row-major scan order (what torch picks); the vertical pass keeps the first row per
+// column, the horizontal pass compares (value, index). For p = 1, cell kx = 0 of ox = 0 is
+// padding; the flat loop reads the previous row's last column there, so those outputs are redone
+// after it.
 template <int K>
 bool pool_planes_flat(const float* __restrict x, const float* x_end, int64_t P, int64_t H,
                       int64_t W, float* __restrict y, int32_t* __restrict idx,
@@ -411,7 +412,8 @@ at::Tensor pool_relu_bwd(const at::Tensor& grad_y, const at::Tensor& idx, int64_
         // one unsigned compare skips -1 and keeps a foreign idx tensor from writing out of bounds
         // (a branch-free form, adding 0 to cell 0, measured 20-50% slower: a store chain on cell 0)
         const int32_t j = ii[o];
-        if (static_cast<uint64_t>(static_cast<int64_t>(j)) < static_cast<uint64_t>(HW)) out[j] += gi[o];
+        if (static_cast<uint64_t>(static_cast<int64_t>(j)) < static_cast<uint64_t>(HW))
+          out[j] += gi[o];
       }
     }
   });
@@ -442,7 +444,8 @@ PowMode pow_mode(double beta) {
 // d[i] = s[i]^-beta. beta 0.75 (the models' value) as 1 / (sqrt(s) * sqrt(sqrt(s))), beta 0.5 and
 // 1 likewise from IEEE sqrt/div: the SIMD and scalar paths round identically. Intrinsics because
 // GCC keeps std::sqrt scalar without -fno-math-errno (errno on negative input), and that scalar
-// loop made the LRN forward ~3x slower (37 vs 13 ms on (64,64,32,32)). A general beta uses scalar powf (correct, slower).
+// loop made the LRN forward ~3x slower (37 vs 13 ms on (64,64,32,32)). A general beta uses
+// scalar powf (correct, slower).
 template <int Mode>  // 0: beta 0.75, 1: beta 0.5, 2: beta 1
 inline float neg_pow_scalar(float v) {
   if (Mode == 0) {

@@ -261,8 +261,9 @@ def fuse_client_layers(module: nn.Module, backend: str | None = None) -> nn.Modu
     ``nn.MaxPool2d`` (square window, no dilation/ceil_mode/indices) inside an ``nn.Sequential``
     (at any depth) becomes ``Identity, PoolReLU``, every ``nn.LocalResponseNorm`` becomes ``LRN``,
     and in ``ReLU, LRN, MaxPool2d`` the pool becomes a ``PoolReLU`` (its input is >= 0; values
-    and gradients are equal, see the comment in ``_rewrite``). Parameters and buffers are copied (nothing shared with ``module``), and state_dict
-    keys are unchanged, so state dicts load both ways. ``backend`` is passed to the new modules.
+    and gradients are equal, see the comment in ``_rewrite``). Parameters and buffers are copied
+    (nothing shared with ``module``), and state_dict keys are unchanged, so state dicts load both
+    ways. ``backend`` is passed to the new modules.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"fuse_client_layers: module must be an nn.Module, got {type(module).__name__}")
