@@ -82,41 +82,44 @@ void pool_plane_general(const float* __restrict x, float* __restrict y, int32_t*
   }
 }
 
-// Stride-2 windows of K = 2 or 3 (the models' k2s2p0 and k3s2p1), any padding p <= K/2.
-// Separable, in the order that keeps a row-major scan's tie rule: for every padded input row, the
-// first maximum along each window's K columns (smallest kx); then, down the window's K rows, the
-// first row whose maximum is strictly larger (smallest ky). Each input row is copied into a
-// -inf-bordered row buffer and split into even and odd columns, so cell kx of window ox is
-// ev[ox + kx/2] or od[ox + kx/2]: contiguous reads. All loops run over Wo16 = Wo rounded up to
-// 16 lanes (the extra lanes read -inf and are dropped), so they vectorize fully even for the
-// models' odd widths (7, 15): with exact trip counts GCC ran Wo = 15 in its scalar epilogue.
-// Measured on (64,64,32,32), 1 thread: a direct 3x3 scan per output 30 ms, this ~4 ms.
+// Stride-2 windows of K = 2 or 3, any padding p <= K/2, one plane at a time: the path for shapes
+// the flat multi-plane path below does not take (odd H or W, k2s2p1, k3s2p0). Separable, in the
+// order that keeps a row-major scan's tie rule: for every padded input row, the first maximum
+// along each window's K columns (smallest kx); then, down the window's K rows, the first row whose
+// maximum is strictly larger (smallest ky). Each input row is split into even and odd padded
+// columns, so cell kx of window ox is ev[ox + kx/2] or od[ox + kx/2]: contiguous reads. Loops run
+// over Wo16 = Wo rounded up to 8 or 16 lanes (extra lanes read -inf and are dropped): with exact
+// trip counts GCC ran widths like 15 in its scalar epilogue. Measured on (64,64,32,32) k3s2p1,
+// 1 thread: a direct 3x3 scan per output 30 ms, this ~4 ms, the flat path 1.8 ms.
 struct PoolScratch {
-  std::vector<float> row, ev, od, hm, ty;
+  std::vector<float> ev, od, hm, ty;
   std::vector<int32_t> hc, ti;
 };
 
 template <int K>
 bool pool_plane_s2(const float* __restrict x, int64_t H, int64_t W, int64_t p, int64_t Ho,
                    int64_t Wo, float* __restrict y, int32_t* __restrict idx, PoolScratch& sc) {
-  const int64_t Wo16 = (Wo + 15) / 16 * 16;
-  const int64_t Wb = 2 * Wo16 + 2;     // row buffer: p cells of -inf, W values, -inf to the end
+  // 8 lanes suffice for Wo <= 8 (simple_conv 16x16 -> 8): GCC runs those in its 32-byte loop.
+  const int64_t Wo16 = Wo <= 8 ? 8 : (Wo + 15) / 16 * 16;
   const int64_t R = (Ho - 1) * 2 + K;  // padded rows the windows reach
-  if (static_cast<int64_t>(sc.row.size()) != Wb || static_cast<int64_t>(sc.hm.size()) < R * Wo16) {
-    sc.row.assign(Wb, kNegInf);
-    sc.ev.assign(Wo16 + 1, kNegInf);
-    sc.od.assign(Wo16 + 1, kNegInf);
-    sc.hm.assign(R * Wo16, kNegInf);
-    sc.hc.assign(R * Wo16, 0);
-    sc.ty.assign(Wo16, 0.f);
-    sc.ti.assign(Wo16, 0);
+  // Padded column q = 2j (even) or 2j + 1 (odd) is input column q - p. The valid j ranges are
+  // written per row straight from x; cells outside stay -inf (set here, once per plane).
+  const int64_t e_lo = (p + 1) / 2, e_hi = std::min<int64_t>((W - 1 + p) / 2 + 1, Wo16 + 1);
+  const int64_t o_lo = p / 2;
+  const int64_t o_hi = W - 2 + p < 0 ? 0 : std::min<int64_t>((W - 2 + p) / 2 + 1, Wo16 + 1);
+  if (static_cast<int64_t>(sc.ev.size()) != Wo16 + 1 ||
+      static_cast<int64_t>(sc.hm.size()) < R * Wo16) {
+    sc.ev.resize(Wo16 + 1);
+    sc.od.resize(Wo16 + 1);
+    sc.hm.resize(R * Wo16);
+    sc.hc.resize(R * Wo16);
+    sc.ty.resize(Wo16);
+    sc.ti.resize(Wo16);
   }
-  // Rows are copied to [p, p + W) only, so the -inf border survives; refilled per plane because a
-  // previous plane of another call could have had a different p or W (it costs ~Wb stores).
-  std::fill(sc.row.begin(), sc.row.end(), kNegInf);
-  float* __restrict rb = sc.row.data();
   float* __restrict ev = sc.ev.data();
   float* __restrict od = sc.od.data();
+  std::fill(ev, ev + Wo16 + 1, kNegInf);
+  std::fill(od, od + Wo16 + 1, kNegInf);
   int nan = 0;
   for (int64_t r = 0; r < R; ++r) {
     float* __restrict mr = sc.hm.data() + r * Wo16;
@@ -128,13 +131,15 @@ bool pool_plane_s2(const float* __restrict x, int64_t H, int64_t W, int64_t p, i
       continue;
     }
     const float* __restrict xr = x + iy * W;
-    for (int64_t j = 0; j < W; ++j) {
-      rb[p + j] = xr[j];
-      nan |= (xr[j] != xr[j]);
+    for (int64_t j = e_lo; j < e_hi; ++j) {
+      const float v = xr[2 * j - p];
+      ev[j] = v;
+      nan |= (v != v);
     }
-    for (int64_t j = 0; j <= Wo16; ++j) {
-      ev[j] = rb[2 * j];
-      od[j] = rb[2 * j + 1];
+    for (int64_t j = o_lo; j < o_hi; ++j) {
+      const float v = xr[2 * j + 1 - p];
+      od[j] = v;
+      nan |= (v != v);
     }
     for (int64_t ox = 0; ox < Wo16; ++ox) {
       float m = ev[ox];
@@ -177,6 +182,142 @@ bool pool_plane_s2(const float* __restrict x, int64_t H, int64_t W, int64_t p, i
   return false;
 }
 
+// One column of the vertical pass: the first maximum of rows a, b (and c3) and its flat index.
+// Returns 1 if any of the cells is NaN.
+template <bool Three>
+inline int vmax_cell(const float* __restrict a, const float* __restrict b,
+                     const float* __restrict c3, float* __restrict mr, int32_t* __restrict ir,
+                     int32_t i0, int32_t Wi, int64_t c) {
+  float m = a[c];
+  int bad = (m != m);
+  int32_t i = i0 + static_cast<int32_t>(c);
+  const float v1 = b[c];
+  bad |= (v1 != v1);
+  const bool g1 = v1 > m;
+  i = g1 ? i0 + Wi + static_cast<int32_t>(c) : i;
+  m = g1 ? v1 : m;
+  if (Three) {
+    const float v2 = c3[c];
+    bad |= (v2 != v2);
+    const bool g2 = v2 > m;
+    i = g2 ? i0 + 2 * Wi + static_cast<int32_t>(c) : i;
+    m = g2 ? v2 : m;
+  }
+  mr[c] = m;
+  ir[c] = i;
+  return bad;
+}
+
+// The vertical pass of one output row over n columns. With blocks16 (n a multiple of 16) the loop is
+// blocks of 16 lanes, one AVX-512 vector each, with no scalar remainder: at the models' widths
+// (14, 28) GCC's exact-count loop spent most of its time in the scalar epilogue. The extra columns
+// read past the row (into the next rows of x) and write past it into vm, which the next row then
+// overwrites.
+template <bool Three>
+inline int vmax_row(const float* __restrict a, const float* __restrict b,
+                    const float* __restrict c3, float* __restrict mr, int32_t* __restrict ir,
+                    int32_t i0, int32_t Wi, int64_t n, bool blocks16) {
+  int bad = 0;
+  if (blocks16) {
+    for (int64_t c0 = 0; c0 < n; c0 += 16) {
+      // omp simd: without it GCC unrolled the 16 lanes into scalar code (4x slower)
+#pragma omp simd reduction(| : bad)
+      for (int64_t l = 0; l < 16; ++l) bad |= vmax_cell<Three>(a, b, c3, mr, ir, i0, Wi, c0 + l);
+    }
+  } else {
+    for (int64_t c = 0; c < n; ++c) bad |= vmax_cell<Three>(a, b, c3, mr, ir, i0, Wi, c);
+  }
+  return bad;
+}
+
+// The models' two configurations on even H, W (cnn: 28, 14; simple_conv: 32, 16), many planes at
+// once. Per-plane loops ran at trip counts of 7-16, where loop overhead dominated: (64,64,16,16)
+// k3s2p1 took 1.7 ms forward with pool_plane_s2, 0.55 ms here. The window is taken vertical
+// first, so the horizontal pass is one flat loop over all outputs of G planes: with W = 2 Wo,
+// cell kx of output u (= q Wo + ox, q = plane-row) is column 2u + kx - p of the vertical-max rows
+// vm (row stride W). Ties: among equal maxima the smallest flat input index wins, which is the
+// first one in row-major scan order (what torch picks); the vertical pass keeps the first row per
+// column, the horizontal pass compares (value, index). For p = 1, cell kx = 0 of ox = 0 is
+// padding; the flat loop reads the previous row's last column there, so those outputs are redone
+// after it.
+template <int K>
+bool pool_planes_flat(const float* __restrict x, const float* x_end, int64_t P, int64_t H,
+                      int64_t W, float* __restrict y, int32_t* __restrict idx,
+                      std::vector<float>& vm_buf, std::vector<int32_t>& vi_buf) {
+  constexpr int64_t p = (K == 3) ? 1 : 0;
+  const int64_t Ho = H / 2, Wo = W / 2, Q = P * Ho;
+  const int64_t W16 = (W + 15) / 16 * 16;
+  if (static_cast<int64_t>(vm_buf.size()) < Q * W + 1 + W16) {
+    vm_buf.resize(Q * W + 1 + W16);
+    vi_buf.resize(Q * W + 1 + W16);
+  }
+  float* __restrict vm = vm_buf.data() + 1;  // vm[-1]: guard read by u = 0 when p = 1
+  int32_t* __restrict vi = vi_buf.data() + 1;
+  vm[-1] = kNegInf;
+  vi[-1] = 0;
+  const int32_t Wi = static_cast<int32_t>(W);
+  int nan = 0;
+  for (int64_t q = 0; q < Q; ++q) {
+    const int64_t oy = q % Ho;
+    const float* __restrict xp = x + (q / Ho) * H * W;
+    const int64_t top = 2 * oy - p;  // first window row; -1 only for p = 1, oy = 0
+    const int ky0 = top < 0 ? 1 : 0;
+    const int64_t r0 = top + ky0;
+    const float* a = xp + r0 * W;
+    const float* b = a + W;
+    const int32_t i0 = static_cast<int32_t>(r0 * W);
+    // Rows r0, r0 + 1 and, for K = 3 without top padding, r0 + 2 (never below H: with H even,
+    // 2 (Ho - 1) - p + K - 1 <= H - 1).
+    const bool three = (K == 3 && ky0 == 0);
+    const float* last = three ? b + W : b;
+    const bool blocks = last + W16 <= x_end;  // the 16-lane over-read stays inside x
+    const int64_t n = blocks ? W16 : W;
+    // Every input cell is in some window row here, so this sees every NaN of these planes (the
+    // over-read may also see one of the next planes: then only speed is lost).
+    nan |= three ? vmax_row<true>(a, b, b + W, vm + q * W, vi + q * W, i0, Wi, n, blocks)
+                 : vmax_row<false>(a, b, b, vm + q * W, vi + q * W, i0, Wi, n, blocks);
+  }
+  if (nan) return true;  // the caller redoes these planes with the exact NaN-propagating scan
+  const int64_t U = Q * Wo;
+  for (int64_t u = 0; u < U; ++u) {
+    const int64_t base = 2 * u - p;
+    float m = vm[base];
+    int32_t i = vi[base];
+    const float v1 = vm[base + 1];
+    const int32_t j1 = vi[base + 1];
+    const bool g1 = (v1 > m) | ((v1 == m) & (j1 < i));
+    i = g1 ? j1 : i;
+    m = g1 ? v1 : m;
+    if (K == 3) {
+      const float v2 = vm[base + 2];
+      const int32_t j2 = vi[base + 2];
+      const bool g2 = (v2 > m) | ((v2 == m) & (j2 < i));
+      i = g2 ? j2 : i;
+      m = g2 ? v2 : m;
+    }
+    const bool pos = m > 0.f;
+    y[u] = pos ? m : 0.f;
+    idx[u] = pos ? i : -1;
+  }
+  if (p == 1) {
+    for (int64_t q = 0; q < Q; ++q) {
+      const float* mr = vm + q * W;
+      const int32_t* ir = vi + q * W;
+      float m = mr[0];
+      int32_t i = ir[0];
+      for (int kx = 1; kx < K - 1; ++kx) {
+        const bool gt = (mr[kx] > m) | ((mr[kx] == m) & (ir[kx] < i));
+        i = gt ? ir[kx] : i;
+        m = gt ? mr[kx] : m;
+      }
+      const bool pos = m > 0.f;
+      y[q * Wo] = pos ? m : 0.f;
+      idx[q * Wo] = pos ? i : -1;
+    }
+  }
+  return false;
+}
+
 void check_pool_args(const at::Tensor& x, int64_t k, int64_t s, int64_t p) {
   check_nchw_f32(x, "pool_relu", "x");
   TORCH_CHECK(k >= 1, "pool_relu: kernel_size must be >= 1, got ", k);
@@ -206,6 +347,31 @@ std::tuple<at::Tensor, at::Tensor> pool_relu_fwd(const at::Tensor& x, int64_t k,
   const bool k3s2 = (k == 3 && s == 2);
   if (planes == 0 || Ho * Wo == 0) return {y, idx};
   const bool fixed = (k2s2 || k3s2);
+  const bool flat = ((k2s2 && p == 0) || (k3s2 && p == 1)) && H % 2 == 0 && W % 2 == 0;
+  // planes per flat group: ~16K floats of vertical maxima (64 KB + 64 KB of indices, in L2)
+  const int64_t G = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, (H / 2) * W));
+  if (flat) {
+    const float* x_end = xd + x.numel();
+    const int64_t groups = (planes + G - 1) / G;
+    at::parallel_for(0, groups, 1, [&](int64_t b, int64_t e) {
+      std::vector<float> vm;
+      std::vector<int32_t> vi;
+      for (int64_t gi = b; gi < e; ++gi) {
+        const int64_t pl0 = gi * G, P = std::min(G, planes - pl0);
+        const float* xi = xd + pl0 * H * W;
+        float* yo = yd + pl0 * Ho * Wo;
+        int32_t* io = id + pl0 * Ho * Wo;
+        const bool nan = k2s2 ? pool_planes_flat<2>(xi, x_end, P, H, W, yo, io, vm, vi)
+                              : pool_planes_flat<3>(xi, x_end, P, H, W, yo, io, vm, vi);
+        if (nan) {
+          for (int64_t j = 0; j < P; ++j)
+            pool_plane_general(xi + j * H * W, yo + j * Ho * Wo, io + j * Ho * Wo, H, W, Ho, Wo,
+                               k, s, p);
+        }
+      }
+    });
+    return {y, idx};
+  }
   at::parallel_for(0, planes, 1, [&](int64_t b, int64_t e) {
     PoolScratch sc;
     for (int64_t pl = b; pl < e; ++pl) {
@@ -237,13 +403,17 @@ at::Tensor pool_relu_bwd(const at::Tensor& grad_y, const at::Tensor& idx, int64_
   const int64_t HW = H * W;
   at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
     for (int64_t pl = b; pl < e; ++pl) {
-      float* out = gd + pl * HW;
+      // zeroing per plane keeps it in L1 for the scatter (one fill per chunk measured slower)
+      float* __restrict out = gd + pl * HW;
       std::fill(out, out + HW, 0.f);
-      const float* gi = g + pl * So;
-      const int32_t* ii = id + pl * So;
+      const float* __restrict gi = g + pl * So;
+      const int32_t* __restrict ii = id + pl * So;
       for (int64_t o = 0; o < So; ++o) {
+        // one unsigned compare skips -1 and keeps a foreign idx tensor from writing out of bounds
+        // (a branch-free form, adding 0 to cell 0, measured 20-50% slower: a store chain on cell 0)
         const int32_t j = ii[o];
-        if (j >= 0) out[j] += gi[o];
+        if (static_cast<uint64_t>(static_cast<int64_t>(j)) < static_cast<uint64_t>(HW))
+          out[j] += gi[o];
       }
     }
   });
@@ -274,7 +444,8 @@ PowMode pow_mode(double beta) {
 // d[i] = s[i]^-beta. beta 0.75 (the models' value) as 1 / (sqrt(s) * sqrt(sqrt(s))), beta 0.5 and
 // 1 likewise from IEEE sqrt/div: the SIMD and scalar paths round identically. Intrinsics because
 // GCC keeps std::sqrt scalar without -fno-math-errno (errno on negative input), and that scalar
-// loop made the LRN forward ~4x slower. A general beta uses scalar powf (correct, slower).
+// loop made the LRN forward ~3x slower (37 vs 13 ms on (64,64,32,32)). A general beta uses
+// scalar powf (correct, slower).
 template <int Mode>  // 0: beta 0.75, 1: beta 0.5, 2: beta 1
 inline float neg_pow_scalar(float v) {
   if (Mode == 0) {

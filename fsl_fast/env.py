@@ -9,7 +9,7 @@ import torch
 
 def _load_ops() -> None:
     # Importing an op module registers it; missing ones are reported, not fatal.
-    for mod in ("quantize", "fedavg", "aux"):
+    for mod in ("quantize", "fedavg", "aux", "layers"):
         try:
             importlib.import_module(f"fsl_fast.ops.{mod}")
         except ImportError as e:

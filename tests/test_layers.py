@@ -57,12 +57,19 @@ def test_pool_relu_matches_torch(seed, shape, cfg):
                                     f"max diff {(gx - gx_ref).abs().max().item()}"
 
 
+# The C++ forward has three paths: even H, W with k2s2p0 / k3s2p1 (many planes per flat loop),
+# other stride-2 k2/k3 (per plane), anything else (general scan). Shapes below hit all three.
+TIE_SHAPES = [(3, 4, 13, 12), (3, 4, 12, 14), (2, 3, 16, 16)]
+
+
 @needs_cpp
-@pytest.mark.parametrize("cfg", [(2, 2, 0), (3, 2, 1), (3, 3, 0)], ids=lambda c: "k%ds%dp%d" % c)
-def test_pool_relu_ties_and_negative_windows(seed, cfg):
+@pytest.mark.parametrize("cfg", [(2, 2, 0), (3, 2, 1), (3, 3, 0), (2, 2, 1)],
+                         ids=lambda c: "k%ds%dp%d" % c)
+@pytest.mark.parametrize("shape", TIE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_pool_relu_ties_and_negative_windows(seed, cfg, shape):
     k, s, p = cfg
     # integers in [-2, 2]: many ties among positive maxima, zeros, and all-negative windows
-    x = torch.randint(-2, 3, (3, 4, 13, 12)).float()
+    x = torch.randint(-2, 3, shape).float()
     x[0, 0] = -1.0  # a whole plane of negatives: y = 0, zero gradient
     x[0, 1] = 2.0  # a whole plane of ties
     g = torch.randn_like(_pool_ref(x, k, s, p))
@@ -73,6 +80,18 @@ def test_pool_relu_ties_and_negative_windows(seed, cfg):
     assert gx[0, 0].abs().sum() == 0
     # the ties plane: with non-overlapping windows each window routes to its first cell
     assert (gx[0, 1] != 0).sum() <= y_ref[0, 1].numel()
+
+
+@needs_cpp
+@pytest.mark.parametrize("cfg", [(2, 2, 0), (3, 2, 1)], ids=lambda c: "k%ds%dp%d" % c)
+def test_pool_relu_many_planes(seed, cfg):
+    # more planes than one flat group (16K vertical maxima: 41 planes of 28x28), ragged last group
+    k, s, p = cfg
+    x = torch.randn(3, 37, 28, 28)
+    g = torch.randn_like(_pool_ref(x, k, s, p))
+    y_ref, gx_ref = _fwd_bwd(lambda t: _pool_ref(t, k, s, p), x, g)
+    y, gx = _fwd_bwd(lambda t: L.pool_relu(t, k, s, p, backend="cpp"), x, g)
+    assert torch.equal(y, y_ref) and torch.equal(gx, gx_ref)
 
 
 @needs_cpp
@@ -89,9 +108,10 @@ def test_pool_relu_equals_relu_after_pool(seed):
 
 @needs_cpp
 @pytest.mark.parametrize("cfg", [(2, 2, 0), (3, 2, 1), (3, 3, 0)], ids=lambda c: "k%ds%dp%d" % c)
-def test_pool_relu_nan_propagates_like_torch(seed, cfg):
+@pytest.mark.parametrize("shape", [(1, 2, 9, 8), (1, 2, 10, 8)], ids=lambda s: "x".join(map(str, s)))
+def test_pool_relu_nan_propagates_like_torch(seed, cfg, shape):
     k, s, p = cfg
-    x = torch.randn(1, 2, 9, 8)
+    x = torch.randn(shape)
     x[0, 0, 3, 4] = float("nan")
     y_ref = _pool_ref(x, k, s, p)
     y = L.pool_relu(x, k, s, p, backend="cpp")
@@ -149,6 +169,18 @@ def test_lrn_many_channels_and_blocks(seed):
     torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-6)
 
 
+@needs_cpp
+def test_double_backward_is_refused(seed):
+    # the C++ backward is not itself differentiable: asking for it must fail, not give zeros
+    x = torch.randn(1, 4, 6, 6, requires_grad=True)
+    for f in (lambda t: L.pool_relu(t, 2, 2, 0, backend="cpp"),
+              lambda t: L.lrn(t, 3, 0.1, 0.75, 1.0, backend="cpp")):
+        (gx,) = torch.autograd.grad(f(x).square().sum(), x, create_graph=True)
+        assert gx.requires_grad
+        with pytest.raises(RuntimeError, match="once_differentiable"):
+            gx.sum().backward()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_reference_backend_matches_torch(seed, device):
     # On CUDA tensors (or with backend="reference") torch's own kernels run.
@@ -198,18 +230,20 @@ def _client(name, in_shape):
 @needs_cpp
 @pytest.mark.parametrize("name,in_shape,batch",
                          [("cnn", (1, 28, 28), 4), ("simple_conv", (3, 32, 32), 3),
-                          ("simple_conv", (3, 28, 28), 2)])
+                          ("simple_conv", (3, 28, 28), 2), ("resnet18", (3, 32, 32), 2)])
 def test_fused_client_same_outputs_and_grads(seed, name, in_shape, batch):
     orig = _client(name, in_shape)
     fused = L.fuse_client_layers(orig)
     kinds = [type(m).__name__ for m in fused.modules()]
     if name == "simple_conv":
-        # conv-ReLU-pool fuses; in conv-ReLU-LRN-pool the ReLU is not next to the pool: both stay
-        assert kinds.count("PoolReLU") == 1 and kinds.count("MaxPool2d") == 1
+        # conv-ReLU-pool fuses; in conv-ReLU-LRN-pool the ReLU stays and the pool becomes PoolReLU
+        assert kinds.count("PoolReLU") == 2 and kinds.count("MaxPool2d") == 0
         assert kinds.count("ReLU") == 1
         assert kinds.count("LRN") == 2 and "LocalResponseNorm" not in kinds
-    else:
+    elif name == "cnn":
         assert kinds.count("PoolReLU") == 2 and "ReLU" not in kinds and "MaxPool2d" not in kinds
+    else:  # resnet18: the stem's relu + maxpool; the blocks' ReLUs are not in a Sequential pair
+        assert kinds.count("PoolReLU") == 1 and "MaxPool2d" not in kinds
     x = torch.randn((batch,) + in_shape)
     out_o = orig(x)
     out_f = fused(x)
@@ -230,7 +264,7 @@ def test_fused_client_same_outputs_and_grads(seed, name, in_shape, batch):
         bound = 2 * err_o + 1e-6 * r.abs().max().item()
         print(f"{name} grad {n}: fused err {err_f:.3g}, torch fp32 err {err_o:.3g}")
         assert err_f <= bound, f"{name} grad {n}: fused err {err_f:.3g} > bound {bound:.3g}"
-        if name == "cnn":  # only pools are fused there: bit-equal
+        if name in ("cnn", "resnet18"):  # only pools are fused there: bit-equal
             assert torch.equal(a, b), f"cnn grad {n}"
 
 
@@ -258,11 +292,31 @@ def test_fuse_copies_and_keeps_state_dict_keys(seed):
     torch.testing.assert_close(fresh(x), orig(x), rtol=1e-5, atol=1e-6)
 
 
+@needs_cpp
+def test_relu_lrn_pool_rule_is_exact(seed):
+    # The rewriter's ReLU, LRN, MaxPool -> ReLU, LRN, PoolReLU rule: bit-equal values and input
+    # gradients, including windows that are all zero after the ReLU (inputs mostly negative).
+    x = torch.randn(2, 6, 12, 12) - 1.5
+    torch_lrn = nn.LocalResponseNorm(4, alpha=0.001 / 9, beta=0.75, k=1.0)
+    orig = nn.Sequential(nn.ReLU(), torch_lrn, nn.MaxPool2d(3, 2, 1))
+    fused = nn.Sequential(nn.ReLU(), torch_lrn, L.PoolReLU(3, 2, 1, backend="cpp"))
+    y0 = orig(x)
+    assert (y0 == 0).any() and (y0 > 0).any()
+    g = torch.randn_like(y0)
+    y_a, gx_a = _fwd_bwd(orig, x, g)
+    y_b, gx_b = _fwd_bwd(fused, x, g)
+    assert torch.equal(y_a, y_b) and torch.equal(gx_a, gx_b)
+
+
 def test_fuse_nested_and_unfusable():
     inner = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2))
     model = nn.Sequential(inner, nn.ReLU(), nn.MaxPool2d((2, 3)), nn.ReLU(),
                           nn.MaxPool2d(2, ceil_mode=True), nn.LocalResponseNorm(3))
+    model.append(nn.ReLU())
+    model.append(nn.LocalResponseNorm(2))
+    model.append(nn.MaxPool2d(3, 2, 1))
     fused = L.fuse_client_layers(model, backend="reference")
+    assert [type(m).__name__ for m in fused[6:]] == ["ReLU", "LRN", "PoolReLU"]
     assert isinstance(fused[0][1], nn.Identity) and isinstance(fused[0][2], L.PoolReLU)
     assert isinstance(fused[2], nn.MaxPool2d)  # non-square window stays torch's
     assert isinstance(fused[4], nn.MaxPool2d)  # ceil_mode stays torch's
@@ -272,3 +326,22 @@ def test_fuse_nested_and_unfusable():
     torch.testing.assert_close(fused(x), model(x))
     with pytest.raises(TypeError, match="module must be an nn.Module"):
         L.fuse_client_layers("cnn")
+
+
+@needs_cpp
+def test_two_threads_same_results(seed):
+    # at::parallel_for chunking (flat pool groups, LRN pixel blocks) must not change results
+    x = torch.randn(3, 50, 16, 16)
+    g = torch.randn(3, 50, 8, 8)
+    prev = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            yp, gp = _fwd_bwd(lambda t: L.pool_relu(t, 3, 2, 1, backend="cpp"), x, g)
+            yl, gl = _fwd_bwd(lambda t: L.lrn(t, 4, 0.01, 0.75, 1.0, backend="cpp"), x, x)
+            outs.append((yp, gp, yl, gl))
+    finally:
+        torch.set_num_threads(prev)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)

@@ -24,6 +24,7 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from fsl_fast.ops import _backend
 
@@ -116,6 +117,7 @@ class _PoolReLUFn(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # the C++ backward has no derivative; double backward raises clearly
     def backward(ctx, gy):
         (idx,) = ctx.saved_tensors
         gx = _ops().pool_relu_bwd(gy.contiguous(), idx, ctx.hw[0], ctx.hw[1])
@@ -131,6 +133,7 @@ class _LRNFn(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, gy):
         x, s = ctx.saved_tensors
         gx = _ops().lrn_bwd(gy.contiguous(), x, s, *ctx.args)
@@ -234,12 +237,21 @@ def _rewrite(seq: nn.Module, backend: str | None) -> None:
     i = 0
     while i + 1 < len(names):
         a, b = getattr(seq, names[i]), getattr(seq, names[i + 1])
+        c = getattr(seq, names[i + 2]) if i + 2 < len(names) else None
         if type(a) is nn.ReLU and _pool_fusable(b):
             # The ReLU slot becomes an Identity (no parameters, no state keys) so the Sequential
             # keeps its indices: parameters after the pair keep their state_dict keys.
             setattr(seq, names[i], nn.Identity())
             setattr(seq, names[i + 1], PoolReLU(b.kernel_size, b.stride, b.padding, backend=backend))
             i += 2
+        elif type(a) is nn.ReLU and isinstance(b, LRN) and c is not None and _pool_fusable(c):
+            # ReLU, LRN, MaxPool (simple_conv's second block): the pool's input is >= 0, so the
+            # pool may as well be a PoolReLU: equal values, and equal gradients, because where a
+            # window's max is 0 every cell is 0, so LRN's input there is 0, and the gradient
+            # torch's pool routes to that cell dies in LRN (its cross term is g * x * ... = 0) and
+            # in ReLU (whose backward passes nothing where its output is 0).
+            setattr(seq, names[i + 2], PoolReLU(c.kernel_size, c.stride, c.padding, backend=backend))
+            i += 3
         else:
             i += 1
 
@@ -247,9 +259,11 @@ def _rewrite(seq: nn.Module, backend: str | None) -> None:
 def fuse_client_layers(module: nn.Module, backend: str | None = None) -> nn.Module:
     """A deep copy of ``module`` in which every ``nn.ReLU`` directly followed by a fusable
     ``nn.MaxPool2d`` (square window, no dilation/ceil_mode/indices) inside an ``nn.Sequential``
-    (at any depth) becomes ``Identity, PoolReLU`` and every ``nn.LocalResponseNorm`` becomes
-    ``LRN``. Parameters and buffers are copied (nothing shared with ``module``), and state_dict
-    keys are unchanged, so state dicts load both ways. ``backend`` is passed to the new modules.
+    (at any depth) becomes ``Identity, PoolReLU``, every ``nn.LocalResponseNorm`` becomes ``LRN``,
+    and in ``ReLU, LRN, MaxPool2d`` the pool becomes a ``PoolReLU`` (its input is >= 0; values
+    and gradients are equal, see the comment in ``_rewrite``). Parameters and buffers are copied
+    (nothing shared with ``module``), and state_dict keys are unchanged, so state dicts load both
+    ways. ``backend`` is passed to the new modules.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"fuse_client_layers: module must be an nn.Module, got {type(module).__name__}")
