@@ -7,6 +7,9 @@ import time
 
 import torch
 
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+
 from fsl_fast.config import Config
 from fsl_fast.runner import Run
 
