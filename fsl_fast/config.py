@@ -52,6 +52,9 @@ class Config:
     device: str = "cpu"
     threads: int = 0
     eval_batch_size: int = 1000
+    # distributed runtime (fsl_fast/distributed.py; launched by torchrun)
+    distributed: bool = False
+    dist_timeout: float = 300.0
     extra: dict = field(default_factory=dict)
 
     # -- resolution --------------------------------------------------------------------------
@@ -108,6 +111,8 @@ class Config:
             raise ConfigError(f"--quantize-group-size: must be >= 0, got {self.quantize_group_size}")
         if self.quantize == "int4" and self.quantize_group_size % 2:
             raise ConfigError(f"--quantize-group-size: int4 needs an even group size, got {self.quantize_group_size}")
+        if not (self.dist_timeout > 0 and self.dist_timeout < float("inf")):
+            raise ConfigError(f"--dist-timeout: must be a positive number of seconds, got {self.dist_timeout!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"--device: expected cpu or cuda[:N], got {self.device!r}")
         if self.device.startswith("cuda"):
