@@ -77,11 +77,12 @@ _MAX_DIMS = 6
 # Message kinds -> tag base. Tags keep the streams of one (sender, receiver) pair apart; messages
 # of one kind between one pair are matched in program order, which SPMD makes identical.
 _KIND_TAGS = {"smashed": 1, "gradients": 2, "aux_model": 3}
+_KIND_WORDS = {"smashed": "smashed data", "gradients": "cut-layer gradient", "aux_model": "auxiliary model"}
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.uint8,
            torch.int32, torch.int64]
 _DTYPE_CODE = {d: i + 1 for i, d in enumerate(_DTYPES)}
 WIRE_KINDS = ("smashed", "labels", "gradients", "client_model", "aux_model", "server_model")
-_HEARTBEAT_S = 0.5
+_HEARTBEAT_S = 0.25
 
 
 class DistributedError(RuntimeError):
@@ -214,7 +215,7 @@ def _short(e: BaseException) -> str:
     s = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if "] " in s and s.startswith("["):  # strip gloo's "[file.cc:123] " prefix
         s = s.split("] ", 1)[1]
-    return s[:300]
+    return s.split(". This is typically", 1)[0][:300]
 
 
 class Transport:
@@ -235,7 +236,6 @@ class Transport:
         self.received: dict[tuple[str, str], int] = {}
         self.header_bytes = 0
         self.store = store
-        self._hb_seen: dict[int, tuple[str, float]] = {}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -243,13 +243,15 @@ class Transport:
     def where(self) -> str:
         return f"round {self.round}" if self.round >= 0 else self.phase
 
-    def error(self, what: str, cause: BaseException | None = None) -> DistributedError:
+    def error(self, what: str, cause: BaseException | None = None, probe: bool = False) -> DistributedError:
+        """The error to raise; failures of the network (``cause``, ``probe``) also name the ranks
+        whose heartbeat stopped."""
         msg = f"rank {self.rank}: {what} in {self.where()}"
         if cause is not None:
             msg += f": {_short(cause)}"
-        silent = self.silent_peers()
+        silent = self.silent_peers() if (cause is not None or probe) else []
         if silent:
-            msg += f" [no heartbeat from rank {', '.join(map(str, silent))}: stopped or died]"
+            msg += f" [no heartbeat from rank {', '.join(silent)}: it stopped or died]"
         return DistributedError(msg)
 
     def _wait(self, work, what: str) -> None:
@@ -261,7 +263,7 @@ class Transport:
         finally:
             self.blocked = None
         if ok is False:
-            raise self.error(f"{what} timed out after {self.timeout_s:g} s")
+            raise self.error(f"{what} timed out after {self.timeout_s:g} s", probe=True)
 
     # -- point to point ------------------------------------------------------------------------
     def _header(self, kind: str, client: int, tensors) -> torch.Tensor:
@@ -280,7 +282,7 @@ class Transport:
             raise ValueError(f"transport: at most {_MAX_TENSORS} tensors of at most {_MAX_DIMS} dims")
         base = _KIND_TAGS[kind] * 8
         hdr = self._header(kind, client, tensors)
-        what = f"sending {kind} of client {client} to rank {dst}"
+        what = f"sending the {_KIND_WORDS[kind]} of client {client} to rank {dst}"
         try:
             works = [dist.isend(hdr, dst, tag=base)]
             works += [dist.isend(t, dst, tag=base + 1 + j) for j, t in enumerate(tensors)]
@@ -296,11 +298,11 @@ class Transport:
         """Receive one message from ``src``. ``specs``: one (ledger kind, shape, dtype, check) per
         tensor, check in (None, "finite", ("labels", num_classes)). Validates before returning."""
         base = _KIND_TAGS[kind] * 8
-        what = f"waiting for {kind} of client {client} from rank {src}"
+        what = f"waiting for the {_KIND_WORDS[kind]} of client {client} from rank {src}"
         hdr = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
         self._wait(self._irecv(hdr, src, base, what), what)
         h = hdr.tolist()
-        origin = f"{kind} of client {client} from rank {src}"
+        origin = f"{_KIND_WORDS[kind]} of client {client} from rank {src}"
         if h[0] != _MAGIC or h[1] != _KIND_TAGS[kind]:
             raise self.error(f"{origin}: not a {kind} message header (got {h[:5]})")
         if h[2] != self.round or h[3] != client:
@@ -403,7 +405,13 @@ class Transport:
             th.start()
 
     def stop_liveness(self) -> None:
+        """Stop and join the threads: a daemon thread inside a store call when the interpreter
+        shuts down aborts the process (SIGABRT, seen in tests)."""
         self._stop.set()
+        for th in self._threads:
+            if th is not threading.current_thread():
+                th.join(timeout=10)
+        self._threads = []
 
     def _heartbeat(self) -> None:
         n = 0
@@ -415,41 +423,62 @@ class Transport:
                 return
             self._stop.wait(_HEARTBEAT_S)
 
-    def silent_peers(self, stale_s: float | None = None) -> list[int]:
-        """Ranks whose heartbeat has not changed for ``stale_s`` seconds of our clock."""
+    def _heartbeats(self) -> dict[int, str] | None:
+        vals = {}
+        try:
+            for r in range(self.topo.world_size):
+                key = f"fsl_fast/hb/{r}"
+                if r != self.rank:
+                    vals[r] = self.store.get(key).decode() if self.store.check([key]) else ""
+        except Exception:  # noqa: BLE001 - no store: no diagnosis
+            return None
+        return vals
+
+    def silent_peers(self, window_s: float = 4 * _HEARTBEAT_S) -> list[str]:
+        """Ranks whose heartbeat does not move during ``window_s`` (called on error paths only):
+        ``["2 (last seen in round 3)", ...]``."""
         if self.store is None:
             return []
-        stale_s = stale_s if stale_s is not None else max(3.0, 6 * _HEARTBEAT_S)
-        now = time.monotonic()
+        before = self._heartbeats()
+        time.sleep(window_s)
+        after = self._heartbeats()
+        if before is None or after is None:
+            return []
         out = []
-        for r in range(self.topo.world_size):
-            if r == self.rank:
-                continue
+        for r, v in after.items():
             try:
-                val = self.store.get(f"fsl_fast/hb/{r}").decode() \
-                    if self.store.check([f"fsl_fast/hb/{r}"]) else ""
-            except Exception:  # noqa: BLE001 - no store: no diagnosis
+                if self.store.check([f"fsl_fast/exit/{r}"]):
+                    continue  # it reported its own error and exited
+            except Exception:  # noqa: BLE001
                 return []
-            seen = self._hb_seen.get(r)
-            if seen is None or seen[0] != val:
-                self._hb_seen[r] = (val, now)
-            elif now - seen[1] > stale_s:
-                out.append(r)
+            if v == before.get(r):
+                seen = f"last seen in round {v.split(':')[1]}" if ":" in v else "never seen"
+                out.append(f"{r} ({seen})")
         return out
 
     def _watchdog(self) -> None:
         grace = min(30.0, 0.25 * self.timeout_s) + 2.0
         while not self._stop.wait(1.0):
-            self.silent_peers()  # keeps the last-change times fresh for error messages
             b = self.blocked
             if b is not None and time.monotonic() - b[0] > self.timeout_s + grace:
                 silent = self.silent_peers()
-                extra = f"; no heartbeat from rank {', '.join(map(str, silent))}" if silent else ""
+                extra = f"; no heartbeat from rank {', '.join(silent)}" if silent else ""
                 _die(f"rank {self.rank}: no progress for {time.monotonic() - b[0]:.0f} s while "
                      f"{b[1]} in {self.where()}{extra}; exiting", 1)
 
 
+_ACTIVE: list = []  # the Transport of this process, so that _die can leave word in the store
+
+
 def _die(msg: str, code: int) -> None:
+    """Print one line and end the process now (threads and gloo teardown could otherwise hang);
+    first tell the peers, through the store, that this rank exited on purpose."""
+    try:
+        for tr in _ACTIVE:
+            if tr.store is not None:
+                tr.store.set(f"fsl_fast/exit/{tr.rank}", "1")
+    except Exception:  # noqa: BLE001 - best effort
+        pass
     try:
         sys.stderr.write(f"error: {msg}\n")
         sys.stderr.flush()
@@ -795,7 +824,7 @@ def train_distributed(cfg, out: Path, resume: bool = False, progress: bool = Tru
         where = transport.where() if transport is not None else "startup"
         waiting = f" while {transport.blocked[1]}" if transport is not None and transport.blocked else ""
         silent = transport.silent_peers() if transport is not None else []
-        extra = f" [no heartbeat from rank {', '.join(map(str, silent))}]" if silent else ""
+        extra = f" [no heartbeat from rank {', '.join(silent)}: it stopped or died]" if silent else ""
         _die(f"rank {rank}: stopped by the launcher (SIGTERM) in {where}{waiting}{extra}", 143)
 
     signal.signal(signal.SIGTERM, on_sigterm)
@@ -811,6 +840,7 @@ def train_distributed(cfg, out: Path, resume: bool = False, progress: bool = Tru
         timeout = datetime.timedelta(seconds=cfg.dist_timeout)
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
         transport = Transport(topo, device, cfg.dist_timeout, store=_store_client())
+        _ACTIVE.append(transport)
         transport.start_liveness()
         return _train(cfg, out, resume, progress, transport, device)
     except DistributedError as e:
