@@ -15,6 +15,7 @@ SCHEDULES = ("sequential", "parallel")
 DATASETS = ("mnist5k", "cifar10", "cifar100", "synthetic")
 PARTITIONS = ("iid", "dirichlet")
 QUANTIZE = ("none", "int8", "int4")
+DIST_FEDAVG = ("ordered", "allreduce")  # distributed FedAvg: chain in client order | one all-reduce
 
 
 class ConfigError(ValueError):
@@ -55,6 +56,7 @@ class Config:
     # distributed runtime (fsl_fast/distributed.py; launched by torchrun)
     distributed: bool = False
     dist_timeout: float = 300.0
+    dist_fedavg: str = "ordered"
     extra: dict = field(default_factory=dict)
 
     # -- resolution --------------------------------------------------------------------------
@@ -82,6 +84,7 @@ class Config:
             choice("dataset", DATASETS)
         choice("partition", PARTITIONS)
         choice("quantize", QUANTIZE)
+        choice("dist_fedavg", DIST_FEDAVG)
         from fsl_fast.models import AUX_NAMES, MODEL_NAMES
 
         choice("model", MODEL_NAMES)

@@ -76,8 +76,9 @@ _MAX_TENSORS = 3
 _MAX_DIMS = 6
 # Message kinds -> tag base. Tags keep the streams of one (sender, receiver) pair apart; messages
 # of one kind between one pair are matched in program order, which SPMD makes identical.
-_KIND_TAGS = {"smashed": 1, "gradients": 2, "aux_model": 3}
-_KIND_WORDS = {"smashed": "smashed data", "gradients": "cut-layer gradient", "aux_model": "auxiliary model"}
+_KIND_TAGS = {"smashed": 1, "gradients": 2, "aux_model": 3, "model_sum": 4}
+_KIND_WORDS = {"smashed": "smashed data", "gradients": "cut-layer gradient", "aux_model": "auxiliary model",
+               "model_sum": "running FedAvg sum"}
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.uint8,
            torch.int32, torch.int64]
 _DTYPE_CODE = {d: i + 1 for i, d in enumerate(_DTYPES)}
@@ -355,6 +356,14 @@ class Transport:
             raise self.error(what + " failed", e) from None
         self._wait(work, what)
 
+    def broadcast_tensor(self, x: torch.Tensor, what: str) -> None:
+        """Rank 0's ``x`` into ``x`` on every rank (not counted here: see DistributedEngine)."""
+        try:
+            work = dist.broadcast(x, src=0, async_op=True)
+        except RuntimeError as e:
+            raise self.error(what + " failed", e) from None
+        self._wait(work, what)
+
     def barrier(self, what: str) -> None:
         self.all_reduce_sum(torch.zeros(1, device=self.device), what)
 
@@ -371,7 +380,8 @@ class Transport:
         return box[0]
 
     def count(self, direction: str, kind: str, nbytes: int) -> None:
-        """Count a collective's payload (logical bytes per client rank, see the module doc)."""
+        """Count a collective's payload as logical messages (see the module doc): what a client
+        rank contributes to an all-reduce goes up, what each client rank gets back comes down."""
         key = (direction, kind)
         self.sent[key] = self.sent.get(key, 0) + int(nbytes)
         self.received[key] = self.received.get(key, 0) + int(nbytes)
@@ -452,7 +462,9 @@ class Transport:
             except Exception:  # noqa: BLE001
                 return []
             if v == before.get(r):
-                seen = f"last seen in round {v.split(':')[1]}" if ":" in v else "never seen"
+                rd = int(v.split(":")[1]) if ":" in v else None
+                seen = ("never seen" if rd is None else "last seen before round 0" if rd < 0
+                        else f"last seen in round {rd}")
                 out.append(f"{r} ({seen})")
         return out
 
@@ -505,6 +517,7 @@ class DistributedEngine:
         self.models = model_access(inner)
         self.device = inner.device
         self.z_shapes: dict[int, tuple] = {}
+        self.fedavg_mode = inner.cfg.dist_fedavg
 
     def __getattr__(self, name):  # sizes, sync, eval_models, state_dict, ... of the inner engine
         return getattr(self.inner, name)
@@ -592,28 +605,60 @@ class DistributedEngine:
             self._fedavg(kind, weights)
 
     def _fedavg(self, kind: str, weights) -> None:
-        """One all-reduce of [P] (and float64 [Q] for integer buffers): each client rank adds
-        sum_{its k} w_k * x_k in client order (the reference engine's order within the rank)."""
-        # Every rank holds every model slot (same initial state), so any slot gives the layout.
+        """Weighted average of every client's ``kind`` model as flat float32 [P] (plus float64 [Q]
+        for integer buffers, rounded at the end as the reference engine does). Each client rank
+        adds ``w_k * x_k`` for its own clients in client order, then:
+
+        - ``ordered``: the running sum travels rank 1 -> 2 -> ... -> R-1 -> 0, so the additions
+          happen in exactly the in-process order (bit-equal results), then rank 0 broadcasts it;
+        - ``allreduce``: the per-rank partial sums are added by one all-reduce (log-depth, but the
+          float32 additions are grouped by rank: results drift from the in-process run in the last
+          bits, and training amplifies that over rounds).
+        """
+        topo, t = self.topo, self.t
+        rank, world = topo.rank, topo.world_size
+        # Every rank holds every model slot with the same layout, so any slot describes it.
         f0, i0, spec = flatten_state(self.models.state(kind, 0))
-        acc = torch.zeros_like(f0)
-        acc_i = torch.zeros(i0.shape, dtype=torch.float64, device=i0.device)
-        for k in self.topo.local_clients:
-            f, i, _ = flatten_state(self.models.state(kind, k))
-            acc += float(weights[k]) * f
-            if i.numel():
-                acc_i += float(weights[k]) * i.double()
+        has_int = i0.numel() > 0
         wire_kind = {"client": "client_model", "aux": "aux_model", "server": "server_model"}[kind]
-        self.t.all_reduce_sum(acc, f"averaging the {kind} models")
-        if i0.numel():
-            self.t.all_reduce_sum(acc_i, f"averaging the {kind} models' integer buffers")
-        nbytes = acc.numel() * 4 + i0.numel() * 8
-        if self.topo.is_server:
-            self.t.count("down", wire_kind, nbytes * (self.topo.world_size - 1))
+        specs = [(wire_kind, tuple(f0.shape), torch.float32, "finite")]
+        if has_int:
+            specs.append((wire_kind, tuple(i0.shape), torch.float64, "finite"))
+        ordered = self.fedavg_mode == "ordered"
+        if ordered and rank >= 2:
+            got = t.recv(rank - 1, "model_sum", -1, specs, "up")
+            acc = got[0]
+            acc_i = got[1] if has_int else torch.zeros(0, dtype=torch.float64, device=f0.device)
         else:
-            self.t.count("up", wire_kind, nbytes)
+            acc = torch.zeros_like(f0)
+            acc_i = torch.zeros(i0.shape, dtype=torch.float64, device=i0.device)
+        for k in topo.local_clients:
+            f, i, _ = flatten_state(self.models.state(kind, k))
+            acc += float(weights[k]) * f  # not add_(alpha=): keep the reference's two roundings
+            if has_int:
+                acc_i += float(weights[k]) * i.double()
+        nbytes = acc.numel() * 4 + acc_i.numel() * 8
+        tensors = [acc] + ([acc_i] if has_int else [])
+        if ordered:
+            if rank >= 1:
+                t.send(rank + 1 if rank + 1 < world else 0, "model_sum", -1,
+                       [(wire_kind, x) for x in tensors], "up")
+                t.flush()
+            else:
+                got = t.recv(world - 1, "model_sum", -1, specs, "up")
+                acc, acc_i = got[0], (got[1] if has_int else acc_i)
+                tensors = [acc] + ([acc_i] if has_int else [])
+            for x in tensors:
+                t.broadcast_tensor(x, f"receiving the averaged {kind} model")
+        else:
+            for x in tensors:
+                t.all_reduce_sum(x, f"averaging the {kind} models")
+            if not topo.is_server:
+                t.count("up", wire_kind, nbytes)
+        if topo.is_server:
+            t.count("down", wire_kind, nbytes * (world - 1))
         if not bool(torch.isfinite(acc).all()):
-            raise self.t.error(f"the averaged {kind} model is not finite")
+            raise t.error(f"the averaged {kind} model is not finite")
         self.models.load_all(kind, unflatten_state(acc, acc_i.round().to(torch.int64), spec))
 
     # -- evaluation ----------------------------------------------------------------------------

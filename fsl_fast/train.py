@@ -7,7 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-from fsl_fast.config import ALGORITHMS, DATASETS, PARTITIONS, QUANTIZE, SCHEDULES, Config, ConfigError
+from fsl_fast.config import (ALGORITHMS, DATASETS, DIST_FEDAVG, PARTITIONS, QUANTIZE, SCHEDULES, Config,
+                             ConfigError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--distributed", action="store_true", default=None,
       help="distributed runtime: launch with torchrun; rank 0 = server, ranks 1.. host the clients")
     a("--dist-timeout", type=float, default=None, help="seconds a rank waits for a peer before failing (300)")
+    a("--dist-fedavg", choices=DIST_FEDAVG, default=None, help="ordered (default: running sum passed "
+      "through the client ranks in client order, bit-equal to the in-process run) | allreduce (one all-reduce)")
     a("--out", default=None, help="run directory (default runs/<algorithm>-<time>)")
     a("--resume", default=None, metavar="DIR", help="continue the run in DIR (its config; --rounds and "
       "--comm-budget-gib may be raised)")
