@@ -50,6 +50,7 @@ class Config:
     quantize_group_size: int = 0
     stochastic_rounding: bool = False
     fused: bool = False
+    client_batching: str = "auto"
     device: str = "cpu"
     threads: int = 0
     eval_batch_size: int = 1000
@@ -84,6 +85,7 @@ class Config:
             choice("dataset", DATASETS)
         choice("partition", PARTITIONS)
         choice("quantize", QUANTIZE)
+        choice("client_batching", ("auto", "loop", "vmap"))
         choice("dist_fedavg", DIST_FEDAVG)
         from fsl_fast.models import AUX_NAMES, MODEL_NAMES
 

@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--quantize-group-size", type=int, default=None, help="0 = per-row scales for int8; int4 default 32")
     a("--stochastic-rounding", action="store_true", default=None, help="stochastic rounding in --quantize")
     a("--fused", action="store_true", default=None, help="use the fused engine (fast path)")
+    a("--client-batching", choices=("auto", "loop", "vmap"), default=None,
+      help="fused engine: run clients one by one (loop) or as one vmapped computation (auto: vmap on CUDA)")
     a("--device", default=None, help="cpu (default) | cuda[:N]")
     a("--threads", type=int, default=None, help="torch intra-op threads (0 = torch default)")
     a("--distributed", action="store_true", default=None,

@@ -9,32 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from fsl_fast.engines.base import Engine, align_seed
+from fsl_fast.ops.fedavg import fedavg_state_dicts as average_state_dicts
 
 
 def _adam(module, lr, wd):
     return torch.optim.Adam(module.parameters(), lr=lr, weight_decay=wd)
-
-
-def average_state_dicts(state_dicts, weights):
-    """The authors' FedAvg: for each key, sum_i w_i * sd_i[key] (ALGORITHM.md §2).
-
-    Integer entries (BatchNorm's num_batches_tracked) are averaged in float64 and rounded, so ten
-    clients with equal counters keep that counter exactly."""
-    out = {}
-    for key in state_dicts[0]:
-        ref = state_dicts[0][key]
-        if ref.is_floating_point():
-            acc_dtype = torch.promote_types(ref.dtype, torch.float32)
-            acc = torch.zeros_like(ref, dtype=acc_dtype)
-            for w, sd in zip(weights, state_dicts):
-                acc += float(w) * sd[key].to(acc_dtype)
-            out[key] = acc.to(ref.dtype)
-        else:
-            acc = torch.zeros_like(ref, dtype=torch.float64)
-            for w, sd in zip(weights, state_dicts):
-                acc += float(w) * sd[key].double()
-            out[key] = acc.round().to(ref.dtype)
-    return out
 
 
 class ReferenceEngine(Engine):

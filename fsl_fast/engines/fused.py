@@ -1,0 +1,381 @@
+"""Fused engine (``--fused``): the same semantics as the reference engine, computed fast.
+
+- Client models (and server copies where an algorithm keeps one per client, and linear
+  auxiliaries) live in flat [K, P] buffers (fsl_fast.flat.FlatClients); each client's module is a
+  set of views into its row, gradients land in a flat [K, P] gradient buffer, one FlatAdam step
+  updates every participating client, and FedAvg is one flat weighted reduction with broadcast
+  (fsl_fast.ops.fedavg).
+- Client networks run with fused layers (fsl_fast.ops.layers: max-pool+ReLU and LocalResponseNorm
+  kernels; on this CPU those two ops take most of the client time in the reference).
+- Clients advance together where the schedule allows: ``client_batching="vmap"`` runs all active
+  clients' forward/backward as one vmapped (grouped) computation; ``"loop"`` runs them one after
+  another over their flat views. ``"auto"`` picks vmap on CUDA and loop on CPU, where grouped
+  convolutions measured slower than the loop (see README, "Fused engine").
+- Linear auxiliaries: the estimate for all clients is one batched fused op; alignment of all
+  clients' auxiliaries runs as one batched closed-form op per step (fsl_fast.ops.aux), no double
+  backward. Convolutional auxiliaries use the fast path of fsl_fast.aux_fast.
+- The server's refreshed targets for all clients come from one forward when the server has no
+  BatchNorm (per-sample gradients do not depend on the batch then), else one forward per client.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fsl_fast.engines.base import Engine, align_seed
+from fsl_fast.flat import FlatClients
+from fsl_fast.models import ConvAux, LinearAux
+from fsl_fast.optim import FlatAdam
+
+
+def _has_batchnorm(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
+
+
+def _fuse(module: nn.Module) -> nn.Module:
+    from fsl_fast.ops.layers import fuse_client_layers
+
+    return fuse_client_layers(module)
+
+
+class _Stack:
+    """K copies of one module over a FlatClients buffer, with a FlatAdam on the parameter part."""
+
+    def __init__(self, module: nn.Module, K: int, device, lr: float, wd: float):
+        self.template = module
+        self.flat = FlatClients(module, K, device=device)
+        self.mods = [self.flat.bind(k, copy.deepcopy(module), grads=True) for k in range(K)]
+        ents = [e for e in self.flat.layout.entries if e.name in set(self.flat.layout.param_names)]
+        self.np = max((e.offset + e.numel for e in ents), default=0)
+        if any(e.offset >= self.np for e in ents) or sum(e.numel for e in ents) != self.np:
+            raise RuntimeError("flat layout must place parameters before buffers")
+        self.opt = FlatAdam(self.flat.buffer[:, :self.np], self.flat.grad_buffer[:, :self.np],
+                            lr=lr, weight_decay=wd)
+        self.global_mod = copy.deepcopy(module)
+
+    def zero_grad(self, rows) -> None:
+        g = self.flat.grad_buffer
+        if len(rows) == g.shape[0]:
+            g.zero_()
+        else:
+            for r in rows:
+                g[r].zero_()
+
+    def average(self, weights) -> None:
+        self.flat.average(weights, broadcast=True)
+        self.flat.load_into(self.global_mod)
+
+    def state_dict(self) -> dict:
+        return {"buffer": self.flat.buffer, "int_buffers": self.flat.int_buffers,
+                "global": self.flat.global_buffer, "global_int": self.flat.global_int_buffer,
+                "opt": self.opt.state_dict()}
+
+    def load_state_dict(self, sd) -> None:
+        self.flat.buffer.copy_(sd["buffer"])
+        self.flat.int_buffers.copy_(sd["int_buffers"])
+        self.flat.global_buffer.copy_(sd["global"])
+        self.flat.global_int_buffer.copy_(sd["global_int"])
+        self.opt.load_state_dict(sd["opt"])
+        self.flat.load_into(self.global_mod)
+
+
+class FusedEngine(Engine):
+    def __init__(self, cfg, split, num_clients, algorithm_cls, device):
+        super().__init__(cfg, split, num_clients, algorithm_cls, device)
+        dev = self.device
+        lr, wd, K = cfg.lr, cfg.weight_decay, num_clients
+        self.clients = _Stack(_fuse(split.client).to(dev), K, dev, lr, wd)
+        mode = getattr(cfg, "client_batching", "auto")
+        if mode == "auto":
+            mode = "vmap" if dev.type == "cuda" else "loop"
+        self.batching = mode
+        self.server_global = split.server.to(dev)
+        self.servers = None
+        if algorithm_cls.server_copies:
+            self.servers = _Stack(self.server_global, K, dev, lr, wd)
+            self.server_global = self.servers.global_mod
+        else:
+            self.server_opt = torch.optim.Adam(self.server_global.parameters(), lr=lr, weight_decay=wd)
+        self.server_has_bn = _has_batchnorm(self.server_global)
+        self.aux = None
+        if algorithm_cls.uses_aux:
+            aux = split.aux.to(dev)
+            self.aux_linear = isinstance(aux, LinearAux)
+            self.aux_pool = bool(getattr(aux, "pool", False))
+            self.aux = _Stack(aux, K, dev, cfg.aux_lr, 0.0)
+            if self.aux_linear:
+                st = self.aux.flat.stacked(with_int=False)
+                self.aux_W, self.aux_b = st["fc.weight"], st["fc.bias"]
+            self.align_gens = [torch.Generator().manual_seed(align_seed(cfg.seed, k)) for k in range(K)]
+        self._vmap_fn = None
+
+    # -- client side ---------------------------------------------------------------------------
+    def _client_vmap(self, ks, xs):
+        from torch.func import functional_call
+
+        if self._vmap_fn is None:
+            base = copy.deepcopy(self.clients.template)
+            self._vmap_fn = lambda p, x: functional_call(base, p, (x,))
+            self._leaf = self.clients.flat.buffer.detach().requires_grad_(True)
+        flat = self.clients.flat
+        leaf = self._leaf
+        idx = torch.as_tensor(ks, device=leaf.device)
+        rows = leaf if len(ks) == self.m else leaf.index_select(0, idx)
+        params = {e.name: rows[:, e.offset:e.offset + e.numel].view(len(ks), *e.shape)
+                  for e in flat.layout.entries}
+        z = torch.func.vmap(self._vmap_fn)(params, torch.stack(xs))
+        return z
+
+    def client_forward(self, ks, xs):
+        self.clients.zero_grad(ks)
+        if self.batching == "vmap" and not _has_batchnorm(self.clients.template):
+            z = self._client_vmap(ks, xs)
+            self._vmap_out = (ks, z)
+            return list(z.unbind(0))
+        self._vmap_out = None
+        return [self.clients.mods[k](x) for k, x in zip(ks, xs)]
+
+    def client_backward(self, ks, zs, grads):
+        if self._vmap_out is not None:
+            vks, z = self._vmap_out
+            self._leaf.grad = None
+            z.backward(torch.stack(grads))
+            g = self._leaf.grad
+            gb = self.clients.flat.grad_buffer
+            if len(ks) == self.m:
+                gb.copy_(g)
+            else:
+                gb.index_copy_(0, torch.as_tensor(ks, device=gb.device),
+                               g.index_select(0, torch.as_tensor(ks, device=g.device)))
+            self._vmap_out = None
+        else:
+            for z, g in zip(zs, grads):
+                z.backward(g)
+        self.clients.opt.step(ks)
+
+    def _aux_rows(self, ks):
+        if len(ks) == self.m:
+            return self.aux_W, self.aux_b
+        idx = torch.as_tensor(ks, device=self.aux_W.device)
+        return self.aux_W.index_select(0, idx), self.aux_b.index_select(0, idx)
+
+    def _uniform(self, tensors) -> bool:
+        return len({tuple(t.shape) for t in tensors}) == 1
+
+    def aux_estimate(self, ks, zs, ys):
+        if self.aux_linear and self._uniform(zs):
+            from fsl_fast.ops.aux import aux_estimate
+
+            W, b = self._aux_rows(ks)
+            g = aux_estimate(torch.stack([z.detach() for z in zs]), W, b, torch.stack(ys), pool=self.aux_pool)
+            return list(g.unbind(0))
+        out = []
+        for k, z, y in zip(ks, zs, ys):
+            zd = z.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(F.cross_entropy(self.aux.mods[k](zd), y), zd)
+            out.append(g)
+        return out
+
+    def aux_local_step(self, ks, zs, ys):
+        """CSE-FSL: the local loss CE(aux(z), y) steps the auxiliary; returns dL/dz."""
+        self.aux.zero_grad(ks)
+        if self.aux_linear and self._uniform(zs):
+            # batched closed form of a linear head's cross-entropy gradients (batched GEMMs)
+            W, b = self._aux_rows(ks)
+            Z = torch.stack([z.detach() for z in zs])
+            Y = torch.stack(ys)
+            Kc, B = Z.shape[0], Z.shape[1]
+            if self.aux_pool:
+                S = Z[0, 0].numel() // Z.shape[2]
+                feat = Z.flatten(3).mean(3) if Z.dim() > 3 else Z
+            else:
+                feat = Z.reshape(Kc, B, -1)
+            p = torch.softmax(torch.baddbmm(b.unsqueeze(1), feat, W.transpose(1, 2)), dim=2)
+            G = p.scatter_add(2, Y.unsqueeze(2), torch.full_like(p[..., :1], -1.0)).div_(B)
+            gW = torch.bmm(G.transpose(1, 2), feat)
+            gb = G.sum(1)
+            dfeat = torch.bmm(G, W)
+            if self.aux_pool:
+                dz = (dfeat / S).unsqueeze(-1).expand(Kc, B, Z.shape[2], S).reshape(Z.shape)
+            else:
+                dz = dfeat.reshape(Z.shape)
+            fw, fb = self._aux_grad_views()
+            for i, k in enumerate(ks):
+                fw[k].copy_(gW[i])
+                fb[k].copy_(gb[i])
+            self.aux.opt.step(ks)
+            return list(dz.unbind(0))
+        out = []
+        for k, z, y in zip(ks, zs, ys):
+            zd = z.detach().requires_grad_(True)
+            F.cross_entropy(self.aux.mods[k](zd), y).backward()
+            out.append(zd.grad)
+        self.aux.opt.step(ks)
+        return out
+
+    def _aux_grad_views(self):
+        g = self.aux.flat.grad_buffer
+        lay = {e.name: e for e in self.aux.flat.layout.entries}
+        ew, eb = lay["fc.weight"], lay["fc.bias"]
+        K = g.shape[0]
+        return (g[:, ew.offset:ew.offset + ew.numel].view(K, *ew.shape),
+                g[:, eb.offset:eb.offset + eb.numel].view(K, *eb.shape))
+
+    def full_step(self, ks, xs, ys):
+        self.clients.zero_grad(ks)
+        self.servers.zero_grad(ks)
+        for k, x, y in zip(ks, xs, ys):
+            F.cross_entropy(self.servers.mods[k](self.clients.mods[k](x)), y).backward()
+        self.clients.opt.step(ks)
+        self.servers.opt.step(ks)
+
+    # -- server side ---------------------------------------------------------------------------
+    def server_step(self, k, z, y, want_grad=False):
+        zr = z.detach().requires_grad_(want_grad)
+        if self.servers is not None:
+            self.servers.zero_grad([k])
+            F.cross_entropy(self.servers.mods[k](zr), y).backward()
+            self.servers.opt.step([k])
+        else:
+            self.server_opt.zero_grad(set_to_none=True)
+            F.cross_entropy(self.server_global(zr), y).backward()
+            self.server_opt.step()
+        return zr.grad if want_grad else None
+
+    def _targets(self, data):
+        """True gradients d CE_mean(s(Z_k), Y_k)/dZ_k of each client's buffer, server in train
+        mode, its BatchNorm running statistics left untouched."""
+        server = self.server_global
+        if not self.server_has_bn and len(data) > 1:
+            Z = torch.cat([d[0] for d in data]).detach().requires_grad_(True)
+            Y = torch.cat([d[1] for d in data])
+            # per-sample gradients are independent of the batch without BatchNorm: one forward,
+            # each client's rows scaled by 1/n_k (its own batch mean)
+            scale = torch.cat([torch.full((d[0].shape[0],), 1.0 / d[0].shape[0], device=Z.device)
+                               for d in data])
+            loss = (F.cross_entropy(server(Z), Y, reduction="none") * scale).sum()
+            (T,) = torch.autograd.grad(loss, Z)
+            return list(T.split([d[0].shape[0] for d in data]))
+        saved = [b.clone() for b in server.buffers()]
+        out = []
+        for Z, Y in data:
+            Zr = Z.detach().requires_grad_(True)
+            (T,) = torch.autograd.grad(F.cross_entropy(server(Zr), Y), Zr)
+            out.append(T)
+        with torch.no_grad():
+            for b, s in zip(server.buffers(), saved):
+                b.copy_(s)
+        return out
+
+    def align(self, ks, data):
+        cfg = self.cfg
+        targets = self._targets(data)
+        sizes = {Z.shape[0] for Z, _ in data}
+        if self.aux_linear and len(sizes) == 1:
+            self._align_linear_batched(ks, data, targets, sizes.pop())
+            return
+        for k, (Z, Y), T in zip(ks, data, targets):
+            self._align_one(k, Z, Y, T)
+
+    def _align_linear_batched(self, ks, data, targets, n):
+        """All clients' linear auxiliaries in one closed-form op per alignment step."""
+        from fsl_fast.ops.aux import aux_align
+
+        cfg = self.cfg
+        Z = torch.stack([d[0] for d in data])
+        Y = torch.stack([d[1] for d in data])
+        T = torch.stack(targets)
+        Kc = len(ks)
+        fw, fb = self._aux_grad_views()
+        full = Kc == self.m
+        rowsel = torch.arange(Kc, device=Z.device).unsqueeze(1)
+        for _ in range(cfg.align_epochs):
+            perm = torch.stack([torch.randperm(n, generator=self.align_gens[k]) for k in ks]).to(Z.device)
+            for i in range(0, n, cfg.align_batch_size):
+                idx = perm[:, i:i + cfg.align_batch_size]
+                b = idx.shape[1]
+                W, bias = self._aux_rows(ks)
+                # predictions carry 1/n like the targets (reference: CE_sum / n)
+                _, dW, db = aux_align(Z[rowsel, idx], W, bias, Y[rowsel, idx], T[rowsel, idx],
+                                      pool=self.aux_pool, grad_scale=b / n)
+                if full:
+                    fw.copy_(dW)
+                    fb.copy_(db)
+                else:
+                    for j, k in enumerate(ks):
+                        fw[k].copy_(dW[j])
+                        fb[k].copy_(db[j])
+                self.aux.opt.step(ks)
+
+    def _align_one(self, k, Z, Y, T):
+        cfg = self.cfg
+        aux = self.aux.mods[k]
+        n = Z.shape[0]
+        gen = self.align_gens[k]
+        for _ in range(cfg.align_epochs):
+            perm = torch.randperm(n, generator=gen).to(Z.device)
+            for i in range(0, n, cfg.align_batch_size):
+                idx = perm[i:i + cfg.align_batch_size]
+                b = idx.shape[0]
+                self.aux.zero_grad([k])
+                if isinstance(aux, ConvAux):
+                    from fsl_fast.aux_fast import conv_align_grads
+
+                    _, grads = conv_align_grads(aux.trunk, aux.fc, Z[idx], Y[idx], T[idx], grad_scale=b / n)
+                    for p, g in zip(list(aux.trunk.parameters()) + [aux.fc.weight, aux.fc.bias], grads):
+                        p.grad.copy_(g)
+                else:
+                    Zb = Z[idx].detach().requires_grad_(True)
+                    est = F.cross_entropy(aux(Zb), Y[idx], reduction="sum") / n
+                    (g,) = torch.autograd.grad(est, Zb, create_graph=True)
+                    F.mse_loss(g, T[idx], reduction="sum").backward()
+                self.aux.opt.step([k])
+
+    # -- aggregation and evaluation ------------------------------------------------------------
+    def aggregate(self, weights, clients=True, aux=False, servers=False):
+        with torch.no_grad():
+            if clients:
+                self.clients.average(weights)
+            if servers and self.servers is not None:
+                self.servers.average(weights)
+            if aux:
+                self.aux.average(weights)
+
+    def eval_models(self):
+        return self.clients.global_mod, self.server_global
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self):
+        sd = {"clients": self.clients.state_dict()}
+        if self.servers is not None:
+            sd["servers"] = self.servers.state_dict()
+        else:
+            sd["server"] = self.server_global.state_dict()
+            sd["server_opt"] = self.server_opt.state_dict()
+        if self.aux is not None:
+            sd["aux"] = self.aux.state_dict()
+            sd["align_gens"] = [g.get_state() for g in self.align_gens]
+        return sd
+
+    def load_state_dict(self, sd):
+        with torch.no_grad():
+            self.clients.load_state_dict(sd["clients"])
+            if self.servers is not None:
+                self.servers.load_state_dict(sd["servers"])
+            else:
+                self.server_global.load_state_dict(sd["server"])
+                self.server_opt.load_state_dict(sd["server_opt"])
+            if self.aux is not None:
+                self.aux.load_state_dict(sd["aux"])
+                for g, s in zip(self.align_gens, sd["align_gens"]):
+                    g.set_state(s)
+
+    def named_state(self):
+        out = {"client": self.clients.global_mod.state_dict(), "server": self.server_global.state_dict()}
+        if self.aux is not None:
+            for k, a in enumerate(self.aux.mods):
+                out[f"aux{k}"] = a.state_dict()
+        return out

@@ -1,0 +1,260 @@
+"""Fused client layers: ``pool_relu`` (ReLU + max-pool in one pass) and ``lrn`` (local response norm).
+
+Why: on one CPU thread, torch's NCHW ``max_pool2d`` and ``LocalResponseNorm`` dominate the client
+time of the small CNNs (LRN fwd+bwd on (64, 64, 32, 32) takes 379 ms in torch 2.13). The C++ kernels
+in ``csrc/layers.cpp`` compute the same values; docs/layers.md has the contracts and measurements.
+
+- ``pool_relu(x, kernel_size, stride, padding)``: ``relu(max_pool2d(x, k, s, p))`` for x float32
+  [N, C, H, W] -> [N, C, Ho, Wo] (-inf padding, floor sizes). This equals
+  ``max_pool2d(relu(x), k, s, p)`` exactly, values and gradients: ReLU is monotone, so it commutes
+  with max; where the window max is > 0 both route the gradient to the first maximal cell in scan
+  order, and where it is <= 0 both give zero gradient (``relu``'s backward passes gradient only
+  where its input is > 0). So it replaces a model's "ReLU then MaxPool2d" pair.
+- ``lrn(x, size, alpha, beta, k)``: ``nn.LocalResponseNorm`` across channels for x float32
+  [N, C, H, W] (same shape out).
+
+Backends: ``cpp`` (CPU tensors) and ``reference`` (torch's own kernels; used for CUDA tensors too,
+which is fine: on a GPU torch's kernels are not the bottleneck these ops remove on a CPU).
+``fuse_client_layers(module)`` rewrites a model to use both.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fsl_fast.ops import _backend
+
+__all__ = [
+    "pool_relu",
+    "lrn",
+    "pool_relu_reference",
+    "lrn_reference",
+    "PoolReLU",
+    "LRN",
+    "fuse_client_layers",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# argument checks (the same for every backend, so errors do not depend on the backend)
+
+
+def _check_x(op: str, x) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{op}: x must be 4-D [N, C, H, W], got shape {tuple(x.shape)} "
+                         f"(dtype {x.dtype})")
+    if x.dtype != torch.float32:
+        raise TypeError(f"{op}: x must be float32, got {x.dtype} with shape {tuple(x.shape)}")
+    return x
+
+
+def _as_int(op: str, name: str, v, lo: int) -> int:
+    if isinstance(v, (tuple, list)):
+        if len(v) != 2 or v[0] != v[1]:
+            raise ValueError(f"{op}: {name} must be one int (square windows only), got {v!r}")
+        v = v[0]
+    if isinstance(v, bool) or int(v) != v or int(v) < lo:
+        raise ValueError(f"{op}: {name} must be an integer >= {lo}, got {v!r}")
+    return int(v)
+
+
+def _pool_args(x, kernel_size, stride, padding):
+    _check_x("pool_relu", x)
+    k = _as_int("pool_relu", "kernel_size", kernel_size, 1)
+    s = k if stride is None else _as_int("pool_relu", "stride", stride, 1)
+    p = _as_int("pool_relu", "padding", padding, 0)
+    if 2 * p > k:
+        raise ValueError(f"pool_relu: padding must be at most kernel_size / 2, got padding {p} "
+                         f"for kernel_size {k}")
+    h, w = x.shape[2], x.shape[3]
+    if h + 2 * p < k or w + 2 * p < k:
+        raise ValueError(f"pool_relu: input of shape {tuple(x.shape)} is smaller than "
+                         f"kernel_size {k} with padding {p}")
+    return k, s, p
+
+
+def _lrn_args(x, size, alpha, beta, k):
+    _check_x("lrn", x)
+    n = _as_int("lrn", "size", size, 1)
+    return n, float(alpha), float(beta), float(k)
+
+
+# ---------------------------------------------------------------------------------------------
+# references (plain PyTorch, the ground truth)
+
+
+def pool_relu_reference(x: torch.Tensor, kernel_size: int, stride: int, padding: int) -> torch.Tensor:
+    """``max_pool2d(relu(x))``, the order the models use (``== relu(max_pool2d(x))``)."""
+    return F.max_pool2d(F.relu(x), kernel_size, stride, padding)
+
+
+def lrn_reference(x: torch.Tensor, size: int, alpha: float, beta: float, k: float) -> torch.Tensor:
+    return F.local_response_norm(x, size, alpha, beta, k)
+
+
+# ---------------------------------------------------------------------------------------------
+# C++ backend: autograd Functions over torch.ops.fsl_fast.{pool_relu,lrn}_{fwd,bwd}
+
+
+def _ops():
+    _backend.extension()
+    return torch.ops.fsl_fast
+
+
+class _PoolReLUFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, k, s, p):
+        y, idx = _ops().pool_relu_fwd(x, k, s, p)
+        ctx.save_for_backward(idx)
+        ctx.hw = (x.shape[2], x.shape[3])
+        ctx.mark_non_differentiable(idx)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        (idx,) = ctx.saved_tensors
+        gx = _ops().pool_relu_bwd(gy.contiguous(), idx, ctx.hw[0], ctx.hw[1])
+        return gx, None, None, None
+
+
+class _LRNFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, n, alpha, beta, k):
+        y, s = _ops().lrn_fwd(x, n, alpha, beta, k)
+        ctx.save_for_backward(x, s)
+        ctx.args = (n, alpha, beta, k)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, s = ctx.saved_tensors
+        gx = _ops().lrn_bwd(gy.contiguous(), x, s, *ctx.args)
+        return gx, None, None, None, None
+
+
+def _pool_relu_cpp(x, kernel_size, stride, padding):
+    return _PoolReLUFn.apply(x.contiguous(), kernel_size, stride, padding)
+
+
+def _lrn_cpp(x, size, alpha, beta, k):
+    return _LRNFn.apply(x.contiguous(), size, alpha, beta, k)
+
+
+_backend.register("pool_relu", reference=pool_relu_reference, cpp=_pool_relu_cpp)
+_backend.register("lrn", reference=lrn_reference, cpp=_lrn_cpp)
+
+
+# ---------------------------------------------------------------------------------------------
+# public functions
+
+
+def pool_relu(x: torch.Tensor, kernel_size, stride=None, padding=0, backend: str | None = None):
+    """``relu(max_pool2d(x, kernel_size, stride, padding))``; x float32 [N, C, H, W] (made
+    contiguous if needed), square windows, -inf padding, floor output size. Differentiable.
+    ``stride=None`` means ``kernel_size`` (as in ``F.max_pool2d``)."""
+    k, s, p = _pool_args(x, kernel_size, stride, padding)
+    _, impl = _backend.resolve("pool_relu", x.device, backend)
+    return impl(x, k, s, p)
+
+
+def lrn(x: torch.Tensor, size, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0,
+        backend: str | None = None):
+    """Local response norm across channels with ``nn.LocalResponseNorm``'s semantics; x float32
+    [N, C, H, W] (made contiguous if needed) -> same shape. Differentiable."""
+    n, a, b, kk = _lrn_args(x, size, alpha, beta, k)
+    _, impl = _backend.resolve("lrn", x.device, backend)
+    return impl(x, n, a, b, kk)
+
+
+class PoolReLU(nn.Module):
+    """Module form of :func:`pool_relu` (no parameters)."""
+
+    def __init__(self, kernel_size, stride=None, padding=0, backend: str | None = None):
+        super().__init__()
+        self.kernel_size = _as_int("PoolReLU", "kernel_size", kernel_size, 1)
+        self.stride = self.kernel_size if stride is None else _as_int("PoolReLU", "stride", stride, 1)
+        self.padding = _as_int("PoolReLU", "padding", padding, 0)
+        self.backend = backend
+
+    def forward(self, x):
+        return pool_relu(x, self.kernel_size, self.stride, self.padding, backend=self.backend)
+
+    def extra_repr(self):
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+
+
+class LRN(nn.Module):
+    """Module form of :func:`lrn`, a drop-in for ``nn.LocalResponseNorm`` (no parameters)."""
+
+    def __init__(self, size, alpha=1e-4, beta=0.75, k=1.0, backend: str | None = None):
+        super().__init__()
+        self.size = _as_int("LRN", "size", size, 1)
+        self.alpha, self.beta, self.k = float(alpha), float(beta), float(k)
+        self.backend = backend
+
+    def forward(self, x):
+        return lrn(x, self.size, self.alpha, self.beta, self.k, backend=self.backend)
+
+    def extra_repr(self):
+        return f"{self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}"
+
+
+# ---------------------------------------------------------------------------------------------
+# model rewriter
+
+
+def _pool_fusable(m: nn.Module) -> bool:
+    if not isinstance(m, nn.MaxPool2d) or m.ceil_mode or m.return_indices:
+        return False
+    d = m.dilation if isinstance(m.dilation, int) else tuple(m.dilation)
+    if d not in (1, (1, 1)):
+        return False
+    try:
+        for v in (m.kernel_size, m.stride if m.stride is not None else m.kernel_size, m.padding):
+            _as_int("", "", v, 0)
+    except ValueError:
+        return False  # non-square windows stay torch's
+    return True
+
+
+def _rewrite(seq: nn.Module, backend: str | None) -> None:
+    for name, child in list(seq.named_children()):
+        if isinstance(child, nn.LocalResponseNorm):
+            setattr(seq, name, LRN(child.size, child.alpha, child.beta, child.k, backend=backend))
+        else:
+            _rewrite(child, backend)
+    if not isinstance(seq, nn.Sequential):
+        return
+    names = [n for n, _ in seq.named_children()]
+    i = 0
+    while i + 1 < len(names):
+        a, b = getattr(seq, names[i]), getattr(seq, names[i + 1])
+        if type(a) is nn.ReLU and _pool_fusable(b):
+            # The ReLU slot becomes an Identity (no parameters, no state keys) so the Sequential
+            # keeps its indices: parameters after the pair keep their state_dict keys.
+            setattr(seq, names[i], nn.Identity())
+            setattr(seq, names[i + 1], PoolReLU(b.kernel_size, b.stride, b.padding, backend=backend))
+            i += 2
+        else:
+            i += 1
+
+
+def fuse_client_layers(module: nn.Module, backend: str | None = None) -> nn.Module:
+    """A deep copy of ``module`` in which every ``nn.ReLU`` directly followed by a fusable
+    ``nn.MaxPool2d`` (square window, no dilation/ceil_mode/indices) inside an ``nn.Sequential``
+    (at any depth) becomes ``Identity, PoolReLU`` and every ``nn.LocalResponseNorm`` becomes
+    ``LRN``. Parameters and buffers are copied (nothing shared with ``module``), and state_dict
+    keys are unchanged, so state dicts load both ways. ``backend`` is passed to the new modules.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"fuse_client_layers: module must be an nn.Module, got {type(module).__name__}")
+    out = copy.deepcopy(module)
+    if isinstance(out, nn.LocalResponseNorm):
+        return LRN(out.size, out.alpha, out.beta, out.k, backend=backend)
+    _rewrite(out, backend)
+    return out

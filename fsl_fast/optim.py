@@ -1,0 +1,63 @@
+"""Adam over flat [K, P] buffers: one optimizer for K clients' parameters.
+
+Element for element this is ``torch.optim.Adam`` (the single-tensor algorithm, L2 weight decay
+added to the gradient, bias corrections from each row's own step count), applied to whole rows at
+once. Rows are clients; ``step(rows)`` advances only the clients that took part, so clients that
+finished their local iterations early keep their state, as separate optimizers would.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class FlatAdam:
+    def __init__(self, params: torch.Tensor, grads: torch.Tensor, lr: float = 1e-3,
+                 betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+        if params.dim() != 2 or grads.shape != params.shape:
+            raise ValueError(f"FlatAdam: params and grads must be [K, P] of one shape, got "
+                             f"{tuple(params.shape)} and {tuple(grads.shape)}")
+        self.p, self.g = params, grads
+        self.lr, self.b1, self.b2, self.eps, self.wd = lr, betas[0], betas[1], eps, weight_decay
+        self.m = torch.zeros_like(params)
+        self.v = torch.zeros_like(params)
+        self.steps = [0] * params.shape[0]
+
+    def zero_grad(self) -> None:
+        self.g.zero_()
+
+    def _update(self, p, g, m, v, step: int) -> None:
+        if self.wd:
+            g = g.add(p, alpha=self.wd)
+        m.lerp_(g, 1 - self.b1)
+        v.mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
+        bc1 = 1 - self.b1 ** step
+        bc2_sqrt = (1 - self.b2 ** step) ** 0.5
+        denom = (v.sqrt() / bc2_sqrt).add_(self.eps)
+        p.addcdiv_(m, denom, value=-self.lr / bc1)
+
+    @torch.no_grad()
+    def step(self, rows=None) -> None:
+        """Advance ``rows`` (a list of client indices; None = all)."""
+        K = self.p.shape[0]
+        rows = list(range(K)) if rows is None else list(rows)
+        if not rows:
+            return
+        for r in rows:
+            self.steps[r] += 1
+        same = len({self.steps[r] for r in rows}) == 1
+        lo, hi = rows[0], rows[-1] + 1
+        if same and rows == list(range(lo, hi)):
+            # one contiguous block of rows at one step count: a single pass over the block
+            sl = slice(lo, hi)
+            self._update(self.p[sl], self.g[sl], self.m[sl], self.v[sl], self.steps[lo])
+        else:
+            for r in rows:
+                self._update(self.p[r], self.g[r], self.m[r], self.v[r], self.steps[r])
+
+    def state_dict(self) -> dict:
+        return {"m": self.m, "v": self.v, "steps": torch.tensor(self.steps, dtype=torch.int64)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.m.copy_(sd["m"])
+        self.v.copy_(sd["v"])
+        self.steps = [int(s) for s in sd["steps"]]
