@@ -167,13 +167,19 @@ def unflatten_state(f: torch.Tensor, i: torch.Tensor, spec) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # Per-client model access. The engine interface has no per-client state, so the runtime asks the
-# engine for it: an engine may offer ``distributed_models()`` returning an object with the three
-# methods below; the reference engine's lists of modules are used directly.
+# engine for flat vectors: one model = float32 [P] (floating state) + int64 [Q] (integer buffers),
+# in a layout that is the same on every rank (every rank runs the same engine type). An engine may
+# offer ``distributed_models()`` returning an object with the three methods below; the reference
+# engine (modules, state_dict order) and the fused engine (rows of its FlatClients buffers) are
+# adapted here.
 
 
 class _ModuleListModels:
+    """Reference engine: one nn.Module per client; the flat vector is the state_dict order."""
+
     def __init__(self, engine):
         self.e = engine
+        self._spec: dict[str, list] = {}
 
     def _copies(self, kind):
         e = self.e
@@ -181,18 +187,58 @@ class _ModuleListModels:
                 "server": (e.servers, [e.server_global]),
                 "aux": (e.auxes, [])}[kind]
 
-    def state(self, kind: str, k: int) -> dict:
+    def flat(self, kind: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         copies, _ = self._copies(kind)
-        return copies[k if len(copies) > 1 else 0].state_dict()
+        f, i, self._spec[kind] = flatten_state(copies[k if len(copies) > 1 else 0].state_dict())
+        return f, i
 
-    def load_one(self, kind: str, k: int, sd: dict) -> None:
+    def _sd(self, kind, f, i):
+        if kind not in self._spec:
+            self.flat(kind, 0)
+        return unflatten_state(f, i, self._spec[kind])
+
+    def load_one(self, kind: str, k: int, f: torch.Tensor, i: torch.Tensor) -> None:
         copies, _ = self._copies(kind)
-        copies[k].load_state_dict(sd)
+        copies[k].load_state_dict(self._sd(kind, f, i))
 
-    def load_all(self, kind: str, sd: dict) -> None:
+    def load_all(self, kind: str, f: torch.Tensor, i: torch.Tensor) -> None:
+        sd = self._sd(kind, f, i)
         copies, globals_ = self._copies(kind)
         for mod in list(copies) + globals_:
             mod.load_state_dict(sd)
+
+
+class _FlatStackModels:
+    """Fused engine: K clients' models are rows of FlatClients buffers [K, P] / [K, Q]."""
+
+    def __init__(self, engine):
+        self.e = engine
+
+    def _stack(self, kind):
+        st = {"client": self.e.clients, "server": self.e.servers, "aux": self.e.aux}[kind]
+        if st is None:
+            raise DistributedError(f"the fused engine keeps no per-client {kind} models")
+        return st
+
+    def flat(self, kind: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        fc = self._stack(kind).flat
+        return fc.buffer[k].float(), fc.int_buffers[k]
+
+    @torch.no_grad()
+    def load_one(self, kind: str, k: int, f: torch.Tensor, i: torch.Tensor) -> None:
+        fc = self._stack(kind).flat
+        fc.buffer[k].copy_(f)
+        fc.int_buffers[k].copy_(i)
+
+    @torch.no_grad()
+    def load_all(self, kind: str, f: torch.Tensor, i: torch.Tensor) -> None:
+        st = self._stack(kind)
+        fc = st.flat
+        fc.buffer.copy_(f.expand_as(fc.buffer))
+        fc.int_buffers.copy_(i.expand_as(fc.int_buffers))
+        fc.global_buffer.copy_(f)
+        fc.global_int_buffer.copy_(i)
+        fc.load_into(st.global_mod)
 
 
 def model_access(engine):
@@ -202,10 +248,12 @@ def model_access(engine):
 
     if isinstance(engine, ReferenceEngine):
         return _ModuleListModels(engine)
+    if type(engine).__name__ == "FusedEngine":
+        return _FlatStackModels(engine)
     raise DistributedError(
-        f"{type(engine).__name__} gives no per-client model access: implement "
-        "distributed_models() returning an object with state(kind, k) -> state_dict, "
-        "load_one(kind, k, state_dict) and load_all(kind, state_dict), kind in client/server/aux")
+        f"{type(engine).__name__} gives no per-client model access: implement distributed_models() "
+        "returning an object with flat(kind, k) -> (float32 [P], int64 [Q]), load_one(kind, k, f, i) "
+        "and load_all(kind, f, i), kind in client/server/aux")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -576,7 +624,7 @@ class DistributedEngine:
         if self.topo.is_server:
             self.inner.align(ks, data)
             for k in ks:
-                f, i, _ = flatten_state(self.models.state("aux", k))
+                f, i = self.models.flat("aux", k)
                 items = [("aux_model", f)] + ([("aux_model", i)] if i.numel() else [])
                 self.t.send(self.topo.owner(k), "aux_model", k, items, "down")
             self.t.flush()
@@ -584,14 +632,12 @@ class DistributedEngine:
         for k in ks:
             if not self.topo.hosts(k):
                 continue
-            ref = self.models.state("aux", k)
-            f0, i0, spec = flatten_state(ref)
+            f0, i0 = self.models.flat("aux", k)
             specs = [("aux_model", tuple(f0.shape), torch.float32, "finite")]
             if i0.numel():
                 specs.append(("aux_model", tuple(i0.shape), torch.int64, None))
             got = self.t.recv(0, "aux_model", k, specs, "down")
-            i = got[1] if len(got) > 1 else i0
-            self.models.load_one("aux", k, unflatten_state(got[0], i, spec))
+            self.models.load_one("aux", k, got[0], got[1] if len(got) > 1 else i0)
 
     # -- aggregation ---------------------------------------------------------------------------
     def aggregate(self, weights, clients=True, aux=False, servers=False):
@@ -605,9 +651,9 @@ class DistributedEngine:
             self._fedavg(kind, weights)
 
     def _fedavg(self, kind: str, weights) -> None:
-        """Weighted average of every client's ``kind`` model as flat float32 [P] (plus float64 [Q]
-        for integer buffers, rounded at the end as the reference engine does). Each client rank
-        adds ``w_k * x_k`` for its own clients in client order, then:
+        """Weighted average of every client's ``kind`` model as flat float32 [P] (plus float32 [Q]
+        for integer buffers, truncated at the end, as fsl_fast.ops.fedavg). Each client rank adds
+        ``x_k * w_k`` for its own clients in client order, then:
 
         - ``ordered``: the running sum travels rank 1 -> 2 -> ... -> R-1 -> 0, so the additions
           happen in exactly the in-process order (bit-equal results), then rank 0 broadcasts it;
@@ -618,36 +664,35 @@ class DistributedEngine:
         topo, t = self.topo, self.t
         rank, world = topo.rank, topo.world_size
         # Every rank holds every model slot with the same layout, so any slot describes it.
-        f0, i0, spec = flatten_state(self.models.state(kind, 0))
+        f0, i0 = self.models.flat(kind, 0)
         has_int = i0.numel() > 0
         wire_kind = {"client": "client_model", "aux": "aux_model", "server": "server_model"}[kind]
         specs = [(wire_kind, tuple(f0.shape), torch.float32, "finite")]
         if has_int:
-            specs.append((wire_kind, tuple(i0.shape), torch.float64, "finite"))
+            specs.append((wire_kind, tuple(i0.shape), torch.float32, "finite"))
         ordered = self.fedavg_mode == "ordered"
         if ordered and rank >= 2:
             got = t.recv(rank - 1, "model_sum", -1, specs, "up")
-            acc = got[0]
-            acc_i = got[1] if has_int else torch.zeros(0, dtype=torch.float64, device=f0.device)
+            acc, acc_i = got[0], (got[1] if has_int else torch.zeros(0, device=f0.device))
         else:
-            acc = torch.zeros_like(f0)
-            acc_i = torch.zeros(i0.shape, dtype=torch.float64, device=i0.device)
+            acc = torch.zeros(f0.shape, dtype=torch.float32, device=f0.device)
+            acc_i = torch.zeros(i0.shape, dtype=torch.float32, device=f0.device)
         for k in topo.local_clients:
-            f, i, _ = flatten_state(self.models.state(kind, k))
-            acc += float(weights[k]) * f  # not add_(alpha=): keep the reference's two roundings
+            f, i = self.models.flat(kind, k)
+            # The in-process order and roundings (fsl_fast.ops.fedavg): float32 products and sums
+            # in client order; integer buffers promoted to float32 the same way.
+            acc += f * float(weights[k])
             if has_int:
-                acc_i += float(weights[k]) * i.double()
-        nbytes = acc.numel() * 4 + acc_i.numel() * 8
+                acc_i += i * float(weights[k])
         tensors = [acc] + ([acc_i] if has_int else [])
+        nbytes = sum(x.numel() * x.element_size() for x in tensors)
         if ordered:
             if rank >= 1:
                 t.send(rank + 1 if rank + 1 < world else 0, "model_sum", -1,
                        [(wire_kind, x) for x in tensors], "up")
                 t.flush()
             else:
-                got = t.recv(world - 1, "model_sum", -1, specs, "up")
-                acc, acc_i = got[0], (got[1] if has_int else acc_i)
-                tensors = [acc] + ([acc_i] if has_int else [])
+                tensors = t.recv(world - 1, "model_sum", -1, specs, "up")
             for x in tensors:
                 t.broadcast_tensor(x, f"receiving the averaged {kind} model")
         else:
@@ -657,9 +702,12 @@ class DistributedEngine:
                 t.count("up", wire_kind, nbytes)
         if topo.is_server:
             t.count("down", wire_kind, nbytes * (world - 1))
+        acc = tensors[0]
         if not bool(torch.isfinite(acc).all()):
             raise t.error(f"the averaged {kind} model is not finite")
-        self.models.load_all(kind, unflatten_state(acc, acc_i.round().to(torch.int64), spec))
+        # Integer buffers: truncation toward zero, as load_state_dict of the float32 sum does.
+        ints = tensors[1].to(torch.int64) if has_int else i0
+        self.models.load_all(kind, acc, ints)
 
     # -- evaluation ----------------------------------------------------------------------------
     def evaluate(self, x, y, batch_size):
