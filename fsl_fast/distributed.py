@@ -1,41 +1,48 @@
 """Distributed runtime: server and clients in separate processes (or machines) on torch.distributed.
 
-Launch with torchrun (see docs/distributed.md)::
+Launch with torchrun (docs/distributed.md has the multi-machine form)::
 
     torchrun --nproc-per-node 3 -m fsl_fast.train --distributed --schedule parallel ...
 
 Design (SPMD). Every rank builds the same :class:`fsl_fast.runner.Run` from the same config and
-seed (same data, partition and initial models) and executes the same :class:`Algorithm` round loop.
-Rank 0 is the server and the FedAvg aggregator; ranks 1..R-1 host the clients in contiguous blocks
-(``client_blocks``). Two wrappers decide who computes and what crosses the network:
+seed (same data, partition and initial models; rank 0 checks a config fingerprint) and executes
+the same :class:`Algorithm` round loop. Rank 0 is the server and the FedAvg aggregator; ranks
+1..R-1 host the clients in contiguous blocks (``client_blocks``). :func:`attach` turns the Run into
+this rank's part:
 
-- :class:`DistributedEngine` wraps whatever engine ``build_engine`` returned. Client operations
-  run only on the rank that hosts the client, server operations only on rank 0; alignment sends
-  each aligned auxiliary model down; FedAvg is one all-reduce of flat [P] buffers in which every
-  client rank contributes the weighted sum of its own clients (rank 0 contributes zeros).
-- :func:`distributed_algorithm` subclasses the chosen algorithm so that its message hooks
+- :class:`DistributedEngine` wraps whatever engine ``build_engine`` returned (reference or fused).
+  Client operations run only on the rank hosting the client, server operations only on rank 0;
+  alignment sends each aligned auxiliary model down; FedAvg moves flat [P] buffers in which each
+  client rank has pre-reduced its own clients (``--dist-fedavg``: ``ordered``, the running sum
+  passed rank 1 -> ... -> R-1 -> 0 so every addition happens in the in-process order, bit-equal
+  results; or ``allreduce``, one all-reduce, equal up to float32 reassociation), then rank 0
+  broadcasts the average.
+- :func:`distributed_algorithm` subclasses the algorithm so that its message hooks
   (``send_smashed``, ``send_gradient``, ``align``) move real tensors through :class:`Transport`
-  (point-to-point isend/irecv; gloo on CPU, NCCL on GPU).
+  (isend/irecv; gloo on CPU, NCCL on GPU): smashed data (or int8/int4 codes + scales) and labels
+  up, SplitFed gradients down.
+- Loaders of clients hosted elsewhere become :class:`_RemoteBatches` (batch sizes only; on the
+  server the labels are the receive buffers of the uplink).
 
 Every message is a fixed-size int64 header (kind, round, client, dtype and shape of each tensor)
 followed by the tensors. The receiver checks the header against what the SPMD program expects
-(shape, dtype, round, client) and the payload for finiteness (labels: range) before use, and
-raises :class:`DistributedError` naming the sender rank, the client and the round.
+and the payload for finiteness (labels: range) before use, and raises :class:`DistributedError`
+naming the sender rank, the client and the round.
 
 Accounting. The ledger on rank 0 counts exactly what the in-process run counts (so metrics agree).
-The transport also counts the payload bytes each rank puts on the wire; they are summed on rank 0
-each round into ``wire_*`` metrics. Per-client messages (smashed data, labels, gradients,
-auxiliary downlink) equal the ledger byte for byte; the model exchange differs on purpose: the
-ledger counts every client's upload and download (the papers' convention), the wire carries one
-pre-reduced [P] buffer per client rank each way.
+The transport counts the payload bytes each rank puts on the wire; they are summed on rank 0 each
+round into ``wire_*`` metrics. Per-client messages (smashed data, labels, gradients, auxiliary
+downlink) equal the ledger byte for byte; the model exchange differs on purpose: the ledger counts
+every client's upload and download (the papers' convention), the wire carries one pre-reduced
+buffer per client rank each way.
 
 Faults. Every wait has the ``--dist-timeout``; a peer that dies closes its sockets and the waiting
-ranks fail at once, a peer that stalls makes them time out. Each rank also writes a heartbeat to
-the launcher's store, so the error names the rank that stopped and the round. A watchdog thread
-ends the process if a wait outlives the timeout anyway (NCCL), and SIGTERM from torchrun (which
-stops the survivors when one worker fails) is reported with the round. Checkpoints are per-rank
-shards committed by rank 0 after a barrier (``checkpoints/dist.json``); ``--resume`` continues from
-the last committed round.
+ranks fail at once, a peer that stalls makes them time out. Each rank writes a heartbeat into the
+launcher's store, so the error names the rank that stopped and the round. A watchdog thread ends
+the process if a wait outlives the timeout anyway, and SIGTERM from torchrun (which stops the
+survivors when one worker fails) is reported with the round. Checkpoints are per-rank shards
+committed by rank 0 after a barrier (``checkpoints/dist.json``); ``--resume`` continues from the last
+committed round.
 """
 from __future__ import annotations
 
@@ -307,6 +314,9 @@ class Transport:
         self.blocked = (time.monotonic(), what)
         try:
             ok = work.wait(timeout=datetime.timedelta(seconds=self.timeout_s))
+            if self.device.type == "cuda":
+                # NCCL's wait only orders the stream; block here, where the watchdog can see it.
+                torch.cuda.current_stream(self.device).synchronize()
         except RuntimeError as e:
             raise self.error(what + " failed", e) from None
         finally:
