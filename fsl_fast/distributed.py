@@ -274,6 +274,10 @@ def _short(e: BaseException) -> str:
     return s.split(". This is typically", 1)[0][:300]
 
 
+def _about(kind: str, client: int) -> str:
+    return _KIND_WORDS[kind] + (f" of client {client}" if client >= 0 else "")
+
+
 class Transport:
     """Point-to-point messages and collectives with headers, checks, timeouts and byte counters.
 
@@ -292,6 +296,9 @@ class Transport:
         self.received: dict[tuple[str, str], int] = {}
         self.header_bytes = 0
         self.store = store
+        # One store client serves the heartbeat thread, error paths and the SIGTERM handler; the
+        # lock is reentrant because the handler may interrupt the main thread inside it.
+        self.store_lock = threading.RLock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -341,7 +348,7 @@ class Transport:
             raise ValueError(f"transport: at most {_MAX_TENSORS} tensors of at most {_MAX_DIMS} dims")
         base = _KIND_TAGS[kind] * 8
         hdr = self._header(kind, client, tensors)
-        what = f"sending the {_KIND_WORDS[kind]} of client {client} to rank {dst}"
+        what = f"sending the {_about(kind, client)} to rank {dst}"
         try:
             works = [dist.isend(hdr, dst, tag=base)]
             works += [dist.isend(t, dst, tag=base + 1 + j) for j, t in enumerate(tensors)]
@@ -357,11 +364,11 @@ class Transport:
         """Receive one message from ``src``. ``specs``: one (ledger kind, shape, dtype, check) per
         tensor, check in (None, "finite", ("labels", num_classes)). Validates before returning."""
         base = _KIND_TAGS[kind] * 8
-        what = f"waiting for the {_KIND_WORDS[kind]} of client {client} from rank {src}"
+        what = f"waiting for the {_about(kind, client)} from rank {src}"
         hdr = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
         self._wait(self._irecv(hdr, src, base, what), what)
         h = hdr.tolist()
-        origin = f"{_KIND_WORDS[kind]} of client {client} from rank {src}"
+        origin = f"{_about(kind, client)} from rank {src}"
         if h[0] != _MAGIC or h[1] != _KIND_TAGS[kind]:
             raise self.error(f"{origin}: not a {kind} message header (got {h[:5]})")
         if h[2] != self.round or h[3] != client:
@@ -486,7 +493,8 @@ class Transport:
         while not self._stop.is_set():
             n += 1
             try:
-                self.store.set(f"fsl_fast/hb/{self.rank}", f"{n}:{self.round}")
+                with self.store_lock:
+                    self.store.set(f"fsl_fast/hb/{self.rank}", f"{n}:{self.round}")
             except Exception:  # noqa: BLE001 - the store going away is reported by the waits
                 return
             self._stop.wait(_HEARTBEAT_S)
@@ -494,10 +502,13 @@ class Transport:
     def _heartbeats(self) -> dict[int, str] | None:
         vals = {}
         try:
-            for r in range(self.topo.world_size):
-                key = f"fsl_fast/hb/{r}"
-                if r != self.rank:
-                    vals[r] = self.store.get(key).decode() if self.store.check([key]) else ""
+            with self.store_lock:
+                for r in range(self.topo.world_size):
+                    key = f"fsl_fast/hb/{r}"
+                    if r != self.rank:
+                        vals[r] = self.store.get(key).decode() if self.store.check([key]) else ""
+                        if self.store.check([f"fsl_fast/exit/{r}"]):
+                            vals[r] = "exited"
         except Exception:  # noqa: BLE001 - no store: no diagnosis
             return None
         return vals
@@ -514,11 +525,8 @@ class Transport:
             return []
         out = []
         for r, v in after.items():
-            try:
-                if self.store.check([f"fsl_fast/exit/{r}"]):
-                    continue  # it reported its own error and exited
-            except Exception:  # noqa: BLE001
-                return []
+            if v == "exited":
+                continue  # it reported its own error and exited
             if v == before.get(r):
                 rd = int(v.split(":")[1]) if ":" in v else None
                 seen = ("never seen" if rd is None else "last seen before round 0" if rd < 0
@@ -545,7 +553,7 @@ def _die(msg: str, code: int) -> None:
     first tell the peers, through the store, that this rank exited on purpose."""
     try:
         for tr in _ACTIVE:
-            if tr.store is not None:
+            if tr.store is not None and tr.store_lock.acquire(timeout=2.0):
                 tr.store.set(f"fsl_fast/exit/{tr.rank}", "1")
     except Exception:  # noqa: BLE001 - best effort
         pass

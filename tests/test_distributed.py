@@ -145,6 +145,31 @@ def test_distributed_equals_in_process(tmp_path, case):
         assert dm[0]["wire_up_smashed"] == 0
 
 
+def test_batchnorm_models_average_exactly(tmp_path):
+    """ResNet-18 halves carry BatchNorm (integer num_batches_tracked buffers) and a convolutional
+    auxiliary; uneven client weights; 3 clients on 2 client ranks."""
+    from fsl_fast.models import build_split_model
+
+    args = ["--algorithm", "cse_fsl", "--rounds", "2", "--dataset", "synthetic:3x32x32", "--model", "resnet18",
+            "--clients", "3", "--batch-size", "64", "--partition", "dirichlet", "--alpha", "0.5",
+            "--schedule", "parallel", "--threads", "1", "--no-progress"]
+    out = tmp_path / "dist"
+    rc, _, err = _run(args + ["--out", str(out), "--dist-timeout", "120"])
+    assert rc == 0, err[-3000:]
+    dm = _metrics(out)
+    _same_metrics(dm, _local(tmp_path, args))
+    split = build_split_model("resnet18", (3, 32, 32), 10)
+    for name, mod, kind in (("client", split.client, "client_model"), ("aux", split.aux, "aux_model")):
+        sd = mod.state_dict()
+        q = sum(v.numel() for v in sd.values() if not v.is_floating_point())
+        assert q > 0, name
+        nbytes = sum(v.numel() * v.element_size() for v in sd.values())
+        # ledger: 3 clients x the model with int64 counters; wire: 2 client ranks x one float32
+        # running sum whose integer part travels as float32 (4 bytes, not 8)
+        assert dm[1][f"bytes_up_{kind}"] == 3 * nbytes
+        assert dm[1][f"wire_up_{kind}"] == dm[1][f"wire_down_{kind}"] == 2 * (nbytes - 4 * q)
+
+
 def test_allreduce_fedavg_matches_within_rounding(tmp_path):
     args = ["--algorithm", "cse_fsl", "--rounds", "2", "--partition", "dirichlet", "--alpha", "0.5"] + TINY
     out = tmp_path / "dist"
