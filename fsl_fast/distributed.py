@@ -291,6 +291,7 @@ class Transport:
         self.round = -1
         self.phase = "startup"
         self._pending: list = []  # (work, tensors kept alive until the send completes)
+        self._deferred: list = []  # sends to post at the next post_deferred()
         self.blocked: tuple[float, str] | None = None
         self.sent: dict[tuple[str, str], int] = {}
         self.received: dict[tuple[str, str], int] = {}
@@ -359,6 +360,15 @@ class Transport:
         for (lk, _), t in zip(items, tensors):
             key = (direction, lk)
             self.sent[key] = self.sent.get(key, 0) + t.numel() * t.element_size()
+
+    def defer_send(self, *args) -> None:
+        """``send`` later, at ``post_deferred`` (same arguments)."""
+        self._deferred.append(args)
+
+    def post_deferred(self) -> None:
+        deferred, self._deferred = self._deferred, []
+        for args in deferred:
+            self.send(*args)
 
     def recv(self, src: int, kind: str, client: int, specs, direction: str) -> list[torch.Tensor]:
         """Receive one message from ``src``. ``specs``: one (ledger kind, shape, dtype, check) per
@@ -612,6 +622,7 @@ class DistributedEngine:
         return self._spread(len(ks), idx, zs)
 
     def client_backward(self, ks, zs, grads):
+        self.t.post_deferred()
         idx, lk, (lz, lg) = self._local(ks, zs, grads)
         lg = [g.wait() if isinstance(g, _PendingRecv) else g for g in lg]
         if lk:
@@ -836,7 +847,10 @@ class _DistributedMessages:
     def send_gradient(self, k, g):
         topo, t = self.dist_topo, self.dist_transport
         if topo.is_server:
-            t.send(topo.owner(k), "gradients", k, [("gradients", g)], "down")
+            # Posted after this iteration's last upload has been received (client_backward):
+            # NCCL runs the point-to-point operations of a pair of ranks on one stream in posting
+            # order, so sending g_0 before receiving z_1 from the same rank would deadlock.
+            t.defer_send(topo.owner(k), "gradients", k, [("gradients", g)], "down")
             self.ledger.add("down", "gradients", g.numel() * g.element_size())
             return None
         if not topo.hosts(k):
