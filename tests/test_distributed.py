@@ -263,6 +263,10 @@ def test_killed_client_rank_fails_cleanly_then_resumes(tmp_path):
     # ranks' previous round, kept until the next commit).
     shards = sorted(p.name for p in (out / "checkpoints").glob("dist-rank*.pt"))
     assert f"dist-rank0-round{rounds - 1}.pt" in shards and len(shards) == 5, shards
+    # Another world size cannot continue it (the clients' states live in the 3 ranks' shards).
+    rc, _, err = _run(["--resume", str(out), "--rounds", str(rounds + 1), "--no-progress"], nproc=2)
+    assert rc != 0 and "relaunch with 3 (got 2)" in err, err[-3000:]
+    assert len(_metrics(out)) == rounds
 
 
 def test_without_torchrun_is_a_one_line_error(tmp_path):
