@@ -5,6 +5,7 @@ resumes from the last committed round. Plus in-process checks of the pieces (blo
 received-tensor checks, flat model state)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -275,6 +276,20 @@ def test_without_torchrun_is_a_one_line_error(tmp_path):
                           + TINY, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "torchrun" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--dist-timeout", "0"], "--dist-timeout"),
+    (["--dist-timeout", "nan"], "--dist-timeout"),
+    (["--dist-fedavg", "tree"], "invalid choice"),
+])
+def test_bad_distributed_options(tmp_path, capsys, argv, needle):
+    out = tmp_path / "r"
+    with pytest.raises(SystemExit) if "invalid choice" in needle else contextlib.nullcontext():
+        assert main(["--distributed", "--out", str(out)] + TINY + argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err, err
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------------------------------------
