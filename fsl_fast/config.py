@@ -15,6 +15,7 @@ SCHEDULES = ("sequential", "parallel")
 DATASETS = ("mnist5k", "cifar10", "cifar100", "synthetic")
 PARTITIONS = ("iid", "dirichlet")
 QUANTIZE = ("none", "int8", "int4")
+DIST_FEDAVG = ("ordered", "allreduce")  # distributed FedAvg: chain in client order | one all-reduce
 
 
 class ConfigError(ValueError):
@@ -53,6 +54,10 @@ class Config:
     device: str = "cpu"
     threads: int = 0
     eval_batch_size: int = 1000
+    # distributed runtime (fsl_fast/distributed.py; launched by torchrun)
+    distributed: bool = False
+    dist_timeout: float = 300.0
+    dist_fedavg: str = "ordered"
     extra: dict = field(default_factory=dict)
 
     # -- resolution --------------------------------------------------------------------------
@@ -81,6 +86,7 @@ class Config:
         choice("partition", PARTITIONS)
         choice("quantize", QUANTIZE)
         choice("client_batching", ("auto", "loop", "vmap"))
+        choice("dist_fedavg", DIST_FEDAVG)
         from fsl_fast.models import AUX_NAMES, MODEL_NAMES
 
         choice("model", MODEL_NAMES)
@@ -110,6 +116,8 @@ class Config:
             raise ConfigError(f"--quantize-group-size: must be >= 0, got {self.quantize_group_size}")
         if self.quantize == "int4" and self.quantize_group_size % 2:
             raise ConfigError(f"--quantize-group-size: int4 needs an even group size, got {self.quantize_group_size}")
+        if not (self.dist_timeout > 0 and self.dist_timeout < float("inf")):
+            raise ConfigError(f"--dist-timeout: must be a positive number of seconds, got {self.dist_timeout!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"--device: expected cpu or cuda[:N], got {self.device!r}")
         if self.device.startswith("cuda"):

@@ -7,7 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-from fsl_fast.config import ALGORITHMS, DATASETS, PARTITIONS, QUANTIZE, SCHEDULES, Config, ConfigError
+from fsl_fast.config import (ALGORITHMS, DATASETS, DIST_FEDAVG, PARTITIONS, QUANTIZE, SCHEDULES, Config,
+                             ConfigError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
       help="fused engine: run clients one by one (loop) or as one vmapped computation (auto: vmap on CUDA)")
     a("--device", default=None, help="cpu (default) | cuda[:N]")
     a("--threads", type=int, default=None, help="torch intra-op threads (0 = torch default)")
+    a("--distributed", action="store_true", default=None,
+      help="distributed runtime: launch with torchrun; rank 0 = server, ranks 1.. host the clients")
+    a("--dist-timeout", type=float, default=None, help="seconds a rank waits for a peer before failing (300)")
+    a("--dist-fedavg", choices=DIST_FEDAVG, default=None, help="ordered (default: running sum passed "
+      "through the client ranks in client order, bit-equal to the in-process run) | allreduce (one all-reduce)")
     a("--out", default=None, help="run directory (default runs/<algorithm>-<time>)")
     a("--resume", default=None, metavar="DIR", help="continue the run in DIR (its config; --rounds and "
       "--comm-budget-gib may be raised)")
@@ -56,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-RESUME_OVERRIDABLE = ("rounds", "comm_budget_gib", "threads", "device")
+RESUME_OVERRIDABLE = ("rounds", "comm_budget_gib", "threads", "device", "dist_timeout")
 
 
 def main(argv=None) -> int:
@@ -85,9 +91,14 @@ def main(argv=None) -> int:
                 raise ConfigError(f"--out: {out} already holds a run; use --resume {out} or another --out")
         if cfg.data_dir is not None and not Path(cfg.data_dir).is_dir():
             raise ConfigError(f"--data-dir: {cfg.data_dir} is not a directory")
-        from fsl_fast.runner import train
+        if cfg.distributed:  # one process per rank under torchrun; results on rank 0 only
+            from fsl_fast.distributed import train_distributed as train
+        else:
+            from fsl_fast.runner import train
 
         results = train(cfg, out, resume=bool(args.resume), progress=not args.no_progress)
+        if results is None:
+            return 0
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

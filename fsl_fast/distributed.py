@@ -1,0 +1,1092 @@
+"""Distributed runtime: server and clients in separate processes (or machines) on torch.distributed.
+
+Launch with torchrun (docs/distributed.md has the multi-machine form)::
+
+    torchrun --nproc-per-node 3 -m fsl_fast.train --distributed --schedule parallel ...
+
+Design (SPMD). Every rank builds the same :class:`fsl_fast.runner.Run` from the same config and
+seed (same data, partition and initial models; rank 0 checks a config fingerprint) and executes
+the same :class:`Algorithm` round loop. Rank 0 is the server and the FedAvg aggregator; ranks
+1..R-1 host the clients in contiguous blocks (``client_blocks``). :func:`attach` turns the Run into
+this rank's part:
+
+- :class:`DistributedEngine` wraps whatever engine ``build_engine`` returned (reference or fused).
+  Client operations run only on the rank hosting the client, server operations only on rank 0;
+  alignment sends each aligned auxiliary model down; FedAvg moves flat [P] buffers in which each
+  client rank has pre-reduced its own clients (``--dist-fedavg``: ``ordered``, the running sum
+  passed rank 1 -> ... -> R-1 -> 0 so every addition happens in the in-process order, bit-equal
+  results; or ``allreduce``, one all-reduce, equal up to float32 reassociation), then rank 0
+  broadcasts the average.
+- :func:`distributed_algorithm` subclasses the algorithm so that its message hooks
+  (``send_smashed``, ``send_gradient``, ``align``) move real tensors through :class:`Transport`
+  (isend/irecv; gloo on CPU, NCCL on GPU): smashed data (or int8/int4 codes + scales) and labels
+  up, SplitFed gradients down.
+- Loaders of clients hosted elsewhere become :class:`_RemoteBatches` (batch sizes only; on the
+  server the labels are the receive buffers of the uplink).
+
+Every message is a fixed-size int64 header (kind, round, client, dtype and shape of each tensor)
+followed by the tensors. The receiver checks the header against what the SPMD program expects
+and the payload for finiteness (labels: range) before use, and raises :class:`DistributedError`
+naming the sender rank, the client and the round.
+
+Accounting. The ledger on rank 0 counts exactly what the in-process run counts (so metrics agree).
+The transport counts the payload bytes each rank puts on the wire; they are summed on rank 0 each
+round into ``wire_*`` metrics. Per-client messages (smashed data, labels, gradients, auxiliary
+downlink) equal the ledger byte for byte; the model exchange differs on purpose: the ledger counts
+every client's upload and download (the papers' convention), the wire carries one pre-reduced
+buffer per client rank each way.
+
+Faults. Every wait has the ``--dist-timeout``; a peer that dies closes its sockets and the waiting
+ranks fail at once, a peer that stalls makes them time out. Each rank writes a heartbeat into the
+launcher's store, so the error names the rank that stopped and the round. A watchdog thread ends
+the process if a wait outlives the timeout anyway, and SIGTERM from torchrun (which stops the
+survivors when one worker fails) is reported with the round. Checkpoints are per-rank shards
+committed by rank 0 after a barrier (``checkpoints/dist.json``); ``--resume`` continues from the last
+committed round.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from fsl_fast.config import ConfigError
+
+__all__ = [
+    "DistributedError",
+    "Topology",
+    "client_blocks",
+    "Transport",
+    "DistributedEngine",
+    "distributed_algorithm",
+    "attach",
+    "train_distributed",
+    "flatten_state",
+    "unflatten_state",
+    "MANIFEST",
+]
+
+MANIFEST = "checkpoints/dist.json"
+HEADER_LEN = 32
+_MAGIC = 0x46534C46  # "FSLF"
+_MAX_TENSORS = 3
+_MAX_DIMS = 6
+# Message kinds -> tag base. Tags keep the streams of one (sender, receiver) pair apart; messages
+# of one kind between one pair are matched in program order, which SPMD makes identical.
+_KIND_TAGS = {"smashed": 1, "gradients": 2, "aux_model": 3, "model_sum": 4}
+_KIND_WORDS = {"smashed": "smashed data", "gradients": "cut-layer gradient", "aux_model": "auxiliary model",
+               "model_sum": "running FedAvg sum"}
+_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.uint8,
+           torch.int32, torch.int64]
+_DTYPE_CODE = {d: i + 1 for i, d in enumerate(_DTYPES)}
+WIRE_KINDS = ("smashed", "labels", "gradients", "client_model", "aux_model", "server_model")
+_HEARTBEAT_S = 0.25
+
+
+class DistributedError(RuntimeError):
+    """A peer failed, stalled, or sent something the protocol did not expect."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Who hosts whom
+
+
+def client_blocks(num_clients: int, world_size: int) -> list[range]:
+    """Clients of each rank: rank 0 (the server) none, ranks 1..R-1 contiguous blocks whose sizes
+    differ by at most one (the first ``m % (R-1)`` client ranks take one more)."""
+    if world_size < 2:
+        raise ConfigError(f"--distributed: needs at least 2 processes (server + 1 client rank), "
+                          f"got world size {world_size}")
+    nr = world_size - 1
+    if num_clients < nr:
+        raise ConfigError(f"--clients: {num_clients} clients cannot fill {nr} client ranks; "
+                          f"use at least {nr} clients or fewer processes")
+    base, extra = divmod(num_clients, nr)
+    out, start = [range(0)], 0
+    for r in range(nr):
+        n = base + (1 if r < extra else 0)
+        out.append(range(start, start + n))
+        start += n
+    return out
+
+
+class Topology:
+    def __init__(self, rank: int, world_size: int, num_clients: int):
+        self.rank = rank
+        self.world_size = world_size
+        self.blocks = client_blocks(num_clients, world_size)
+        self._owner = {k: r for r, b in enumerate(self.blocks) for k in b}
+
+    @property
+    def is_server(self) -> bool:
+        return self.rank == 0
+
+    def owner(self, k: int) -> int:
+        return self._owner[k]
+
+    def hosts(self, k: int) -> bool:
+        return self._owner[k] == self.rank
+
+    @property
+    def local_clients(self) -> range:
+        return self.blocks[self.rank]
+
+
+# ---------------------------------------------------------------------------------------------
+# Flat model state (the wire format of a model). Kept here, small, until the engines expose
+# fsl_fast.flat layouts: floating entries in state_dict order as one float32 [P] vector, integer
+# entries (BatchNorm's num_batches_tracked) as one int64 [Q] vector.
+
+
+def flatten_state(sd) -> tuple[torch.Tensor, torch.Tensor, list]:
+    floats, ints, spec = [], [], []
+    for name, v in sd.items():
+        spec.append((name, tuple(v.shape), v.dtype))
+        (floats if v.is_floating_point() else ints).append(v.reshape(-1))
+    dev = next(iter(sd.values())).device
+    f = torch.cat([t.to(torch.float32) for t in floats]) if floats else torch.zeros(0, device=dev)
+    i = torch.cat([t.to(torch.int64) for t in ints]) if ints else torch.zeros(0, dtype=torch.int64, device=dev)
+    return f, i, spec
+
+
+def unflatten_state(f: torch.Tensor, i: torch.Tensor, spec) -> dict:
+    out, fo, io = {}, 0, 0
+    for name, shape, dtype in spec:
+        n = math.prod(shape)
+        if dtype.is_floating_point:
+            out[name] = f[fo:fo + n].view(shape).to(dtype)
+            fo += n
+        else:
+            out[name] = i[io:io + n].view(shape).to(dtype)
+            io += n
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-client model access. The engine interface has no per-client state, so the runtime asks the
+# engine for flat vectors: one model = float32 [P] (floating state) + int64 [Q] (integer buffers),
+# in a layout that is the same on every rank (every rank runs the same engine type). An engine may
+# offer ``distributed_models()`` returning an object with the three methods below; the reference
+# engine (modules, state_dict order) and the fused engine (rows of its FlatClients buffers) are
+# adapted here.
+
+
+class _ModuleListModels:
+    """Reference engine: one nn.Module per client; the flat vector is the state_dict order."""
+
+    def __init__(self, engine):
+        self.e = engine
+        self._spec: dict[str, list] = {}
+
+    def _copies(self, kind):
+        e = self.e
+        return {"client": (e.clients, [e.client_global]),
+                "server": (e.servers, [e.server_global]),
+                "aux": (e.auxes, [])}[kind]
+
+    def flat(self, kind: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        copies, _ = self._copies(kind)
+        f, i, self._spec[kind] = flatten_state(copies[k if len(copies) > 1 else 0].state_dict())
+        return f, i
+
+    def _sd(self, kind, f, i):
+        if kind not in self._spec:
+            self.flat(kind, 0)
+        return unflatten_state(f, i, self._spec[kind])
+
+    def load_one(self, kind: str, k: int, f: torch.Tensor, i: torch.Tensor) -> None:
+        copies, _ = self._copies(kind)
+        copies[k].load_state_dict(self._sd(kind, f, i))
+
+    def load_all(self, kind: str, f: torch.Tensor, i: torch.Tensor) -> None:
+        sd = self._sd(kind, f, i)
+        copies, globals_ = self._copies(kind)
+        for mod in list(copies) + globals_:
+            mod.load_state_dict(sd)
+
+
+class _FlatStackModels:
+    """Fused engine: K clients' models are rows of FlatClients buffers [K, P] / [K, Q]."""
+
+    def __init__(self, engine):
+        self.e = engine
+
+    def _stack(self, kind):
+        st = {"client": self.e.clients, "server": self.e.servers, "aux": self.e.aux}[kind]
+        if st is None:
+            raise DistributedError(f"the fused engine keeps no per-client {kind} models")
+        return st
+
+    def flat(self, kind: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        fc = self._stack(kind).flat
+        return fc.buffer[k].float(), fc.int_buffers[k]
+
+    @torch.no_grad()
+    def load_one(self, kind: str, k: int, f: torch.Tensor, i: torch.Tensor) -> None:
+        fc = self._stack(kind).flat
+        fc.buffer[k].copy_(f)
+        fc.int_buffers[k].copy_(i)
+
+    @torch.no_grad()
+    def load_all(self, kind: str, f: torch.Tensor, i: torch.Tensor) -> None:
+        st = self._stack(kind)
+        fc = st.flat
+        fc.buffer.copy_(f.expand_as(fc.buffer))
+        fc.int_buffers.copy_(i.expand_as(fc.int_buffers))
+        fc.global_buffer.copy_(f)
+        fc.global_int_buffer.copy_(i)
+        fc.load_into(st.global_mod)
+
+
+def model_access(engine):
+    if hasattr(engine, "distributed_models"):
+        return engine.distributed_models()
+    from fsl_fast.engines.reference import ReferenceEngine
+
+    if isinstance(engine, ReferenceEngine):
+        return _ModuleListModels(engine)
+    if type(engine).__name__ == "FusedEngine":
+        return _FlatStackModels(engine)
+    raise DistributedError(
+        f"{type(engine).__name__} gives no per-client model access: implement distributed_models() "
+        "returning an object with flat(kind, k) -> (float32 [P], int64 [Q]), load_one(kind, k, f, i) "
+        "and load_all(kind, f, i), kind in client/server/aux")
+
+
+# ---------------------------------------------------------------------------------------------
+# Transport
+
+
+def _short(e: BaseException) -> str:
+    s = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "] " in s and s.startswith("["):  # strip gloo's "[file.cc:123] " prefix
+        s = s.split("] ", 1)[1]
+    return s.split(". This is typically", 1)[0][:300]
+
+
+def _about(kind: str, client: int) -> str:
+    return _KIND_WORDS[kind] + (f" of client {client}" if client >= 0 else "")
+
+
+class Transport:
+    """Point-to-point messages and collectives with headers, checks, timeouts and byte counters.
+
+    ``where`` (round, phase) is set by the runtime so every error names the round."""
+
+    def __init__(self, topo: Topology, device: torch.device, timeout_s: float, store=None):
+        self.topo = topo
+        self.rank = topo.rank
+        self.device = torch.device(device)
+        self.timeout_s = float(timeout_s)
+        self.round = -1
+        self.phase = "startup"
+        self._pending: list = []  # (work, tensors kept alive until the send completes)
+        self._deferred: list = []  # sends to post at the next post_deferred()
+        self.blocked: tuple[float, str] | None = None
+        self.sent: dict[tuple[str, str], int] = {}
+        self.received: dict[tuple[str, str], int] = {}
+        self.header_bytes = 0
+        self.store = store
+        # One store client serves the heartbeat thread, error paths and the SIGTERM handler; the
+        # lock is reentrant because the handler may interrupt the main thread inside it.
+        self.store_lock = threading.RLock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # -- where we are, for messages -----------------------------------------------------------
+    def where(self) -> str:
+        return f"round {self.round}" if self.round >= 0 else self.phase
+
+    def error(self, what: str, cause: BaseException | None = None, probe: bool = False) -> DistributedError:
+        """The error to raise; failures of the network (``cause``, ``probe``) also name the ranks
+        whose heartbeat stopped."""
+        msg = f"rank {self.rank}: {what} in {self.where()}"
+        if cause is not None:
+            msg += f": {_short(cause)}"
+        silent = self.silent_peers() if (cause is not None or probe) else []
+        if silent:
+            msg += f" [no heartbeat from rank {', '.join(silent)}: it stopped or died]"
+        return DistributedError(msg)
+
+    def _wait(self, work, what: str) -> None:
+        self.blocked = (time.monotonic(), what)
+        try:
+            ok = work.wait(timeout=datetime.timedelta(seconds=self.timeout_s))
+            if self.device.type == "cuda":
+                # NCCL's wait only orders the stream; block here, where the watchdog can see it.
+                torch.cuda.current_stream(self.device).synchronize()
+        except RuntimeError as e:
+            raise self.error(what + " failed", e) from None
+        finally:
+            self.blocked = None
+        if ok is False:
+            raise self.error(f"{what} timed out after {self.timeout_s:g} s", probe=True)
+
+    # -- point to point ------------------------------------------------------------------------
+    def _header(self, kind: str, client: int, tensors) -> torch.Tensor:
+        h = [_MAGIC, _KIND_TAGS[kind], self.round, client, len(tensors)]
+        for t in tensors:
+            h += [_DTYPE_CODE[t.dtype], t.dim()] + list(t.shape) + [0] * (_MAX_DIMS - t.dim())
+        h += [0] * (HEADER_LEN - len(h))
+        return torch.tensor(h, dtype=torch.int64, device=self.device)
+
+    def send(self, dst: int, kind: str, client: int, items: list[tuple[str, torch.Tensor]],
+             direction: str) -> None:
+        """Post a message (header then tensors) to ``dst``; returns at once. ``items`` are
+        (ledger kind, tensor) pairs; their bytes are counted under ``direction``."""
+        tensors = [t.contiguous() for _, t in items]
+        if len(tensors) > _MAX_TENSORS or any(t.dim() > _MAX_DIMS for t in tensors):
+            raise ValueError(f"transport: at most {_MAX_TENSORS} tensors of at most {_MAX_DIMS} dims")
+        base = _KIND_TAGS[kind] * 8
+        hdr = self._header(kind, client, tensors)
+        what = f"sending the {_about(kind, client)} to rank {dst}"
+        try:
+            works = [dist.isend(hdr, dst, tag=base)]
+            works += [dist.isend(t, dst, tag=base + 1 + j) for j, t in enumerate(tensors)]
+        except RuntimeError as e:
+            raise self.error(what + " failed", e) from None
+        self._pending.append((works, [hdr] + tensors, what))
+        self.header_bytes += hdr.numel() * hdr.element_size()
+        for (lk, _), t in zip(items, tensors):
+            key = (direction, lk)
+            self.sent[key] = self.sent.get(key, 0) + t.numel() * t.element_size()
+
+    def defer_send(self, *args) -> None:
+        """``send`` later, at ``post_deferred`` (same arguments)."""
+        self._deferred.append(args)
+
+    def post_deferred(self) -> None:
+        deferred, self._deferred = self._deferred, []
+        for args in deferred:
+            self.send(*args)
+
+    def recv(self, src: int, kind: str, client: int, specs, direction: str) -> list[torch.Tensor]:
+        """Receive one message from ``src``. ``specs``: one (ledger kind, shape, dtype, check) per
+        tensor, check in (None, "finite", ("labels", num_classes)). Validates before returning."""
+        base = _KIND_TAGS[kind] * 8
+        what = f"waiting for the {_about(kind, client)} from rank {src}"
+        hdr = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
+        self._wait(self._irecv(hdr, src, base, what), what)
+        h = hdr.tolist()
+        origin = f"{_about(kind, client)} from rank {src}"
+        if h[0] != _MAGIC or h[1] != _KIND_TAGS[kind]:
+            raise self.error(f"{origin}: not a {kind} message header (got {h[:5]})")
+        if h[2] != self.round or h[3] != client:
+            raise self.error(f"{origin}: message belongs to round {h[2]}, client {h[3]} "
+                             "(the ranks are out of step)")
+        if h[4] != len(specs):
+            raise self.error(f"{origin}: expected {len(specs)} tensors, got {h[4]}")
+        out = []
+        for j, (lk, shape, dtype, check) in enumerate(specs):
+            o = 5 + j * (2 + _MAX_DIMS)
+            code, nd = h[o], h[o + 1]
+            got_dtype = _DTYPES[code - 1] if 1 <= code <= len(_DTYPES) else f"dtype code {code}"
+            got_shape = tuple(h[o + 2:o + 2 + nd]) if 0 <= nd <= _MAX_DIMS else f"{nd} dims"
+            if got_dtype != dtype or got_shape != tuple(shape):
+                raise self.error(f"{origin}: tensor {j} ({lk}) expected shape {tuple(shape)} "
+                                 f"{dtype}, got {got_shape} {got_dtype}")
+            t = torch.empty(shape, dtype=dtype, device=self.device)
+            self._wait(self._irecv(t, src, base + 1 + j, what), what)
+            if check == "finite" and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise self.error(f"{origin}: tensor {j} ({lk}, shape {tuple(shape)}) has {bad} "
+                                 "non-finite values")
+            if isinstance(check, tuple) and check[0] == "labels" and t.numel():
+                lo, hi = int(t.min()), int(t.max())
+                if lo < 0 or hi >= check[1]:
+                    raise self.error(f"{origin}: labels must lie in [0, {check[1]}), got [{lo}, {hi}]")
+            key = (direction, lk)
+            self.received[key] = self.received.get(key, 0) + t.numel() * t.element_size()
+            out.append(t)
+        return out
+
+    def _irecv(self, t, src, tag, what):
+        try:
+            return dist.irecv(t, src, tag=tag)
+        except RuntimeError as e:
+            raise self.error(what + " failed", e) from None
+
+    def flush(self) -> None:
+        """Wait for every posted send (so its buffers may be reused or freed)."""
+        pending, self._pending = self._pending, []
+        for works, _keep, what in pending:
+            for w in works:
+                self._wait(w, what)
+
+    # -- collectives ---------------------------------------------------------------------------
+    def all_reduce_sum(self, t: torch.Tensor, what: str) -> None:
+        try:
+            work = dist.all_reduce(t, op=dist.ReduceOp.SUM, async_op=True)
+        except RuntimeError as e:
+            raise self.error(what + " failed", e) from None
+        self._wait(work, what)
+
+    def broadcast_tensor(self, x: torch.Tensor, what: str) -> None:
+        """Rank 0's ``x`` into ``x`` on every rank (not counted here: see DistributedEngine)."""
+        try:
+            work = dist.broadcast(x, src=0, async_op=True)
+        except RuntimeError as e:
+            raise self.error(what + " failed", e) from None
+        self._wait(work, what)
+
+    def barrier(self, what: str) -> None:
+        self.all_reduce_sum(torch.zeros(1, device=self.device), what)
+
+    def broadcast_object(self, obj, what: str):
+        """Rank 0's ``obj`` on every rank (pickled; control messages only)."""
+        box = [obj]
+        self.blocked = (time.monotonic(), what)
+        try:
+            dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
+        except RuntimeError as e:
+            raise self.error(what + " failed", e) from None
+        finally:
+            self.blocked = None
+        return box[0]
+
+    def count(self, direction: str, kind: str, nbytes: int) -> None:
+        """Count a collective's payload as logical messages (see the module doc): what a client
+        rank contributes to an all-reduce goes up, what each client rank gets back comes down."""
+        key = (direction, kind)
+        self.sent[key] = self.sent.get(key, 0) + int(nbytes)
+        self.received[key] = self.received.get(key, 0) + int(nbytes)
+
+    def gather_counters(self) -> dict | None:
+        """Sum every rank's byte counters of this round on rank 0 (None elsewhere) and reset."""
+        keys = [(d, k) for d in ("up", "down") for k in WIRE_KINDS]
+        vec = [self.sent.get(key, 0) for key in keys] + [self.received.get(key, 0) for key in keys]
+        vec.append(self.header_bytes)
+        t = torch.tensor(vec, dtype=torch.int64, device=self.device)
+        self.all_reduce_sum(t, "summing the byte counters")
+        self.sent, self.received, self.header_bytes = {}, {}, 0
+        if self.rank != 0:
+            return None
+        v = t.tolist()
+        n = len(keys)
+        out = {f"wire_{d}_{k}": v[i] for i, (d, k) in enumerate(keys)}
+        out["wire_sent_bytes"] = sum(v[:n])
+        out["wire_received_bytes"] = sum(v[n:2 * n])
+        out["wire_header_bytes"] = v[-1]
+        return out
+
+    # -- liveness ------------------------------------------------------------------------------
+    def start_liveness(self) -> None:
+        """Heartbeat thread (writes this rank's counter into the launcher's store) and watchdog
+        thread (ends the process when a wait outlives the timeout by a margin)."""
+        if self.store is not None:
+            self._threads.append(threading.Thread(target=self._heartbeat, daemon=True))
+        self._threads.append(threading.Thread(target=self._watchdog, daemon=True))
+        for th in self._threads:
+            th.start()
+
+    def stop_liveness(self) -> None:
+        """Stop and join the threads: a daemon thread inside a store call when the interpreter
+        shuts down aborts the process (SIGABRT, seen in tests)."""
+        self._stop.set()
+        for th in self._threads:
+            if th is not threading.current_thread():
+                th.join(timeout=10)
+        self._threads = []
+
+    def _heartbeat(self) -> None:
+        n = 0
+        while not self._stop.is_set():
+            n += 1
+            try:
+                with self.store_lock:
+                    self.store.set(f"fsl_fast/hb/{self.rank}", f"{n}:{self.round}")
+            except Exception:  # noqa: BLE001 - the store going away is reported by the waits
+                return
+            self._stop.wait(_HEARTBEAT_S)
+
+    def _heartbeats(self) -> dict[int, str] | None:
+        vals = {}
+        try:
+            with self.store_lock:
+                for r in range(self.topo.world_size):
+                    key = f"fsl_fast/hb/{r}"
+                    if r != self.rank:
+                        vals[r] = self.store.get(key).decode() if self.store.check([key]) else ""
+                        if self.store.check([f"fsl_fast/exit/{r}"]):
+                            vals[r] = "exited"
+        except Exception:  # noqa: BLE001 - no store: no diagnosis
+            return None
+        return vals
+
+    def silent_peers(self, window_s: float = 4 * _HEARTBEAT_S) -> list[str]:
+        """Ranks whose heartbeat does not move during ``window_s`` (called on error paths only):
+        ``["2 (last seen in round 3)", ...]``."""
+        if self.store is None:
+            return []
+        before = self._heartbeats()
+        time.sleep(window_s)
+        after = self._heartbeats()
+        if before is None or after is None:
+            return []
+        out = []
+        for r, v in after.items():
+            if v == "exited":
+                continue  # it reported its own error and exited
+            if v == before.get(r):
+                rd = int(v.split(":")[1]) if ":" in v else None
+                seen = ("never seen" if rd is None else "last seen before round 0" if rd < 0
+                        else f"last seen in round {rd}")
+                out.append(f"{r} ({seen})")
+        return out
+
+    def _watchdog(self) -> None:
+        grace = min(30.0, 0.25 * self.timeout_s) + 2.0
+        while not self._stop.wait(1.0):
+            b = self.blocked
+            if b is not None and time.monotonic() - b[0] > self.timeout_s + grace:
+                silent = self.silent_peers()
+                extra = f"; no heartbeat from rank {', '.join(silent)}" if silent else ""
+                _die(f"rank {self.rank}: no progress for {time.monotonic() - b[0]:.0f} s while "
+                     f"{b[1]} in {self.where()}{extra}; exiting", 1)
+
+
+_ACTIVE: list = []  # the Transport of this process, so that _die can leave word in the store
+
+
+def _die(msg: str, code: int) -> None:
+    """Print one line and end the process now (threads and gloo teardown could otherwise hang);
+    first tell the peers, through the store, that this rank exited on purpose."""
+    try:
+        for tr in _ACTIVE:
+            if tr.store is not None and tr.store_lock.acquire(timeout=2.0):
+                tr.store.set(f"fsl_fast/exit/{tr.rank}", "1")
+    except Exception:  # noqa: BLE001 - best effort
+        pass
+    try:
+        sys.stderr.write(f"error: {msg}\n")
+        sys.stderr.flush()
+        sys.stdout.flush()
+    finally:
+        os._exit(code)
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine wrapper
+
+
+class DistributedEngine:
+    """Wraps an engine: computes only what this rank owns; moves models across ranks.
+
+    Lists returned for ``ks`` hold ``None`` for clients hosted elsewhere; the algorithm only hands
+    them back to this wrapper or to the message hooks, which skip them."""
+
+    def __init__(self, inner, transport: Transport, topo: Topology, algorithm_cls):
+        self.inner = inner
+        self.t = transport
+        self.topo = topo
+        self.algo_cls = algorithm_cls
+        self.models = model_access(inner)
+        self.device = inner.device
+        self.z_shapes: dict[int, tuple] = {}
+        self.fedavg_mode = inner.cfg.dist_fedavg
+
+    def __getattr__(self, name):  # sizes, sync, eval_models, state_dict, ... of the inner engine
+        return getattr(self.inner, name)
+
+    def _local(self, ks, *lists):
+        idx = [i for i, k in enumerate(ks) if self.topo.hosts(k)]
+        return idx, [ks[i] for i in idx], [[lst[i] for i in idx] for lst in lists]
+
+    @staticmethod
+    def _spread(n, idx, values):
+        out = [None] * n
+        for i, v in zip(idx, values):
+            out[i] = v
+        return out
+
+    def begin_round(self, t: int) -> None:
+        self.t.round = t
+        self.inner.begin_round(t)
+
+    # -- client side ---------------------------------------------------------------------------
+    def client_forward(self, ks, xs):
+        idx, lk, (lx,) = self._local(ks, xs)
+        zs = self.inner.client_forward(lk, lx) if lk else []
+        for k, z in zip(lk, zs):
+            self.z_shapes[k] = tuple(z.shape)
+        return self._spread(len(ks), idx, zs)
+
+    def client_backward(self, ks, zs, grads):
+        self.t.post_deferred()
+        idx, lk, (lz, lg) = self._local(ks, zs, grads)
+        lg = [g.wait() if isinstance(g, _PendingRecv) else g for g in lg]
+        if lk:
+            self.inner.client_backward(lk, lz, lg)
+        self.t.flush()
+
+    def aux_estimate(self, ks, zs, ys):
+        idx, lk, (lz, ly) = self._local(ks, zs, ys)
+        return self._spread(len(ks), idx, self.inner.aux_estimate(lk, lz, ly) if lk else [])
+
+    def aux_local_step(self, ks, zs, ys):
+        idx, lk, (lz, ly) = self._local(ks, zs, ys)
+        return self._spread(len(ks), idx, self.inner.aux_local_step(lk, lz, ly) if lk else [])
+
+    def full_step(self, ks, xs, ys):
+        idx, lk, (lx, ly) = self._local(ks, xs, ys)
+        if lk:
+            self.inner.full_step(lk, lx, ly)
+
+    # -- server side ---------------------------------------------------------------------------
+    def server_step(self, k, z, y, want_grad=False):
+        if not self.topo.is_server:
+            return None
+        return self.inner.server_step(k, z, y, want_grad=want_grad)
+
+    def align(self, ks, data):
+        """Server aligns, then each aligned auxiliary goes down to its client's rank."""
+        if self.topo.is_server:
+            self.inner.align(ks, data)
+            for k in ks:
+                f, i = self.models.flat("aux", k)
+                items = [("aux_model", f)] + ([("aux_model", i)] if i.numel() else [])
+                self.t.send(self.topo.owner(k), "aux_model", k, items, "down")
+            self.t.flush()
+            return
+        for k in ks:
+            if not self.topo.hosts(k):
+                continue
+            f0, i0 = self.models.flat("aux", k)
+            specs = [("aux_model", tuple(f0.shape), torch.float32, "finite")]
+            if i0.numel():
+                specs.append(("aux_model", tuple(i0.shape), torch.int64, None))
+            got = self.t.recv(0, "aux_model", k, specs, "down")
+            self.models.load_one("aux", k, got[0], got[1] if len(got) > 1 else i0)
+
+    # -- aggregation ---------------------------------------------------------------------------
+    def aggregate(self, weights, clients=True, aux=False, servers=False):
+        kinds = (["client"] if clients else []) + (["aux"] if aux else [])
+        if servers and self.algo_cls.whole_model:
+            kinds.append("server")  # FedAvg: server halves are trained on the client ranks
+        elif servers and self.algo_cls.server_copies and self.topo.is_server:
+            # SplitFed v1: the per-client server copies live on rank 0; averaged there, unsent.
+            self.inner.aggregate(weights, clients=False, aux=False, servers=True)
+        for kind in kinds:
+            self._fedavg(kind, weights)
+
+    def _fedavg(self, kind: str, weights) -> None:
+        """Weighted average of every client's ``kind`` model as flat float32 [P] (plus float32 [Q]
+        for integer buffers, truncated at the end, as fsl_fast.ops.fedavg). Each client rank adds
+        ``x_k * w_k`` for its own clients in client order, then:
+
+        - ``ordered``: the running sum travels rank 1 -> 2 -> ... -> R-1 -> 0, so the additions
+          happen in exactly the in-process order (bit-equal results), then rank 0 broadcasts it;
+        - ``allreduce``: the per-rank partial sums are added by one all-reduce (log-depth, but the
+          float32 additions are grouped by rank: results drift from the in-process run in the last
+          bits, and training amplifies that over rounds).
+        """
+        topo, t = self.topo, self.t
+        rank, world = topo.rank, topo.world_size
+        # Every rank holds every model slot with the same layout, so any slot describes it.
+        f0, i0 = self.models.flat(kind, 0)
+        has_int = i0.numel() > 0
+        wire_kind = {"client": "client_model", "aux": "aux_model", "server": "server_model"}[kind]
+        specs = [(wire_kind, tuple(f0.shape), torch.float32, "finite")]
+        if has_int:
+            specs.append((wire_kind, tuple(i0.shape), torch.float32, "finite"))
+        ordered = self.fedavg_mode == "ordered"
+        if ordered and rank >= 2:
+            got = t.recv(rank - 1, "model_sum", -1, specs, "up")
+            acc, acc_i = got[0], (got[1] if has_int else torch.zeros(0, device=f0.device))
+        else:
+            acc = torch.zeros(f0.shape, dtype=torch.float32, device=f0.device)
+            acc_i = torch.zeros(i0.shape, dtype=torch.float32, device=f0.device)
+        for k in topo.local_clients:
+            f, i = self.models.flat(kind, k)
+            # The in-process order and roundings (fsl_fast.ops.fedavg): float32 products and sums
+            # in client order; integer buffers promoted to float32 the same way.
+            acc += f * float(weights[k])
+            if has_int:
+                acc_i += i * float(weights[k])
+        tensors = [acc] + ([acc_i] if has_int else [])
+        nbytes = sum(x.numel() * x.element_size() for x in tensors)
+        if ordered:
+            if rank >= 1:
+                t.send(rank + 1 if rank + 1 < world else 0, "model_sum", -1,
+                       [(wire_kind, x) for x in tensors], "up")
+                t.flush()
+            else:
+                tensors = t.recv(world - 1, "model_sum", -1, specs, "up")
+            for x in tensors:
+                t.broadcast_tensor(x, f"receiving the averaged {kind} model")
+        else:
+            for x in tensors:
+                t.all_reduce_sum(x, f"averaging the {kind} models")
+            if not topo.is_server:
+                t.count("up", wire_kind, nbytes)
+        if topo.is_server:
+            t.count("down", wire_kind, nbytes * (world - 1))
+        acc = tensors[0]
+        if not bool(torch.isfinite(acc).all()):
+            raise t.error(f"the averaged {kind} model is not finite")
+        # Integer buffers: truncation toward zero, as load_state_dict of the float32 sum does.
+        ints = tensors[1].to(torch.int64) if has_int else i0
+        self.models.load_all(kind, acc, ints)
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def evaluate(self, x, y, batch_size):
+        if not self.topo.is_server:
+            return float("nan"), float("nan")  # rank 0's record is broadcast after the round
+        return self.inner.evaluate(x, y, batch_size)
+
+
+class _PendingRecv:
+    """A gradient the client rank will receive when it needs it (in client_backward)."""
+
+    def __init__(self, fn):
+        self._fn = fn
+
+    def wait(self):
+        return self._fn()
+
+
+class _NullBuffer:
+    """Client ranks keep no alignment buffers (the server's copy is the one used)."""
+
+    def append(self, payload, y):
+        pass
+
+    def __len__(self):
+        return 0
+
+    def state_dict(self):
+        return {"chunks": []}
+
+    def load_state_dict(self, sd):
+        pass
+
+
+class _RemoteBatches:
+    """Stands in for the loader of a client hosted on another rank: the same number and sizes of
+    batches, no data. On the server the labels are receive buffers that the uplink fills in place
+    (initialized to -1 so that any use before the upload fails loudly)."""
+
+    def __init__(self, loader, device, placeholder_x):
+        self.n = loader.num_samples
+        self.bs = loader.batch_size
+        self.device = device
+        self.x = placeholder_x
+
+    def __len__(self):
+        return -(-self.n // self.bs)
+
+    def __iter__(self):
+        for i in range(0, self.n, self.bs):
+            yield self.x, torch.full((min(self.bs, self.n - i),), -1, dtype=torch.int64, device=self.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# The algorithm's message hooks
+
+
+class _DistributedMessages:
+    """Mixed in before an Algorithm class: its messages travel through the transport."""
+
+    dist_transport: Transport
+    dist_topo: Topology
+    dist_cut_shape: tuple
+    dist_num_classes: int
+
+    def send_smashed(self, k, z, y):
+        topo, t = self.dist_topo, self.dist_transport
+        owner = topo.owner(k)
+        quant = self._quant
+        # The stochastic-rounding key counts every upload of the round, on every rank.
+        seed = self._stochastic_seed(k) if quant is not None else 0
+        if topo.hosts(k):
+            z = z.detach()
+            if quant is None:
+                items = [("smashed", z)]
+            else:
+                p = quant.quantize(z, bits=self._bits(), group_size=self.cfg.quantize_group_size or None,
+                                   stochastic=self.cfg.stochastic_rounding, seed=seed)
+                items = [("smashed", p.codes), ("smashed", p.scales)]
+            t.send(0, "smashed", k, items + [("labels", y)], "up")
+            return None, None
+        if not topo.is_server:
+            return None, None
+        b = int(y.shape[0])
+        shape = (b,) + tuple(self.dist_cut_shape)
+        labels = ("labels", (b,), torch.int64, ("labels", self.dist_num_classes))
+        if quant is None:
+            z_srv, y_in = t.recv(owner, "smashed", k, [("smashed", shape, torch.float32, "finite"), labels], "up")
+            payload = z_srv
+            nbytes = z_srv.numel() * z_srv.element_size()
+        else:
+            codes_shape, scales_shape, codes_dtype, gs = _quantized_shapes(shape, self._bits(),
+                                                                           self.cfg.quantize_group_size)
+            codes, scales, y_in = t.recv(owner, "smashed", k, [
+                ("smashed", codes_shape, codes_dtype, None),
+                ("smashed", scales_shape, torch.float32, "finite"), labels], "up")
+            payload = quant.QuantizedTensor(codes, scales, torch.Size(shape), torch.float32, self._bits(), gs)
+            nbytes = payload.nbytes
+            z_srv = quant.dequantize(payload)
+        y.copy_(y_in)  # the algorithm's y on the server is this upload's receive buffer
+        self.ledger.add("up", "smashed", nbytes)
+        self.ledger.add("up", "labels", y_in.numel() * y_in.element_size(), paper=False)
+        return z_srv, payload
+
+    def _bits(self) -> int:
+        return 8 if self.cfg.quantize == "int8" else 4
+
+    def send_gradient(self, k, g):
+        topo, t = self.dist_topo, self.dist_transport
+        if topo.is_server:
+            # Posted after this iteration's last upload has been received (client_backward):
+            # NCCL runs the point-to-point operations of a pair of ranks on one stream in posting
+            # order, so sending g_0 before receiving z_1 from the same rank would deadlock.
+            t.defer_send(topo.owner(k), "gradients", k, [("gradients", g)], "down")
+            self.ledger.add("down", "gradients", g.numel() * g.element_size())
+            return None
+        if not topo.hosts(k):
+            return None
+        shape = self.engine.z_shapes[k]
+        return _PendingRecv(lambda: t.recv(0, "gradients", k, [("gradients", shape, torch.float32, "finite")],
+                                           "down")[0])
+
+    def align(self, ks):
+        if self.dist_topo.is_server:
+            super().align(ks)  # buffers -> engine.align (sends the auxiliaries) -> ledger
+        else:
+            self.engine.align(ks, None)
+
+
+def _quantized_shapes(shape, bits: int, group_size: int):
+    """Codes and scales shapes of fsl_fast.ops.quantize for activations of ``shape`` (its contract:
+    rows = shape[0], M = the rest; int8 per row when group_size is 0; int4 packs two per byte)."""
+    n, m = shape[0], math.prod(shape[1:])
+    gs = group_size or None
+    if bits == 4 and gs is None:
+        gs = 32
+    groups = 1 if gs is None else -(-m // gs)
+    if bits == 8:
+        return (n, m), (n, groups), torch.int8, gs
+    return (n, -(-m // 2)), (n, groups), torch.uint8, gs
+
+
+def distributed_algorithm(cls):
+    """``cls`` with its message hooks going over the transport."""
+    return type(f"Distributed{cls.__name__}", (_DistributedMessages, cls), {})
+
+
+def attach(run, transport: Transport) -> None:
+    """Turn an in-process Run into this rank's part of a distributed run (in place): wrap the
+    engine, replace the loaders of clients hosted elsewhere, rebuild the algorithm with the
+    distributed message hooks."""
+    topo = transport.topo
+    cls = type(run.algo)
+    engine = DistributedEngine(run.engine, transport, topo, cls)
+    dev = engine.device
+    placeholder = torch.empty(0, device=dev)
+    loaders = [ld if topo.hosts(k) else _RemoteBatches(ld, dev, placeholder) for k, ld in enumerate(run.loaders)]
+    algo_cls = distributed_algorithm(cls)
+    algo_cls.dist_transport = transport
+    algo_cls.dist_topo = topo
+    algo_cls.dist_cut_shape = tuple(run.split.cut_shape)
+    algo_cls.dist_num_classes = int(run.data.num_classes)
+    algo = algo_cls(run.cfg, engine, loaders, run.weights, run.ledger)
+    if not topo.is_server:
+        algo.buffers = [_NullBuffer() for _ in algo.buffers]
+    run.engine, run.loaders, run.algo = engine, loaders, algo
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+
+
+def _launch_env() -> tuple[int, int, int]:
+    try:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0"))
+    except KeyError:
+        raise ConfigError("--distributed: RANK/WORLD_SIZE are not set; launch with torchrun, e.g. "
+                          "torchrun --nproc-per-node 3 -m fsl_fast.train --distributed ...") from None
+
+
+def _fingerprint(cfg) -> str:
+    d = {k: v for k, v in cfg.to_dict().items() if k not in ("device", "threads", "dist_timeout")}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _shard(out: Path, rank: int, t: int) -> Path:
+    return out / "checkpoints" / f"dist-rank{rank}-round{t}.pt"
+
+
+def _store_client():
+    """A client of the launcher's key-value store (torchrun's agent hosts it), for heartbeats."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not addr or not port:
+        return None
+    try:
+        return dist.TCPStore(addr, int(port), is_master=False, timeout=datetime.timedelta(seconds=30),
+                             use_libuv=True)
+    except Exception:  # noqa: BLE001 - heartbeats are a diagnosis aid only
+        return None
+
+
+def train_distributed(cfg, out: Path, resume: bool = False, progress: bool = True):
+    """This rank's part of a distributed run (see the module doc). Returns the results dict on
+    rank 0 and None elsewhere. Peer failures print one line naming the rank and round and end the
+    process with status 1 (also on the ranks that are still healthy)."""
+    rank, world, local_rank = _launch_env()
+    transport = None
+
+    def on_sigterm(signum, frame):
+        where = transport.where() if transport is not None else "startup"
+        waiting = f" while {transport.blocked[1]}" if transport is not None and transport.blocked else ""
+        silent = transport.silent_peers() if transport is not None else []
+        extra = f" [no heartbeat from rank {', '.join(silent)}: it stopped or died]" if silent else ""
+        _die(f"rank {rank}: stopped by the launcher (SIGTERM) in {where}{waiting}{extra}", 143)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        topo = Topology(rank, world, cfg.clients)  # ConfigError on every rank alike
+        if cfg.device.startswith("cuda"):
+            n = torch.cuda.device_count()
+            device = torch.device(f"cuda:{local_rank % n}")
+            torch.cuda.set_device(device)
+            backend = "nccl"
+        else:
+            device, backend = torch.device("cpu"), "gloo"
+        timeout = datetime.timedelta(seconds=cfg.dist_timeout)
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
+        transport = Transport(topo, device, cfg.dist_timeout, store=_store_client())
+        _ACTIVE.append(transport)
+        transport.start_liveness()
+        return _train(cfg, out, resume, progress, transport, device)
+    except DistributedError as e:
+        _die(str(e), 1)
+    finally:
+        if transport is not None:
+            transport.stop_liveness()
+
+
+def _train(cfg, out: Path, resume: bool, progress: bool, transport: Transport, device):
+    import dataclasses
+
+    from fsl_fast.ledger import GIB
+    from fsl_fast.runner import CHECKPOINT, Run, _atomic_torch_save, _atomic_write, plot_run, summarize
+
+    topo = transport.topo
+    rank = topo.rank
+    fp = transport.broadcast_object((str(out), _fingerprint(cfg)), "agreeing on the run")
+    out = Path(fp[0])
+    if fp[1] != _fingerprint(cfg):
+        raise DistributedError(f"rank {rank}: its config differs from rank 0's (same command line and "
+                               "data on every machine are required)")
+    run = Run(dataclasses.replace(cfg, device=str(device)))
+    attach(run, transport)
+    ck_dir = out / "checkpoints"
+    if resume:
+        _resume(run, out, transport)
+    elif rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        _atomic_write(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+        part = {"scheme": cfg.partition, "alpha": cfg.alpha, "seed": cfg.seed,
+                "num_classes": run.data.num_classes,
+                "clients": [{"client": k, "samples": int(len(p)), "class_counts": run.class_counts[k],
+                             "rank": topo.owner(k)} for k, p in enumerate(run.parts)]}
+        _atomic_write(out / "partition.json", json.dumps(part, indent=1) + "\n")
+    if rank == 0:
+        _atomic_write(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in run.metrics))
+        if (out / CHECKPOINT).exists():
+            (out / CHECKPOINT).unlink()  # never leave an in-process checkpoint next to shards
+    transport.barrier("setting up the run directory")
+    budget = cfg.comm_budget_gib * GIB if cfg.comm_budget_gib else None
+    stopped = "rounds"
+    if budget is not None and run.metrics and run.metrics[-1]["comm_bytes_paper"] >= budget:
+        stopped = "comm_budget"
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.rounds, initial=run.next_round, file=sys.stderr, unit="round",
+                   desc=f"{cfg.algorithm} distributed x{topo.world_size}", dynamic_ncols=True)
+    t_start = time.perf_counter()
+    while run.next_round < cfg.rounds and stopped == "rounds":
+        t = run.next_round
+        transport.round = t
+        rec = run.step()
+        wire = transport.gather_counters()
+        if rank == 0:
+            rec.update(wire)
+        rec = transport.broadcast_object(rec, "sharing the round's metrics")
+        run.metrics[-1] = rec
+        if rank == 0:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        # Commit: every rank writes its shard, then rank 0 names the round in the manifest.
+        ck_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_torch_save(run.state_dict(), _shard(out, rank, t))
+        transport.barrier("committing the checkpoint")
+        if rank == 0:
+            _atomic_write(out / MANIFEST, json.dumps({"world_size": topo.world_size, "round": t}) + "\n")
+            _shard(out, 0, t - 1).unlink(missing_ok=True)
+        else:
+            # The manifest of round t-1 was written before rank 0 entered round t.
+            _shard(out, rank, t - 2).unlink(missing_ok=True)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(acc=f"{rec['test_accuracy']:.4f}", GiB=f"{rec['comm_gib_paper']:.3f}")
+        if budget is not None and rec["comm_bytes_paper"] >= budget:
+            stopped = "comm_budget"
+    if bar is not None:
+        bar.close()
+    transport.round = -1
+    transport.phase = "shutdown"
+    results = summarize(cfg, run.metrics, stopped, time.perf_counter() - t_start)
+    if rank == 0:
+        results["world_size"] = topo.world_size
+        _atomic_write(out / "results.json", json.dumps(results, indent=2) + "\n")
+        if run.metrics:
+            plot_run(run.metrics, out, f"{cfg.algorithm} / {cfg.model} / {cfg.dataset} / distributed")
+    transport.barrier("finishing")
+    transport.stop_liveness()
+    dist.destroy_process_group()
+    return results if rank == 0 else None
+
+
+def _resume(run, out: Path, transport: Transport) -> None:
+    topo = transport.topo
+    info = None
+    if topo.rank == 0:
+        mf = out / MANIFEST
+        if not mf.is_file():
+            info = {"error": f"--resume: no distributed checkpoint manifest at {mf}"}
+        else:
+            info = json.loads(mf.read_text())
+            if info["world_size"] != topo.world_size:
+                info = {"error": f"--resume: the run was written by {info['world_size']} processes; "
+                                 f"relaunch with {info['world_size']} (got {topo.world_size})"}
+    info = transport.broadcast_object(info, "agreeing on the checkpoint")
+    if "error" in info:
+        raise ConfigError(info["error"])
+    t = int(info["round"])
+    path = _shard(out, topo.rank, t)
+    err = ""
+    try:
+        run.load_state_dict(torch.load(path, weights_only=True, map_location=run.engine.device))
+    except FileNotFoundError:
+        err = f"rank {topo.rank}: --resume: checkpoint shard {path} not found"
+    flags = torch.zeros(topo.world_size, device=transport.device)
+    flags[topo.rank] = 1.0 if err else 0.0
+    transport.all_reduce_sum(flags, "loading the checkpoint shards")
+    bad = [r for r, v in enumerate(flags.tolist()) if v]
+    if bad:
+        raise ConfigError(err or f"--resume: rank(s) {bad} could not load their checkpoint shard of round {t}")
+    if run.next_round != t + 1:
+        raise ConfigError(f"--resume: shard {path} holds round {run.next_round - 1}, manifest says {t}")
