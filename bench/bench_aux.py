@@ -173,10 +173,13 @@ def test_layer3_align(benchmark, device, B, rounds):
     Z = torch.randn(B, 128, 4, 4, generator=g).to(device)
     Y = torch.randint(0, C, (B,), generator=g).to(device)
     T = (torch.randn(B, 128, 4, 4, generator=g) * 1e-3).to(device)
-    l_ref, g_ref = X.conv_align_reference(copy.deepcopy(model).trunk, model.fc, Z, Y, T)
     l_fast, g_fast = X.conv_align_grads(copy.deepcopy(model).trunk, model.fc, Z, Y, T)
-    err = max(rel(a, b) for a, b in zip(g_fast, g_ref))
-    assert rel(l_fast, l_ref) < 2e-5 and err < 2e-5, err
+    # Judge against the float64 reference on the CPU: on the H200 (torch 2.11, TF32 off) cuDNN's
+    # fp32 double backward itself is 3% off float64 while this fast path is 6e-7 off.
+    m64 = copy.deepcopy(model).double().cpu()
+    l_ref, g_ref = X.conv_align_reference(m64.trunk, m64.fc, Z.double().cpu(), Y.cpu(), T.double().cpu())
+    err = max(rel(a.double().cpu(), b) for a, b in zip(g_fast, g_ref))
+    assert rel(l_fast.double().cpu(), l_ref) < 2e-5 and err < 2e-5, err
     # the head alone: pooled (B, 256, 2, 2) features through the fused closed form
     feat = torch.randn(B, 256, 2, 2, device=device)
     tgt = torch.randn_like(feat) * 1e-3

@@ -135,6 +135,29 @@ class QuantizedTensor:
     def device(self) -> torch.device:
         return self.codes.device
 
+    def slice_rows(self, start: int) -> "QuantizedTensor":
+        """Rows ``start:`` (samples) without decoding: codes and scales are per-row."""
+        n = int(self.shape[0])
+        if not 0 <= start <= n:
+            raise ValueError(f"QuantizedTensor.slice_rows: start must be in [0, {n}], got {start}")
+        return QuantizedTensor(self.codes[start:], self.scales[start:],
+                               torch.Size((n - start, *self.shape[1:])), self.dtype, self.bits,
+                               self.group_size)
+
+    def state_dict(self) -> dict:
+        """Plain tensors and numbers only (loads with ``torch.load(weights_only=True)``)."""
+        return {"codes": self.codes, "scales": self.scales, "shape": list(self.shape),
+                "dtype": str(self.dtype).replace("torch.", ""), "bits": self.bits,
+                "group_size": -1 if self.group_size is None else int(self.group_size)}
+
+    @classmethod
+    def from_state_dict(cls, sd: dict) -> "QuantizedTensor":
+        dtype = getattr(torch, sd["dtype"], None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"QuantizedTensor.from_state_dict: unknown dtype {sd['dtype']!r}")
+        gs = None if int(sd["group_size"]) < 0 else int(sd["group_size"])
+        return cls(sd["codes"], sd["scales"], torch.Size(sd["shape"]), dtype, int(sd["bits"]), gs)
+
 
 # ---------------------------------------------------------------------------------------------
 # Argument checks and layout
