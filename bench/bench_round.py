@@ -66,9 +66,11 @@ def test_round_seconds(benchmark, case, algorithm):
     cfg = _cfg(case, algorithm)
     reps = 2 if case != "mnist5k-cnn" else 3
     ref, fused, t_ref, t_fused = _interleaved(cfg, reps)
-    # correctness before speed: the two engines trained the same model
+    # correctness before speed: same messages, and the same model up to the fp32 drift that
+    # tests/test_fused_parity.py bounds tightly (160 synthetic test images: compare the loss)
     a, b = ref.metrics[-1], fused.metrics[-1]
-    assert abs(a["test_accuracy"] - b["test_accuracy"]) <= 0.01, (a["test_accuracy"], b["test_accuracy"])
+    assert a["comm_bytes"] == b["comm_bytes"]
+    assert abs(a["test_loss"] - b["test_loss"]) <= 0.02 * a["test_loss"], (a["test_loss"], b["test_loss"])
     benchmark.pedantic(fused.step, rounds=1, iterations=1)
     ratio = t_ref / t_fused
     benchmark.extra_info.update(reference_s=t_ref, fused_s=t_fused, speedup=ratio,
