@@ -198,6 +198,19 @@ class Algorithm:
         raise NotImplementedError
 
     # -- shared steps --------------------------------------------------------------------------
+    def periodic_upload(self, it, ks, zs, ys, keep: bool = False) -> None:
+        """Every q-th local iteration the clients upload their smashed data and the server takes
+        one step per upload, in ascending client order; ``keep`` appends each upload (in the form
+        sent) to that client's alignment buffer."""
+        if it % self.q:
+            return
+        with self.phase("server"):
+            for k, z, y in zip(ks, zs, ys):
+                z_srv, payload = self.send_smashed(k, z, y)
+                self.engine.server_step(k, z_srv, y)
+                if keep:
+                    self.buffers[k].append(payload, y)
+
     def fedavg_clients(self, with_aux: bool = False) -> None:
         self.engine.aggregate(self.weights, clients=True, aux=with_aux, servers=self.server_copies)
         self.count_model_exchange("client_model", self.engine.client_bytes(), self.m)
@@ -273,11 +286,7 @@ class CSEFSL(Algorithm):
     def local_iteration(self, t, it, ks, xs, ys):
         with self.phase("client"):
             zs = self.engine.client_forward(ks, xs)
-        if it % self.q == 0:
-            with self.phase("server"):
-                for k, z, y in zip(ks, zs, ys):
-                    z_srv, _ = self.send_smashed(k, z, y)
-                    self.engine.server_step(k, z_srv, y)
+        self.periodic_upload(it, ks, zs, ys)
         with self.phase("client"):
             grads = self.engine.aux_local_step(ks, zs, ys)
             self.engine.client_backward(ks, zs, grads)
@@ -297,12 +306,7 @@ class FSLSAGE(Algorithm):
     def local_iteration(self, t, it, ks, xs, ys):
         with self.phase("client"):
             zs = self.engine.client_forward(ks, xs)
-        if it % self.q == 0:
-            with self.phase("server"):
-                for k, z, y in zip(ks, zs, ys):
-                    z_srv, payload = self.send_smashed(k, z, y)
-                    self.engine.server_step(k, z_srv, y)
-                    self.buffers[k].append(payload, y)
+        self.periodic_upload(it, ks, zs, ys, keep=True)
         if t % self.cfg.align_interval == 0 and it == 0:
             with self.phase("align"):
                 self.align(ks)
