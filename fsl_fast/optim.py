@@ -11,6 +11,8 @@ import torch
 
 
 class FlatAdam:
+    CHUNK = 1 << 22  # elements per pass of the update
+
     def __init__(self, params: torch.Tensor, grads: torch.Tensor, lr: float = 1e-3,
                  betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
         if params.dim() != 2 or grads.shape != params.shape:
@@ -47,9 +49,13 @@ class FlatAdam:
         same = len({self.steps[r] for r in rows}) == 1
         lo, hi = rows[0], rows[-1] + 1
         if same and rows == list(range(lo, hi)):
-            # one contiguous block of rows at one step count: a single pass over the block
-            sl = slice(lo, hi)
-            self._update(self.p[sl], self.g[sl], self.m[sl], self.v[sl], self.steps[lo])
+            # contiguous rows at one step count: whole blocks of rows per pass, sized so the
+            # update's temporaries stay small (100 ResNet-18 clients would otherwise allocate
+            # several [K, P] temporaries, ~0.3 GB each)
+            per = max(1, self.CHUNK // max(1, self.p.shape[1]))
+            for a in range(lo, hi, per):
+                sl = slice(a, min(hi, a + per))
+                self._update(self.p[sl], self.g[sl], self.m[sl], self.v[sl], self.steps[lo])
         else:
             for r in rows:
                 self._update(self.p[r], self.g[r], self.m[r], self.v[r], self.steps[r])
