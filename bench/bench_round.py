@@ -19,7 +19,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from fsl_fast.config import Config
 from fsl_fast.runner import Run

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 
 import torch
 
-from fsl_fast.ledger import Ledger, state_bytes, tensor_bytes
+from fsl_fast.ledger import Ledger, tensor_bytes
 
 
 class AlignBuffer:

@@ -978,8 +978,8 @@ def train_distributed(cfg, out: Path, resume: bool = False, progress: bool = Tru
 def _train(cfg, out: Path, resume: bool, progress: bool, transport: Transport, device):
     import dataclasses
 
-    from fsl_fast.ledger import GIB
-    from fsl_fast.runner import CHECKPOINT, Run, _atomic_torch_save, _atomic_write, plot_run, summarize
+    from fsl_fast.runner import (CHECKPOINT, RoundLoop, Run, _atomic_torch_save, _atomic_write, plot_run,
+                                  summarize)
 
     topo = transport.topo
     rank = topo.rank
@@ -1006,18 +1006,9 @@ def _train(cfg, out: Path, resume: bool, progress: bool, transport: Transport, d
         if (out / CHECKPOINT).exists():
             (out / CHECKPOINT).unlink()  # never leave an in-process checkpoint next to shards
     transport.barrier("setting up the run directory")
-    budget = cfg.comm_budget_gib * GIB if cfg.comm_budget_gib else None
-    stopped = "rounds"
-    if budget is not None and run.metrics and run.metrics[-1]["comm_bytes_paper"] >= budget:
-        stopped = "comm_budget"
-    bar = None
-    if progress and rank == 0:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.rounds, initial=run.next_round, file=sys.stderr, unit="round",
-                   desc=f"{cfg.algorithm} distributed x{topo.world_size}", dynamic_ncols=True)
+    loop = RoundLoop(run, progress and rank == 0, f"{cfg.algorithm} distributed x{topo.world_size}")
     t_start = time.perf_counter()
-    while run.next_round < cfg.rounds and stopped == "rounds":
+    while loop.more():
         t = run.next_round
         transport.round = t
         rec = run.step()
@@ -1039,16 +1030,11 @@ def _train(cfg, out: Path, resume: bool, progress: bool, transport: Transport, d
         else:
             # The manifest of round t-1 was written before rank 0 entered round t.
             _shard(out, rank, t - 2).unlink(missing_ok=True)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(acc=f"{rec['test_accuracy']:.4f}", GiB=f"{rec['comm_gib_paper']:.3f}")
-        if budget is not None and rec["comm_bytes_paper"] >= budget:
-            stopped = "comm_budget"
-    if bar is not None:
-        bar.close()
+        loop.round_done(rec)
+    loop.close()
     transport.round = -1
     transport.phase = "shutdown"
-    results = summarize(cfg, run.metrics, stopped, time.perf_counter() - t_start)
+    results = summarize(cfg, run.metrics, loop.stopped, time.perf_counter() - t_start)
     if rank == 0:
         results["world_size"] = topo.world_size
         _atomic_write(out / "results.json", json.dumps(results, indent=2) + "\n")

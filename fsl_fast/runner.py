@@ -139,6 +139,40 @@ def plot_run(metrics: list[dict], out: Path, title: str) -> None:
         plt.close(fig)
 
 
+class RoundLoop:
+    """The round loop's bookkeeping shared by the in-process and distributed runs: when to stop
+    (rounds done, or the paper-convention total reached ``--comm-budget-gib``) and the progress
+    bar with accuracy and GiB so far."""
+
+    def __init__(self, run: "Run", progress: bool, desc: str):
+        cfg = run.cfg
+        self.run, self.rounds = run, cfg.rounds
+        self.budget = cfg.comm_budget_gib * GIB if cfg.comm_budget_gib else None
+        self.stopped = "rounds"
+        if self.budget is not None and run.metrics and run.metrics[-1]["comm_bytes_paper"] >= self.budget:
+            self.stopped = "comm_budget"
+        self.bar = None
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=cfg.rounds, initial=run.next_round, file=sys.stderr, unit="round",
+                            desc=desc, dynamic_ncols=True)
+
+    def more(self) -> bool:
+        return self.run.next_round < self.rounds and self.stopped == "rounds"
+
+    def round_done(self, rec: dict) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(acc=f"{rec['test_accuracy']:.4f}", GiB=f"{rec['comm_gib_paper']:.3f}")
+        if self.budget is not None and rec["comm_bytes_paper"] >= self.budget:
+            self.stopped = "comm_budget"
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> dict:
     """Run (or continue) a training run into ``out``; returns the results dict."""
     run = Run(cfg)
@@ -157,30 +191,16 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -
         _atomic_write(out / "partition.json", json.dumps(part, indent=1) + "\n")
     # metrics.jsonl always mirrors the checkpoint's rounds, then grows a line per round.
     _atomic_write(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in run.metrics))
-    budget = cfg.comm_budget_gib * GIB if cfg.comm_budget_gib else None
-    stopped = "rounds"
-    if budget is not None and run.metrics and run.metrics[-1]["comm_bytes_paper"] >= budget:
-        stopped = "comm_budget"
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.rounds, initial=run.next_round, file=sys.stderr, unit="round",
-                   desc=f"{cfg.algorithm}{' fused' if cfg.fused else ''}", dynamic_ncols=True)
+    loop = RoundLoop(run, progress, f"{cfg.algorithm}{' fused' if cfg.fused else ''}")
     t_start = time.perf_counter()
-    while run.next_round < cfg.rounds and stopped == "rounds":
+    while loop.more():
         rec = run.step()
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
         _atomic_torch_save(run.state_dict(), ckpt)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(acc=f"{rec['test_accuracy']:.4f}", GiB=f"{rec['comm_gib_paper']:.3f}")
-        if budget is not None and rec["comm_bytes_paper"] >= budget:
-            stopped = "comm_budget"
-    if bar is not None:
-        bar.close()
-    results = summarize(cfg, run.metrics, stopped, time.perf_counter() - t_start)
+        loop.round_done(rec)
+    loop.close()
+    results = summarize(cfg, run.metrics, loop.stopped, time.perf_counter() - t_start)
     _atomic_write(out / "results.json", json.dumps(results, indent=2) + "\n")
     if run.metrics:
         plot_run(run.metrics, out, f"{cfg.algorithm} / {cfg.model} / {cfg.dataset} / {cfg.partition}")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -97,6 +98,8 @@ def main(argv=None) -> int:
             from fsl_fast.runner import train
 
         results = train(cfg, out, resume=bool(args.resume), progress=not args.no_progress)
+        if cfg.distributed:
+            _DIST_DONE.append(True)
         if results is None:
             return 0
     except (ConfigError, DataError) as e:
@@ -109,5 +112,16 @@ def main(argv=None) -> int:
     return 0
 
 
+# Set once a distributed run has finished cleanly (process group destroyed, checkpoint committed).
+_DIST_DONE: list = []
+
 if __name__ == "__main__":
-    sys.exit(main())
+    rc = main()
+    if _DIST_DONE:
+        # Skip interpreter finalization in torchrun workers: a C++ thread of torch.distributed still
+        # alive at that point occasionally aborted a finished rank ("terminate called without an
+        # active exception", seen on the loaded 2-core machine). Everything is written already.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(rc)

@@ -274,7 +274,6 @@ class FusedEngine(Engine):
         return out
 
     def align(self, ks, data):
-        cfg = self.cfg
         targets = self._targets(data)
         sizes = {Z.shape[0] for Z, _ in data}
         if self.aux_linear and len(sizes) == 1:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
