@@ -125,6 +125,17 @@ def _read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
 
 
+def cut_to(metrics: list[dict], cfg: Config) -> list[dict]:
+    """The rounds a fresh run of ``cfg`` would have: at most ``cfg.rounds``, and with a
+    communication budget, up to the first round that reaches it (as the runner stops)."""
+    m = metrics[:cfg.rounds]
+    if cfg.comm_budget_gib is not None:
+        hit = next((i for i, r in enumerate(m) if r["comm_bytes_paper"] >= cfg.comm_budget_gib * GIB), None)
+        if hit is not None:
+            m = m[:hit + 1]
+    return m
+
+
 def config_differences(stored: dict, cfg: Config) -> list[str]:
     """Keys whose stored value differs from ``cfg``, ignoring those a resume may change."""
     from fsl_fast.train import RESUME_OVERRIDABLE
@@ -135,8 +146,8 @@ def config_differences(stored: dict, cfg: Config) -> list[str]:
 
 
 def ensure_run(cfg: Config, out: Path, progress: bool, log) -> tuple[list[dict], str]:
-    """Make ``out`` hold at least ``cfg.rounds`` rounds of ``cfg``; returns (metrics cut to
-    cfg.rounds, what was done: "trained" | "reused" | "continued")."""
+    """Make ``out`` hold at least the rounds a fresh run of ``cfg`` would have; returns (those
+    rounds' metrics, what was done: "trained" | "reused" | "continued")."""
     from fsl_fast import runner
 
     cfg_file = out / "config.json"
@@ -145,20 +156,22 @@ def ensure_run(cfg: Config, out: Path, progress: bool, log) -> tuple[list[dict],
         if diff:
             raise ConfigError(f"--out: {out} holds a run with other settings ({', '.join(diff)}); "
                               "use another --out or remove that directory")
-        done = _read_metrics(out)
-        finished = (out / "results.json").is_file()
-        if len(done) >= cfg.rounds and finished:
-            return done[:cfg.rounds], "reused"
+        done = cut_to(_read_metrics(out), cfg)
+        budget = cfg.comm_budget_gib
+        complete = len(done) == cfg.rounds or (
+            budget is not None and bool(done) and done[-1]["comm_bytes_paper"] >= budget * GIB)
+        if complete and (out / "results.json").is_file():
+            return done, "reused"
         if not (out / runner.CHECKPOINT).is_file():
             raise ConfigError(f"--out: {out} has {len(done)} rounds but no checkpoint to continue from; "
                               "remove that directory")
         log(f"{out.name}: continuing from round {len(done)} to {cfg.rounds}")
         runner.train(cfg, out, resume=True, progress=progress)
-        return _read_metrics(out)[:cfg.rounds], "continued"
+        return cut_to(_read_metrics(out), cfg), "continued"
     if (out / "metrics.jsonl").exists():
         raise ConfigError(f"--out: {out} has metrics but no config.json; remove that directory")
     runner.train(cfg, out, resume=False, progress=progress)
-    return _read_metrics(out)[:cfg.rounds], "trained"
+    return cut_to(_read_metrics(out), cfg), "trained"
 
 
 # -- tables ------------------------------------------------------------------------------------
@@ -270,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--target", type=float, default=0.95, help="target test accuracy (default 0.95)")
     a("--budget-gib", type=float, default=None, help="communication budget for 'accuracy at budget' "
       "(default: the least total GiB among the runs, so every run is compared at a budget it reached)")
+    a("--stop-at-budget", action="store_true",
+      help="stop each run when it reaches --budget-gib (the authors' protocol); --rounds is then a cap")
     a("--quantize-sage", nargs="?", const="int8", default=None, choices=("int8", "int4"),
       help="also run FSL-SAGE with this uplink compression (int8 when given without a value)")
     a("--engine", choices=("fused", "reference"), default="fused")
@@ -316,6 +331,8 @@ def main(argv=None) -> int:
             raise ConfigError(f"--target: must be in (0, 1], got {args.target}")
         if args.budget_gib is not None and not (args.budget_gib > 0 and math.isfinite(args.budget_gib)):
             raise ConfigError(f"--budget-gib: must be a positive number, got {args.budget_gib}")
+        if args.stop_at_budget and args.budget_gib is None:
+            raise ConfigError("--stop-at-budget: needs --budget-gib")
         variants = [Variant(a) for a in ORDER if a in algos]
         if args.quantize_sage:
             if "fsl_sage" not in algos:
@@ -327,7 +344,8 @@ def main(argv=None) -> int:
         for v in variants:
             cfgs[v.name] = Config(**given, algorithm=v.algorithm, rounds=rounds[v.name],
                                   partition=args.partition, alpha=args.alpha, quantize=v.quantize,
-                                  fused=args.engine == "fused").resolved()
+                                  fused=args.engine == "fused",
+                                  comm_budget_gib=args.budget_gib if args.stop_at_budget else None).resolved()
         base = cfgs[variants[0].name]
         if base.data_dir is not None and not Path(base.data_dir).is_dir():
             raise ConfigError(f"--data-dir: {base.data_dir} is not a directory")

@@ -161,3 +161,23 @@ def test_summary_definitions_by_hand():
     assert s.gib_to_target is None and (s.acc_at_budget, s.acc_at_budget_round) == (0.9, 1)
     s = compare.summarize_run(compare.Variant("fedavg"), m, target=0.5, budget_gib=0.5)
     assert s.acc_at_budget is None and (s.gib_to_target, s.round_to_target) == (1.0, 0)
+
+
+def test_compare_stop_at_budget(tmp_path, monkeypatch):
+    """The authors' protocol: each run stops at the first round reaching the budget; --rounds caps."""
+    out = tmp_path / "study"
+    argv = ["--out", str(out), "--algorithms", "splitfed_v2,fsl_sage", "--budget-gib", "0.01",
+            "--stop-at-budget"] + TINY + ["--rounds", "50"]
+    assert compare.main(argv) == 0
+    rows = _csv(out)
+    for name in ("splitfed_v2", "fsl_sage"):
+        m = _metrics(out / name)
+        first = next(i for i, r in enumerate(m) if r["comm_bytes_paper"] >= 0.01 * GIB)
+        assert first == len(m) - 1 < 49, name  # stopped by the budget, not the round cap
+        assert int(rows[name]["rounds"]) == len(m)
+        assert json.loads((out / name / "results.json").read_text())["stopped_by"] == "comm_budget"
+    monkeypatch.setattr(runner, "train", lambda *a, **k: pytest.fail("retrained a run stopped by the budget"))
+    assert compare.main(argv) == 0
+    assert compare.main(argv[:2] + ["--algorithms", "fsl_sage", "--budget-gib", "0.001"] + TINY) == 0
+    assert int(_csv(out)["fsl_sage"]["rounds"]) == 2  # --rounds 2 of the longer run, no budget stop
+    assert compare.main(["--out", str(tmp_path / "x"), "--stop-at-budget"] + TINY) == 2
