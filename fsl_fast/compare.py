@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--alpha", type=float, default=None, help="Dirichlet concentration (with --partition dirichlet)")
     a("--target", type=float, default=0.95, help="target test accuracy (default 0.95)")
     a("--budget-gib", type=float, default=None, help="communication budget for 'accuracy at budget' "
-      "(default: the least total GiB among the runs, so every run is compared at a budget it reached)")
+      "(default: the least total GiB among the runs, i.e. the cheapest run's last round)")
     a("--stop-at-budget", action="store_true",
       help="stop each run when it reaches --budget-gib (the authors' protocol); --rounds is then a cap")
     a("--quantize-sage", nargs="?", const="int8", default=None, choices=("int8", "int4"),
