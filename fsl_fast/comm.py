@@ -102,6 +102,20 @@ class _NullBuffer:
         return None, None
 
 
+def rounds_to_budget(recs: list[dict], budget_bytes: float, align_interval: int) -> int:
+    """Rounds until the paper-convention total reaches ``budget_bytes``, extending the dry run's
+    per-round pattern (alignment every ``align_interval`` rounds) beyond the rounds it ran."""
+    if len(recs) < 2:
+        raise ValueError("rounds_to_budget: the dry run needs at least two rounds")
+    plain = recs[1]["round_bytes_paper"]
+    extra = recs[0]["round_bytes_paper"] - plain
+    total, t = 0, 0
+    while total < budget_bytes:
+        total += plain + (extra if t % align_interval == 0 else 0)
+        t += 1
+    return t
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m fsl_fast.comm", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -116,16 +130,21 @@ def main(argv=None) -> int:
     p.add_argument("--budget-gib", type=float, default=None, help="also print the round that reaches it")
     a = p.parse_args(argv)
     algos = ALGORITHMS if a.algorithm == "all" else (a.algorithm,)
-    print(f"| algorithm | bytes/round (paper) | alignment round | round 0 total incl. broadcast+labels | GiB after {a.rounds} rounds |")
-    print("|---|---|---|---|---|")
+    budget_col = f" rounds to {a.budget_gib:g} GiB |" if a.budget_gib else ""
+    print(f"| algorithm | bytes/round (paper) | alignment round | round 0 total incl. broadcast+labels | "
+          f"GiB after {a.rounds} rounds |{budget_col}")
+    print("|---|---|---|---|---|" + ("---|" if a.budget_gib else ""))
     for algo in algos:
         recs = dry_run(algo, model=a.model, aux=a.aux, clients=a.clients,
                        samples_per_client=a.samples_per_client, batch_size=a.batch_size,
                        num_classes=a.num_classes, rounds=a.rounds)
         plain = recs[1]["round_bytes_paper"] if len(recs) > 1 else recs[0]["round_bytes_paper"]
         extra = recs[0]["round_bytes_paper"] - plain
-        print(f"| {algo} | {plain:,} | {'+' + format(extra, ',') if extra else '-'} | "
-              f"{recs[0]['round_bytes']:,} | {recs[-1]['comm_bytes_paper'] / GIB:.3f} |")
+        row = (f"| {algo} | {plain:,} | {'+' + format(extra, ',') if extra else '-'} | "
+               f"{recs[0]['round_bytes']:,} | {recs[-1]['comm_bytes_paper'] / GIB:.3f} |")
+        if a.budget_gib:
+            row += f" {rounds_to_budget(recs, a.budget_gib * GIB, Config().align_interval)} |"
+        print(row)
     return 0
 
 

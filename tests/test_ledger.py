@@ -80,3 +80,12 @@ def test_budget_stops_the_run(tmp_path):
     metrics = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     assert res["stopped_by"] == "comm_budget"
     assert metrics[-1]["comm_bytes_paper"] >= 0.01 * 2**30 > metrics[-2]["comm_bytes_paper"]
+
+
+def test_rounds_to_budget_extends_the_pattern():
+    from fsl_fast.comm import rounds_to_budget
+
+    recs = dry_run("fsl_sage", rounds=2)
+    # the figure's 12.20 GiB for FSL-SAGE is the total after 89 rounds (9 alignments)
+    assert rounds_to_budget(recs, 12.20 * 2**30, 10) == 89
+    assert rounds_to_budget(dry_run("cse_fsl", rounds=2), 26.02 * 2**30, 10) == 91

@@ -10,7 +10,7 @@
 - Clients advance together where the schedule allows: ``client_batching="vmap"`` runs all active
   clients' forward/backward as one vmapped (grouped) computation; ``"loop"`` runs them one after
   another over their flat views. ``"auto"`` picks vmap on CUDA and loop on CPU, where grouped
-  convolutions measured slower than the loop (see README, "Fused engine").
+  convolutions measured slower than the loop (README, "The fused engine"; docs/PERF_NOTES.md).
 - Linear auxiliaries: the estimate for all clients is one batched fused op; alignment of all
   clients' auxiliaries runs as one batched closed-form op per step (fsl_fast.ops.aux), no double
   backward. Convolutional auxiliaries use the fast path of fsl_fast.aux_fast.
