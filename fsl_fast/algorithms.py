@@ -96,6 +96,8 @@ class Algorithm:
         self.q = cfg.server_update_interval
         self.buffers = [AlignBuffer(cfg.buffer_size) for _ in range(self.m)] if self.uses_aux else []
         self.times: dict[str, float] = {}
+        self._round = 0
+        self._upload_counter = 0
         self._quant = None
         if cfg.quantize != "none":
             from fsl_fast.ops import quantize as Q
@@ -136,7 +138,7 @@ class Algorithm:
 
     def _stochastic_seed(self, k: int) -> int:
         # Distinct, reproducible counter-RNG key per (run seed, round, client, upload).
-        self._upload_counter = getattr(self, "_upload_counter", 0) + 1
+        self._upload_counter += 1
         return (self.cfg.seed * 1_000_003 + self._round * 10_007 + k * 101 + self._upload_counter) % (2**31)
 
     def decode(self, payload) -> torch.Tensor:

@@ -62,9 +62,6 @@ class CountingEngine(Engine):
     def aggregate(self, weights, clients=True, aux=False, servers=False):
         pass
 
-    def sync(self):
-        pass
-
 
 def dry_run(algorithm: str, model: str = "resnet18", aux: str = "default", in_shape=(3, 32, 32),
             num_classes: int = 10, clients: int = 10, samples_per_client: int = 5000,

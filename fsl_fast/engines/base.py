@@ -74,5 +74,20 @@ class Engine:
         return correct / n, loss_sum / n
 
 
+def buffer_targets(server, data) -> list:
+    """True cut-layer gradients d CE_mean(s(Z), Y)/dZ of each buffer (Z, Y) in ``data`` with the
+    current server, in train mode (as the authors), its BatchNorm running stats left untouched."""
+    saved = [b.clone() for b in server.buffers()]
+    out = []
+    for Z, Y in data:
+        Zr = Z.detach().requires_grad_(True)
+        (T,) = torch.autograd.grad(F.cross_entropy(server(Zr), Y), Zr)
+        out.append(T)
+    with torch.no_grad():
+        for b, s in zip(server.buffers(), saved):
+            b.copy_(s)
+    return out
+
+
 def align_seed(seed: int, k: int) -> int:
     return (seed * 7_919 + 1_000 + k) % (2**63 - 1)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fsl_fast.engines.base import Engine, align_seed
+from fsl_fast.engines.base import Engine, align_seed, buffer_targets
 from fsl_fast.flat import FlatClients
 from fsl_fast.models import ConvAux, LinearAux
 from fsl_fast.optim import FlatAdam
@@ -95,6 +95,7 @@ class FusedEngine(Engine):
         if mode == "auto":
             mode = "vmap" if dev.type == "cuda" else "loop"
         self.batching = mode
+        self.client_has_bn = _has_batchnorm(self.clients.template)
         self.server_global = split.server.to(dev)
         self.servers = None
         if algorithm_cls.server_copies:
@@ -112,6 +113,11 @@ class FusedEngine(Engine):
             if self.aux_linear:
                 st = self.aux.flat.stacked(with_int=False)
                 self.aux_W, self.aux_b = st["fc.weight"], st["fc.bias"]
+                # the same [K, C, D] / [K, C] views into the flat gradient buffer
+                lay = {e.name: e for e in self.aux.flat.layout.entries}
+                g = self.aux.flat.grad_buffer
+                self.aux_gW, self.aux_gb = (g[:, e.offset:e.offset + e.numel].view(K, *e.shape)
+                                            for e in (lay["fc.weight"], lay["fc.bias"]))
             self.align_gens = [torch.Generator().manual_seed(align_seed(cfg.seed, k)) for k in range(K)]
         self._vmap_fn = None
 
@@ -134,7 +140,7 @@ class FusedEngine(Engine):
 
     def client_forward(self, ks, xs):
         self.clients.zero_grad(ks)
-        if self.batching == "vmap" and not _has_batchnorm(self.clients.template):
+        if self.batching == "vmap" and not self.client_has_bn:
             z = self._client_vmap(ks, xs)
             self._vmap_out = (ks, z)
             return list(z.unbind(0))
@@ -205,7 +211,7 @@ class FusedEngine(Engine):
                 dz = (dfeat / S).unsqueeze(-1).expand(Kc, B, Z.shape[2], S).reshape(Z.shape)
             else:
                 dz = dfeat.reshape(Z.shape)
-            fw, fb = self._aux_grad_views()
+            fw, fb = self.aux_gW, self.aux_gb
             for i, k in enumerate(ks):
                 fw[k].copy_(gW[i])
                 fb[k].copy_(gb[i])
@@ -218,14 +224,6 @@ class FusedEngine(Engine):
             out.append(zd.grad)
         self.aux.opt.step(ks)
         return out
-
-    def _aux_grad_views(self):
-        g = self.aux.flat.grad_buffer
-        lay = {e.name: e for e in self.aux.flat.layout.entries}
-        ew, eb = lay["fc.weight"], lay["fc.bias"]
-        K = g.shape[0]
-        return (g[:, ew.offset:ew.offset + ew.numel].view(K, *ew.shape),
-                g[:, eb.offset:eb.offset + eb.numel].view(K, *eb.shape))
 
     def full_step(self, ks, xs, ys):
         self.clients.zero_grad(ks)
@@ -262,16 +260,7 @@ class FusedEngine(Engine):
             loss = (F.cross_entropy(server(Z), Y, reduction="none") * scale).sum()
             (T,) = torch.autograd.grad(loss, Z)
             return list(T.split([d[0].shape[0] for d in data]))
-        saved = [b.clone() for b in server.buffers()]
-        out = []
-        for Z, Y in data:
-            Zr = Z.detach().requires_grad_(True)
-            (T,) = torch.autograd.grad(F.cross_entropy(server(Zr), Y), Zr)
-            out.append(T)
-        with torch.no_grad():
-            for b, s in zip(server.buffers(), saved):
-                b.copy_(s)
-        return out
+        return buffer_targets(server, data)
 
     def align(self, ks, data):
         targets = self._targets(data)
@@ -291,7 +280,7 @@ class FusedEngine(Engine):
         Y = torch.stack([d[1] for d in data])
         T = torch.stack(targets)
         Kc = len(ks)
-        fw, fb = self._aux_grad_views()
+        fw, fb = self.aux_gW, self.aux_gb
         full = Kc == self.m
         rowsel = torch.arange(Kc, device=Z.device).unsqueeze(1)
         for _ in range(cfg.align_epochs):

@@ -8,7 +8,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from fsl_fast.engines.base import Engine, align_seed
+from fsl_fast.engines.base import Engine, align_seed, buffer_targets
 from fsl_fast.ops.fedavg import fedavg_state_dicts as average_state_dicts
 
 
@@ -92,22 +92,10 @@ class ReferenceEngine(Engine):
         opt.step()
         return zr.grad if want_grad else None
 
-    def server_targets(self, Z, Y):
-        """True cut-layer gradients d CE_mean(s(Z), Y)/dZ of the whole buffer with the current
-        server, in train mode (as the authors), without touching its BatchNorm running stats."""
-        server = self.servers[0]
-        saved = [b.clone() for b in server.buffers()]
-        Zr = Z.detach().requires_grad_(True)
-        (T,) = torch.autograd.grad(F.cross_entropy(server(Zr), Y), Zr)
-        with torch.no_grad():
-            for b, s in zip(server.buffers(), saved):
-                b.copy_(s)
-        return T
-
     def align(self, ks, data):
         cfg = self.cfg
         for k, (Z, Y) in zip(ks, data):
-            T = self.server_targets(Z, Y)
+            (T,) = buffer_targets(self.servers[0], [(Z, Y)])
             aux, opt, gen = self.auxes[k], self.aux_opts[k], self.align_gens[k]
             n = Z.shape[0]
             for _ in range(cfg.align_epochs):
