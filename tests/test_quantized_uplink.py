@@ -60,18 +60,22 @@ def test_engines_agree_with_quantized_uplink(quant):
     for _ in range(2):
         ref.step()
         fused.step()
-    # Rounding to codes is discontinuous: a last-bit difference in z between the engines can
-    # move a code by one step, so (as for conv models) require nearly all elements to agree
-    # tightly and none to differ by more than 2 * lr.
+    # Rounding to codes is discontinuous: a last-bit difference in z between the engines (their
+    # convolutions sum in different orders) can move a code by one step, and Adam turns a tiny
+    # gradient difference into up to ~lr per step. So require nearly all elements to agree
+    # tightly, at most 0.1% beyond 2 * lr, and none beyond 2 * lr per server Adam step taken.
     a, b = ref.engine.named_state(), fused.engine.named_state()
-    total = close = 0
+    steps = max(int(st["step"]) for st in ref.engine.server_opts[0].state.values())
+    total = close = far = 0
     for part in a:
         for name, ta in a[part].items():
             d = (b[part][name] - ta).abs()
-            assert float(d.max()) <= 2 * cfg.lr, (part, name)
+            assert float(d.max()) <= 2 * cfg.lr * steps, (part, name, float(d.max()), steps)
             total += ta.numel()
             close += int((d <= 1e-4 * ta.abs() + 1e-5).sum())
+            far += int((d > 2 * cfg.lr).sum())
     assert close / total >= 0.99, close / total
+    assert far <= 1e-3 * total, far
     assert [m["comm_bytes"] for m in ref.metrics] == [m["comm_bytes"] for m in fused.metrics]
 
 

@@ -12,6 +12,11 @@ in ``csrc/layers.cpp`` compute the same values; docs/layers.md has the contracts
   where its input is > 0). So it replaces a model's "ReLU then MaxPool2d" pair.
 - ``lrn(x, size, alpha, beta, k)``: ``nn.LocalResponseNorm`` across channels for x float32
   [N, C, H, W] (same shape out).
+- ``conv_pool_relu(x, weight, bias, kernel_size, stride, padding)``:
+  ``max_pool2d(relu(conv2d(x, weight, bias, padding=K // 2)), kernel_size, stride, padding)`` for a
+  square odd K x K stride-1 "same" convolution: the whole conv block of the small client CNNs in
+  one pass (csrc/conv.cpp). Its backward visits only the conv-output cells the pool routes a
+  gradient to (one per window at most), instead of two dense convolutions.
 
 Backends: ``cpp`` (CPU tensors) and ``reference`` (torch's own kernels; used for CUDA tensors too,
 which is fine: on a GPU torch's kernels are not the bottleneck these ops remove on a CPU).
@@ -33,8 +38,12 @@ __all__ = [
     "lrn",
     "pool_relu_reference",
     "lrn_reference",
+    "conv_pool_relu",
+    "conv_pool_relu_reference",
+    "conv_pool_relu_supported",
     "PoolReLU",
     "LRN",
+    "ConvPoolReLU",
     "fuse_client_layers",
 ]
 
@@ -98,6 +107,12 @@ def lrn_reference(x: torch.Tensor, size: int, alpha: float, beta: float, k: floa
     return F.local_response_norm(x, size, alpha, beta, k)
 
 
+def conv_pool_relu_reference(x, weight, bias, kernel_size: int, stride: int, padding: int):
+    """``max_pool2d(relu(conv2d(x, weight, bias, padding=K // 2)))``, the models' order."""
+    return F.max_pool2d(F.relu(F.conv2d(x, weight, bias, padding=weight.shape[2] // 2)),
+                        kernel_size, stride, padding)
+
+
 # ---------------------------------------------------------------------------------------------
 # C++ backend: autograd Functions over torch.ops.fsl_fast.{pool_relu,lrn}_{fwd,bwd}
 
@@ -148,6 +163,41 @@ def _lrn_cpp(x, size, alpha, beta, k):
     return _LRNFn.apply(x.contiguous(), size, alpha, beta, k)
 
 
+class _ConvPoolReLUFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, b, k, s, p):
+        bias = b if b is not None else w.new_empty(0)
+        y, idx, xp = _ops().conv_pool_relu_fwd(x, w, bias, k, s, p)
+        ctx.save_for_backward(idx, xp, w)
+        ctx.has_bias = b is not None
+        ctx.mark_non_differentiable(idx)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy):
+        idx, xp, w = ctx.saved_tensors
+        gx, gw, gb = _ops().conv_pool_relu_bwd(gy.contiguous(), idx, xp, w, ctx.needs_input_grad[0])
+        return (gx if ctx.needs_input_grad[0] else None, gw if ctx.needs_input_grad[1] else None,
+                gb if ctx.has_bias and ctx.needs_input_grad[2] else None, None, None, None)
+
+
+def conv_pool_relu_supported(in_channels: int, kernel: int) -> bool:
+    """Shapes the C++ kernel handles: K in (1, 3, 5) with K * Cin <= 64 floats per patch row, or
+    K = 7 with K * Cin <= 32 (the first layers of small CNNs). Others run the reference."""
+    rows = -(-kernel * in_channels // 16)
+    return (kernel in (1, 3, 5) and rows <= 4) or (kernel == 7 and rows <= 2)
+
+
+def _conv_pool_relu_cpp(x, weight, bias, kernel_size, stride, padding):
+    if not conv_pool_relu_supported(weight.shape[1], weight.shape[2]):
+        return conv_pool_relu_reference(x, weight, bias, kernel_size, stride, padding)
+    return _ConvPoolReLUFn.apply(x.contiguous(), weight.contiguous(),
+                                 None if bias is None else bias.contiguous(),
+                                 kernel_size, stride, padding)
+
+
+_backend.register("conv_pool_relu", reference=conv_pool_relu_reference, cpp=_conv_pool_relu_cpp)
 _backend.register("pool_relu", reference=pool_relu_reference, cpp=_pool_relu_cpp)
 _backend.register("lrn", reference=lrn_reference, cpp=_lrn_cpp)
 
@@ -172,6 +222,36 @@ def lrn(x: torch.Tensor, size, alpha: float = 1e-4, beta: float = 0.75, k: float
     n, a, b, kk = _lrn_args(x, size, alpha, beta, k)
     _, impl = _backend.resolve("lrn", x.device, backend)
     return impl(x, n, a, b, kk)
+
+
+def _conv_args(x, weight, bias):
+    op = "conv_pool_relu"
+    _check_x(op, x)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+        raise ValueError(f"{op}: weight must be a 4-D tensor [Cout, Cin, K, K], got "
+                         f"{getattr(weight, 'shape', type(weight).__name__)}")
+    co, ci, kh, kw = weight.shape
+    if ci != x.shape[1] or kh != kw or kh % 2 == 0:
+        raise ValueError(f"{op}: weight must be [Cout, Cin={x.shape[1]}, K, K] with K odd, got "
+                         f"{tuple(weight.shape)}")
+    if weight.dtype != torch.float32 or weight.device != x.device:
+        raise TypeError(f"{op}: weight must be float32 on {x.device}, got {weight.dtype} on "
+                        f"{weight.device}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (co,)
+                             or bias.dtype != torch.float32 or bias.device != x.device):
+        raise ValueError(f"{op}: bias must be None or float32 [{co}] on {x.device}, got "
+                         f"{getattr(bias, 'shape', type(bias).__name__)}")
+
+
+def conv_pool_relu(x: torch.Tensor, weight: torch.Tensor, bias, kernel_size, stride=None,
+                   padding=0, backend: str | None = None):
+    """``max_pool2d(relu(conv2d(x, weight, bias, padding=K // 2)), kernel_size, stride, padding)``
+    for x float32 [N, Cin, H, W], weight [Cout, Cin, K, K] (K odd, stride 1, zero padding K // 2),
+    bias [Cout] or None. Differentiable in x, weight and bias. Pool arguments as ``pool_relu``."""
+    _conv_args(x, weight, bias)
+    k, s, p = _pool_args(x, kernel_size, stride, padding)
+    _, impl = _backend.resolve("conv_pool_relu", x.device, backend)
+    return impl(x, weight, bias, k, s, p)
 
 
 class PoolReLU(nn.Module):
@@ -207,8 +287,45 @@ class LRN(nn.Module):
         return f"{self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}"
 
 
+class ConvPoolReLU(nn.Module):
+    """``Conv2d`` (K odd, stride 1, padding K // 2) + ``ReLU`` + ``MaxPool2d`` as one module. Its
+    parameters are named ``weight`` and ``bias`` like the Conv2d's, so in a Sequential where it
+    takes the conv's slot the state_dict keys are unchanged."""
+
+    def __init__(self, conv: nn.Conv2d, pool: nn.MaxPool2d, backend: str | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(conv.weight.detach().clone(), requires_grad=conv.weight.requires_grad)
+        self.bias = (None if conv.bias is None
+                     else nn.Parameter(conv.bias.detach().clone(), requires_grad=conv.bias.requires_grad))
+        self.kernel_size = _as_int("ConvPoolReLU", "kernel_size", pool.kernel_size, 1)
+        st = pool.stride if pool.stride is not None else pool.kernel_size
+        self.stride = _as_int("ConvPoolReLU", "stride", st, 1)
+        self.padding = _as_int("ConvPoolReLU", "padding", pool.padding, 0)
+        self.backend = backend
+
+    def forward(self, x):
+        return conv_pool_relu(x, self.weight, self.bias, self.kernel_size, self.stride,
+                              self.padding, backend=self.backend)
+
+    def extra_repr(self):
+        co, ci, k, _ = self.weight.shape
+        return (f"{ci}, {co}, kernel={k}, bias={self.bias is not None}, pool=({self.kernel_size}, "
+                f"{self.stride}, {self.padding})")
+
+
 # ---------------------------------------------------------------------------------------------
 # model rewriter
+
+
+def _conv_fusable(m: nn.Module) -> bool:
+    if type(m) is not nn.Conv2d or m.groups != 1 or m.padding_mode != "zeros":
+        return False
+    k = m.kernel_size
+    if k[0] != k[1] or k[0] % 2 == 0 or tuple(m.stride) != (1, 1) or tuple(m.dilation) != (1, 1):
+        return False
+    if isinstance(m.padding, str) or tuple(m.padding) != (k[0] // 2, k[0] // 2):
+        return False
+    return m.weight.dtype == torch.float32 and conv_pool_relu_supported(m.in_channels, k[0])
 
 
 def _pool_fusable(m: nn.Module) -> bool:
@@ -238,7 +355,14 @@ def _rewrite(seq: nn.Module, backend: str | None) -> None:
     while i + 1 < len(names):
         a, b = getattr(seq, names[i]), getattr(seq, names[i + 1])
         c = getattr(seq, names[i + 2]) if i + 2 < len(names) else None
-        if type(a) is nn.ReLU and _pool_fusable(b):
+        if _conv_fusable(a) and c is not None and type(b) is nn.ReLU and _pool_fusable(c):
+            # Conv, ReLU, MaxPool: the block becomes ConvPoolReLU in the conv's slot (same
+            # parameter names) and two Identities (no state), so every key stays the same.
+            setattr(seq, names[i], ConvPoolReLU(a, c, backend=backend))
+            setattr(seq, names[i + 1], nn.Identity())
+            setattr(seq, names[i + 2], nn.Identity())
+            i += 3
+        elif type(a) is nn.ReLU and _pool_fusable(b):
             # The ReLU slot becomes an Identity (no parameters, no state keys) so the Sequential
             # keeps its indices: parameters after the pair keep their state_dict keys.
             setattr(seq, names[i], nn.Identity())
@@ -257,7 +381,10 @@ def _rewrite(seq: nn.Module, backend: str | None) -> None:
 
 
 def fuse_client_layers(module: nn.Module, backend: str | None = None) -> nn.Module:
-    """A deep copy of ``module`` in which every ``nn.ReLU`` directly followed by a fusable
+    """A deep copy of ``module`` in which every fusable ``nn.Conv2d`` (K odd, stride 1, padding
+    K // 2, a shape ``conv_pool_relu_supported`` accepts) directly followed by ``nn.ReLU`` and a
+    fusable ``nn.MaxPool2d`` becomes ``ConvPoolReLU, Identity, Identity``, every other ``nn.ReLU``
+    directly followed by a fusable
     ``nn.MaxPool2d`` (square window, no dilation/ceil_mode/indices) inside an ``nn.Sequential``
     (at any depth) becomes ``Identity, PoolReLU``, every ``nn.LocalResponseNorm`` becomes ``LRN``,
     and in ``ReLU, LRN, MaxPool2d`` the pool becomes a ``PoolReLU`` (its input is >= 0; values

@@ -1,0 +1,432 @@
+// Fused "conv -> ReLU -> max-pool" block of the small client CNNs, NCHW fp32 on CPU:
+//   y = max_pool2d(relu(conv2d(x, w, b, stride 1, padding K/2)), pk, ps, pp)
+// with square odd kernels K (the "same" convolutions of cnn and simple_conv). Contract and
+// measurements: docs/layers.md ("conv_pool_relu").
+//
+// Why: after the pool/LRN kernels (layers.cpp), torch's convolutions are most of a fused client
+// iteration on one thread, and the first convolution (Cin = 1 or 3) runs at 4-40 GFLOP/s in oneDNN.
+// Two things make this block cheaper than conv + relu + pool done separately:
+//   1. forward: a register-blocked direct convolution on a padded channels-last copy of the input
+//      (16-channel vector lanes over Cout), relu and pooling done from an L2-resident per-sample
+//      buffer, so the full-resolution activation never reaches memory;
+//   2. backward: the pool routes each output's gradient to one conv cell (or none where the window
+//      max is <= 0), so the conv's output gradient has at most one nonzero per pooling window
+//      (1 in 4 for 2x2 pools). The weight and input gradients are accumulated from those nonzeros
+//      only: K rows of K*Cin contiguous floats per nonzero, instead of dense convolutions.
+//
+// Saved for backward: the int32 argmax (h * W + w in the conv output plane, -1 where the gradient is
+// zero: window max <= 0 or NaN, as pool_relu in layers.cpp) and the padded channels-last input.
+//
+// Summation order differs from oneDNN's, so results agree with torch to rounding (tests bound it).
+// Threads: at::parallel_for (forward and input gradient over samples, weight gradient over output
+// channels: each thread owns its outputs, so results do not depend on the thread count).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+// 16 fp32 lanes (one AVX-512 register; GCC lowers it to two AVX2 registers etc. elsewhere)
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t i16 __attribute__((vector_size(64)));
+constexpr int64_t L = 16;
+
+inline v16 ld(const float* p) {
+  v16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void st(float* p, v16 v) { std::memcpy(p, &v, sizeof(v)); }
+inline v16 splat(float s) { return v16{s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s}; }
+
+struct Geo {
+  int64_t N, Ci, H, W, Co, K, q, Hp, Wp, CoP;  // q = K / 2, Hp = H + 2q, CoP = Co rounded up to 16
+  int64_t pk, ps, pp, Ho, Wo;
+};
+
+// Output positions are numbered over the padded width: p = h * Wp + w for w in [0, Wp). Patches
+// of consecutive positions then start Ci floats apart with no row breaks, so every block of WB
+// positions is uniform; positions with w >= W (their patches wrap into the next row) are computed
+// and never read. That wastes 2q / Wp of the work (7-13% here) and removes all tail handling. The
+// padded input and the per-sample buffer carry slack so the last block may read/write past the end.
+constexpr int64_t kWBMax = 24;
+
+// acc[j][c] for positions p0 + j (j < WB), channel chunks cb + c (c < NC):
+//   bias + sum_{kh, t < K*Ci} xp[p0 + j + kh * Wp][t] * wf[kh][t][chunk]   (t = kw * Ci + ci)
+template <int NC, int WB>
+inline void conv_block(const float* __restrict xr0, const float* __restrict wf,
+                       const float* __restrict bias, float* __restrict out, int64_t Ci, int64_t K,
+                       int64_t Wp, int64_t CoP, int64_t cb) {
+  v16 acc[WB][NC];
+  for (int c = 0; c < NC; ++c) {
+    const v16 b = ld(bias + (cb + c) * L);
+    for (int j = 0; j < WB; ++j) acc[j][c] = b;
+  }
+  const int64_t KC = K * Ci;
+  for (int64_t kh = 0; kh < K; ++kh) {
+    const float* __restrict xr = xr0 + kh * Wp * Ci;
+    const float* __restrict wk = wf + kh * KC * CoP + cb * L;
+    for (int64_t t = 0; t < KC; ++t) {
+      v16 wv[NC];
+      for (int c = 0; c < NC; ++c) wv[c] = ld(wk + t * CoP + c * L);
+      for (int j = 0; j < WB; ++j) {
+        const v16 s = splat(xr[j * Ci + t]);
+        for (int c = 0; c < NC; ++c) acc[j][c] += s * wv[c];
+      }
+    }
+  }
+  for (int j = 0; j < WB; ++j)
+    for (int c = 0; c < NC; ++c) st(out + j * CoP + (cb + c) * L, acc[j][c]);
+}
+
+template <int NC, int WB>
+void conv_chunks(const float* xp_n, const float* wf, const float* bias, float* tmp, const Geo& g,
+                 int64_t cb) {
+  const int64_t P = g.H * g.Wp;
+  for (int64_t p0 = 0; p0 < P; p0 += WB)
+    conv_block<NC, WB>(xp_n + p0 * g.Ci, wf, bias, tmp + p0 * g.CoP, g.Ci, g.K, g.Wp, g.CoP, cb);
+}
+
+// conv output of one sample into tmp [H * Wp (+ slack)][CoP] (channels-last, L2-sized)
+void conv_sample(const float* xp_n, const float* wf, const float* bias, float* tmp, const Geo& g) {
+  const int64_t chunks = g.CoP / L;
+  int64_t cb = 0;
+  while (cb < chunks) {
+    const int64_t left = chunks - cb;
+    if (left >= 4) {
+      conv_chunks<4, 6>(xp_n, wf, bias, tmp, g, cb);
+      cb += 4;
+    } else if (left >= 2) {
+      conv_chunks<2, 12>(xp_n, wf, bias, tmp, g, cb);
+      cb += 2;
+    } else {
+      conv_chunks<1, 24>(xp_n, wf, bias, tmp, g, cb);
+      cb += 1;
+    }
+  }
+}
+
+// relu(max_pool) of tmp into y / idx of sample n, 16 channels at a time. Windows are clipped to
+// the plane (= -inf padding); the first maximum in row-major window order wins (strict '>'), as in
+// torch's CPU max_pool2d; a NaN anywhere in the window gives NaN with idx -1. idx holds the
+// winning cell as h * Wp + w (padded row stride: the offset of its patch in xp, in pixels).
+void pool_sample(const float* tmp, float* y_n, int32_t* idx_n, const Geo& g) {
+  const int64_t So = g.Ho * g.Wo;
+  const float ninf = -std::numeric_limits<float>::infinity();
+  const float qnan = std::numeric_limits<float>::quiet_NaN();
+  for (int64_t cb = 0; cb < g.CoP / L; ++cb) {
+    const int64_t nl = std::min<int64_t>(L, g.Co - cb * L);
+    for (int64_t oy = 0; oy < g.Ho; ++oy) {
+      const int64_t y0 = std::max<int64_t>(oy * g.ps - g.pp, 0);
+      const int64_t y1 = std::min<int64_t>(oy * g.ps - g.pp + g.pk, g.H);
+      for (int64_t ox = 0; ox < g.Wo; ++ox) {
+        const int64_t x0 = std::max<int64_t>(ox * g.ps - g.pp, 0);
+        const int64_t x1 = std::min<int64_t>(ox * g.ps - g.pp + g.pk, g.W);
+        v16 m = splat(ninf);
+        i16 mi = i16{} + static_cast<int32_t>(y0 * g.Wp + x0);
+        i16 bad = i16{};
+        for (int64_t iy = y0; iy < y1; ++iy) {
+          for (int64_t ix = x0; ix < x1; ++ix) {
+            const int32_t cell = static_cast<int32_t>(iy * g.Wp + ix);
+            const v16 v = ld(tmp + cell * g.CoP + cb * L);
+            const i16 gt = v > m;
+            m = gt ? v : m;
+            mi = gt ? (i16{} + cell) : mi;
+            bad |= (v != v);
+          }
+        }
+        const i16 pos = (m > splat(0.f)) & ~bad;
+        const v16 yv = bad ? splat(qnan) : (pos ? m : splat(0.f));
+        const i16 iv = pos ? mi : (i16{} - 1);
+        const int64_t o = oy * g.Wo + ox;
+        for (int64_t l = 0; l < nl; ++l) {
+          y_n[(cb * L + l) * So + o] = yv[l];
+          idx_n[(cb * L + l) * So + o] = iv[l];
+        }
+      }
+    }
+  }
+}
+
+// ---- backward over the nonzeros of the conv's output gradient --------------------------------
+// A nonzero at cell j (= h * Wp + w) with value gv touches K patch rows of K*Ci contiguous floats:
+// xp[j + kh * Wp][0 : K*Ci]. Each row is R = ceil(K*Ci / 16) vectors; lanes past K*Ci belong to
+// the next pixels and are masked (weight gradient: never stored; input gradient: not updated).
+
+// weight gradient of one output channel: acc[kh][r] += gv * xp row, accumulators in registers
+template <int K, int R>
+void wgrad_channel(const float* gy, const int32_t* ii, int64_t So, int64_t N, int64_t Co,
+                   int64_t co, const float* xpd, int64_t sample, int64_t Wp, int64_t Ci,
+                   int64_t jmax, float* out /* [K][R*16] */, float* sb) {
+  v16 acc[K][R];
+  for (int kh = 0; kh < K; ++kh)
+    for (int r = 0; r < R; ++r) acc[kh][r] = v16{};
+  float s = 0.f;
+  for (int64_t n = 0; n < N; ++n) {
+    const float* __restrict g = gy + (n * Co + co) * So;
+    const int32_t* __restrict ij = ii + (n * Co + co) * So;
+    const float* xpn = xpd + n * sample;
+    for (int64_t o = 0; o < So; ++o) {
+      const int32_t j = ij[o];
+      if (static_cast<uint64_t>(static_cast<int64_t>(j)) >= static_cast<uint64_t>(jmax)) continue;
+      const float gv = g[o];
+      s += gv;
+      const v16 gs = splat(gv);
+      const float* base = xpn + j * Ci;
+      for (int kh = 0; kh < K; ++kh)
+        for (int r = 0; r < R; ++r) acc[kh][r] += gs * ld(base + kh * Wp * Ci + r * L);
+    }
+  }
+  for (int kh = 0; kh < K; ++kh)
+    for (int r = 0; r < R; ++r) st(out + (kh * R + r) * L, acc[kh][r]);
+  *sb = s;
+}
+
+// input gradient of one sample: dxp[j + kh * Wp][t] += gv * w[co][kh][t] over the masked lanes
+template <int K, int R>
+void dgrad_sample(const float* g, const int32_t* ij, int64_t So, int64_t Co, const float* wd,
+                  float* dxp, int64_t Wp, int64_t Ci, int64_t jmax) {
+  const int64_t KC = K * Ci;
+  i16 lanes;
+  for (int l = 0; l < L; ++l) lanes[l] = l;
+  for (int64_t co = 0; co < Co; ++co) {
+    const float* gc = g + co * So;
+    const int32_t* ic = ij + co * So;
+    v16 wv[K][R];  // zero past K*Ci (wd rows are padded with zeros to R*16)
+    for (int kh = 0; kh < K; ++kh)
+      for (int r = 0; r < R; ++r) wv[kh][r] = ld(wd + (co * K + kh) * R * L + r * L);
+    for (int64_t o = 0; o < So; ++o) {
+      const int32_t j = ic[o];
+      if (static_cast<uint64_t>(static_cast<int64_t>(j)) >= static_cast<uint64_t>(jmax)) continue;
+      const v16 gs = splat(gc[o]);
+      float* base = dxp + j * Ci;
+      for (int kh = 0; kh < K; ++kh)
+        for (int r = 0; r < R; ++r) {
+          float* d = base + kh * Wp * Ci + r * L;
+          const v16 cur = ld(d);
+          const i16 live = lanes < (i16{} + static_cast<int32_t>(KC - r * L));
+          st(d, live ? cur + gs * wv[kh][r] : cur);
+        }
+    }
+  }
+}
+
+void check_f32_cpu(const at::Tensor& t, const char* op, const char* arg, int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", arg, " must be a CPU tensor, got device ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", arg, " must be float32, got ",
+              t.scalar_type(), " with shape ", t.sizes());
+  TORCH_CHECK(t.dim() == dim, op, ": ", arg, " must be ", dim, "-D, got shape ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", arg, " must be contiguous, got shape ", t.sizes(),
+              " strides ", t.strides());
+}
+
+Geo make_geo(const at::Tensor& x, const at::Tensor& w, int64_t pk, int64_t ps, int64_t pp,
+             const char* op) {
+  check_f32_cpu(x, op, "x", 4);
+  check_f32_cpu(w, op, "weight", 4);
+  Geo g;
+  g.N = x.size(0);
+  g.Ci = x.size(1);
+  g.H = x.size(2);
+  g.W = x.size(3);
+  g.Co = w.size(0);
+  g.K = w.size(2);
+  TORCH_CHECK(w.size(1) == g.Ci && w.size(3) == g.K && g.K % 2 == 1 && g.Co >= 1,
+              op, ": weight must be [Cout, Cin=", g.Ci, ", K, K] with K odd, got ", w.sizes());
+  TORCH_CHECK(pk >= 1 && ps >= 1 && pp >= 0 && 2 * pp <= pk, op,
+              ": pool needs kernel_size >= 1, stride >= 1, 0 <= padding <= kernel_size / 2, got ",
+              pk, ", ", ps, ", ", pp);
+  TORCH_CHECK(g.H >= 1 && g.W >= 1 && g.H + 2 * pp >= pk && g.W + 2 * pp >= pk, op,
+              ": input of shape ", x.sizes(), " is smaller than the pool window ", pk);
+  TORCH_CHECK(g.H * g.W <= std::numeric_limits<int32_t>::max(), op, ": plane too large");
+  g.q = g.K / 2;
+  g.Hp = g.H + 2 * g.q;
+  g.Wp = g.W + 2 * g.q;
+  g.CoP = (g.Co + L - 1) / L * L;
+  g.pk = pk;
+  g.ps = ps;
+  g.pp = pp;
+  g.Ho = (g.H + 2 * pp - pk) / ps + 1;
+  g.Wo = (g.W + 2 * pp - pk) / ps + 1;
+  return g;
+}
+
+// Floats of slack after the padded input (and the per-sample buffers): the last block of WB
+// positions and the 16-lane patch-row loads may run past the end by this much.
+int64_t slack_floats(int64_t K, int64_t Ci, int64_t Wp) {
+  return (kWBMax + K + 1) * Ci + K * Wp * Ci + 4 * L;
+}
+
+// -> (y [N, Co, Ho, Wo], idx int32 [N, Co, Ho, Wo], xp [N, H+2q, W+2q, Ci] padded channels-last x,
+//     allocated with slack: pass it to the backward as returned)
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool_relu_fwd(const at::Tensor& x,
+                                                                 const at::Tensor& w,
+                                                                 const at::Tensor& b, int64_t pk,
+                                                                 int64_t ps, int64_t pp) {
+  const char* op = "conv_pool_relu_fwd";
+  const Geo g = make_geo(x, w, pk, ps, pp, op);
+  TORCH_CHECK(b.numel() == 0 || (b.dim() == 1 && b.size(0) == g.Co && b.scalar_type() == at::kFloat
+                                 && b.device().is_cpu()),
+              op, ": bias must be float32 [", g.Co, "] on the CPU or empty, got ", b.sizes());
+  const int64_t KC = g.K * g.Ci;
+  // packed weights wf[kh][kw*Ci+ci][CoP] and padded bias
+  std::vector<float> wf(static_cast<size_t>(g.K * KC * g.CoP), 0.f), bias(g.CoP, 0.f);
+  const float* wd = w.data_ptr<float>();
+  for (int64_t co = 0; co < g.Co; ++co)
+    for (int64_t ci = 0; ci < g.Ci; ++ci)
+      for (int64_t kh = 0; kh < g.K; ++kh)
+        for (int64_t kw = 0; kw < g.K; ++kw)
+          wf[(kh * KC + kw * g.Ci + ci) * g.CoP + co] = wd[((co * g.Ci + ci) * g.K + kh) * g.K + kw];
+  if (b.numel()) {
+    const at::Tensor bc = b.contiguous();
+    std::copy(bc.data_ptr<float>(), bc.data_ptr<float>() + g.Co, bias.begin());
+  }
+  const int64_t sample = g.Hp * g.Wp * g.Ci;
+  const int64_t slack = slack_floats(g.K, g.Ci, g.Wp);
+  at::Tensor y = at::empty({g.N, g.Co, g.Ho, g.Wo}, x.options());
+  at::Tensor idx = at::empty({g.N, g.Co, g.Ho, g.Wo}, x.options().dtype(at::kInt));
+  at::Tensor xp_store = at::zeros({g.N * sample + slack}, x.options());
+  at::Tensor xp = xp_store.narrow(0, 0, g.N * sample).view({g.N, g.Hp, g.Wp, g.Ci});
+  const float* xd = x.data_ptr<float>();
+  float* yd = y.data_ptr<float>();
+  int32_t* id = idx.data_ptr<int32_t>();
+  float* xpd = xp_store.data_ptr<float>();
+  at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
+    std::vector<float> tmp(static_cast<size_t>((g.H * g.Wp + kWBMax) * g.CoP));
+    for (int64_t n = n0; n < n1; ++n) {
+      float* xpn = xpd + n * sample;
+      const float* xn = xd + n * g.Ci * g.H * g.W;
+      for (int64_t ci = 0; ci < g.Ci; ++ci)
+        for (int64_t h = 0; h < g.H; ++h)
+          for (int64_t w_ = 0; w_ < g.W; ++w_)
+            xpn[((h + g.q) * g.Wp + w_ + g.q) * g.Ci + ci] = xn[(ci * g.H + h) * g.W + w_];
+    }
+    for (int64_t n = n0; n < n1; ++n) {
+      // samples of this chunk are all padded first: the last block of sample n reads into n + 1
+      conv_sample(xpd + n * sample, wf.data(), bias.data(), tmp.data(), g);
+      pool_sample(tmp.data(), yd + n * g.Co * g.Ho * g.Wo, id + n * g.Co * g.Ho * g.Wo, g);
+    }
+  });
+  return {y, idx, xp};
+}
+
+template <int K, int R>
+bool wgrad_fixed(const float* gy, const int32_t* id, int64_t So, int64_t N, int64_t Co,
+                 const float* xpd, int64_t sample, int64_t Wp, int64_t Ci, int64_t jmax,
+                 float* gwd, float* gbd) {
+  at::parallel_for(0, Co, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<float> acc(static_cast<size_t>(K * R * L));
+    for (int64_t co = c0; co < c1; ++co) {
+      wgrad_channel<K, R>(gy, id, So, N, Co, co, xpd, sample, Wp, Ci, jmax, acc.data(), gbd + co);
+      for (int64_t ci = 0; ci < Ci; ++ci)
+        for (int64_t kh = 0; kh < K; ++kh)
+          for (int64_t kw = 0; kw < K; ++kw)
+            gwd[((co * Ci + ci) * K + kh) * K + kw] = acc[kh * R * L + kw * Ci + ci];
+    }
+  });
+  return true;
+}
+
+template <int K, int R>
+bool dgrad_fixed(const float* gy, const int32_t* id, int64_t So, int64_t N, int64_t Co,
+                 const float* wsrc, int64_t Ci, int64_t H, int64_t W, int64_t Wp, int64_t Hp,
+                 int64_t jmax, int64_t slack, float* gxd) {
+  const int64_t q = K / 2;
+  // weights as wd[co][kh][kw*Ci+ci], rows zero-padded to R*16: the layout of a patch row
+  std::vector<float> wd(static_cast<size_t>(Co * K * R * L), 0.f);
+  for (int64_t co = 0; co < Co; ++co)
+    for (int64_t ci = 0; ci < Ci; ++ci)
+      for (int64_t kh = 0; kh < K; ++kh)
+        for (int64_t kw = 0; kw < K; ++kw)
+          wd[(co * K + kh) * R * L + kw * Ci + ci] = wsrc[((co * Ci + ci) * K + kh) * K + kw];
+  at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+    std::vector<float> dxp(static_cast<size_t>(Hp * Wp * Ci + slack));
+    for (int64_t n = n0; n < n1; ++n) {
+      std::fill(dxp.begin(), dxp.end(), 0.f);
+      dgrad_sample<K, R>(gy + n * Co * So, id + n * Co * So, So, Co, wd.data(), dxp.data(), Wp, Ci,
+                         jmax);
+      float* gxn = gxd + n * Ci * H * W;
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t w_ = 0; w_ < W; ++w_) {
+          const float* s = dxp.data() + ((h + q) * Wp + w_ + q) * Ci;
+          for (int64_t ci = 0; ci < Ci; ++ci) gxn[(ci * H + h) * W + w_] = s[ci];
+        }
+    }
+  });
+  return true;
+}
+
+// -> (grad_x [N, Ci, H, W] or an empty tensor when need_x is false, grad_w [Co, Ci, K, K],
+//     grad_b [Co]); only the nonzero entries of the conv's output gradient (one per pool output
+//     with idx >= 0; overlapping windows may name a cell twice and both count) are visited.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool_relu_bwd(const at::Tensor& grad_y,
+                                                                 const at::Tensor& idx,
+                                                                 const at::Tensor& xp,
+                                                                 const at::Tensor& w,
+                                                                 bool need_x) {
+  const char* op = "conv_pool_relu_bwd";
+  check_f32_cpu(grad_y, op, "grad_y", 4);
+  check_f32_cpu(xp, op, "xp", 4);
+  check_f32_cpu(w, op, "weight", 4);
+  TORCH_CHECK(idx.scalar_type() == at::kInt && idx.is_contiguous() && idx.sizes() == grad_y.sizes(),
+              op, ": idx must be contiguous int32 of grad_y's shape ", grad_y.sizes(), ", got ",
+              idx.scalar_type(), " ", idx.sizes());
+  const int64_t N = grad_y.size(0), Co = grad_y.size(1), So = grad_y.size(2) * grad_y.size(3);
+  const int64_t K = w.size(2), Ci = w.size(1), q = K / 2;
+  const int64_t Hp = xp.size(1), Wp = xp.size(2), H = Hp - 2 * q, W = Wp - 2 * q;
+  TORCH_CHECK(w.size(0) == Co && w.size(3) == K && K % 2 == 1 && xp.size(0) == N &&
+                  xp.size(3) == Ci && H >= 1 && W >= 1,
+              op, ": shapes do not match: grad_y ", grad_y.sizes(), ", xp ", xp.sizes(),
+              ", weight ", w.sizes());
+  const int64_t sample = Hp * Wp * Ci, slack = slack_floats(K, Ci, Wp);
+  TORCH_CHECK(xp.storage_offset() == 0 &&
+                  xp.storage().nbytes() >= static_cast<size_t>((N * sample + slack) * 4),
+              op, ": xp must be the padded input returned by conv_pool_relu_fwd (it carries slack)");
+  const int64_t R = (K * Ci + L - 1) / L;
+  const int64_t jmax = H * Wp;  // a cell's row must be < H; idx from the forward always is
+  const float* gy = grad_y.data_ptr<float>();
+  const int32_t* id = idx.data_ptr<int32_t>();
+  const float* xpd = xp.data_ptr<float>();
+  at::Tensor gw = at::empty({Co, Ci, K, K}, w.options());
+  at::Tensor gb = at::empty({Co}, w.options());
+  at::Tensor gx = need_x ? at::empty({N, Ci, H, W}, xp.options()) : at::empty({0}, xp.options());
+  float* gwd = gw.data_ptr<float>();
+  float* gbd = gb.data_ptr<float>();
+  const float* wsrc = w.data_ptr<float>();
+  float* gxd = need_x ? gx.data_ptr<float>() : nullptr;
+
+#define FSL_CONV_CASE(KK, RR)                                                                    \
+  if (K == KK && R == RR) {                                                                      \
+    wgrad_fixed<KK, RR>(gy, id, So, N, Co, xpd, sample, Wp, Ci, jmax, gwd, gbd);                 \
+    if (need_x) dgrad_fixed<KK, RR>(gy, id, So, N, Co, wsrc, Ci, H, W, Wp, Hp, jmax, slack, gxd); \
+    return {gx, gw, gb};                                                                         \
+  }
+  FSL_CONV_CASE(1, 1) FSL_CONV_CASE(1, 2) FSL_CONV_CASE(1, 4)
+  FSL_CONV_CASE(3, 1) FSL_CONV_CASE(3, 2) FSL_CONV_CASE(3, 3) FSL_CONV_CASE(3, 4)
+  FSL_CONV_CASE(5, 1) FSL_CONV_CASE(5, 2) FSL_CONV_CASE(5, 3) FSL_CONV_CASE(5, 4)
+  FSL_CONV_CASE(7, 1) FSL_CONV_CASE(7, 2)
+#undef FSL_CONV_CASE
+  TORCH_CHECK(false, op, ": no kernel for K = ", K, " with K * Cin = ", K * Ci,
+              " (> 64 floats per patch row); use the reference backend");
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fsl_fast, m) {
+  m.def("conv_pool_relu_fwd(Tensor x, Tensor weight, Tensor bias, int kernel_size, int stride, "
+        "int padding) -> (Tensor, Tensor, Tensor)");
+  m.def("conv_pool_relu_bwd(Tensor grad_y, Tensor idx, Tensor xp, Tensor weight, bool need_x) "
+        "-> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fsl_fast, CPU, m) {
+  m.impl("conv_pool_relu_fwd", &conv_pool_relu_fwd);
+  m.impl("conv_pool_relu_bwd", &conv_pool_relu_bwd);
+}

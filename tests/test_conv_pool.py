@@ -1,0 +1,166 @@
+"""conv_pool_relu: the fused conv + bias + ReLU + max-pool block (csrc/conv.cpp) against torch.
+
+Values and all three gradients are judged against float64 torch: the C++ kernel sums in another
+order than oneDNN, so it may differ from fp32 torch by rounding, but its error against float64 must
+stay within 2x torch's own fp32 error plus 1e-6 of the scale (as for the fused client layers in
+test_layers.py). Where the pool routes gradient (argmax, ReLU mask) both must agree exactly.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fsl_fast.ops import _backend
+from fsl_fast.ops import layers as L
+
+HAS_CPP = _backend.available("cpp", "cpu")[0]
+needs_cpp = pytest.mark.skipif(
+    not HAS_CPP, reason=f"C++ extension unavailable: {_backend.extension_error()}")
+
+
+def _ref(x, w, b, pool):
+    return F.max_pool2d(F.relu(F.conv2d(x, w, b, padding=w.shape[2] // 2)), *pool)
+
+
+def _grads(fn, x, w, b, g, need_x):
+    x = x.detach().clone().requires_grad_(need_x)
+    w = w.detach().clone().requires_grad_(True)
+    b = None if b is None else b.detach().clone().requires_grad_(True)
+    y = fn(x, w, b)
+    ins = ([x] if need_x else []) + [w] + ([b] if b is not None else [])
+    return y.detach(), torch.autograd.grad(y, ins, g)
+
+
+# (N, Cin, Cout, K, H, W, pool) -- the cnn and simple_conv blocks, odd sizes, Cout not a multiple
+# of 16, more than 4 channel chunks, K = 1 / 7, pools with padding and overlap
+CASES = [
+    (4, 1, 16, 3, 28, 28, (2, 2, 0)),
+    (4, 16, 32, 3, 14, 14, (2, 2, 0)),
+    (2, 3, 64, 5, 32, 32, (3, 2, 1)),
+    (3, 5, 20, 3, 9, 11, (3, 2, 1)),
+    (2, 2, 7, 1, 6, 5, (2, 2, 0)),
+    (1, 4, 80, 3, 7, 7, (2, 2, 1)),
+    (2, 3, 8, 7, 13, 10, (3, 3, 1)),
+    (2, 21, 24, 3, 5, 30, (2, 1, 0)),
+    (1, 1, 3, 3, 1, 1, (1, 1, 0)),
+]
+
+
+@needs_cpp
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "n%dci%dco%dk%d-%dx%d-p%d%d%d" % (c[:6] + c[6]))
+def test_matches_torch_float64(seed, case, bias):
+    N, ci, co, k, h, w_, pool = case
+    x = torch.randn(N, ci, h, w_)
+    w = torch.randn(co, ci, k, k) / (ci * k * k) ** 0.5
+    b = torch.randn(co) * 0.1 if bias else None
+    y64 = _ref(x.double(), w.double(), None if b is None else b.double(), pool)
+    g = torch.randn_like(y64).float()
+    y64, grads64 = _grads(lambda *a: _ref(*a, pool), x.double(), w.double(),
+                          None if b is None else b.double(), g.double(), True)
+    y32, grads32 = _grads(lambda *a: _ref(*a, pool), x, w, b, g, True)
+    y, grads = _grads(lambda *a: L.conv_pool_relu(*a, *pool, backend="cpp"), x, w, b, g, True)
+    assert y.shape == y64.shape
+    for name, a, t, r in [("y", y, y32, y64)] + list(zip(["x", "w", "b"], grads, grads32, grads64)):
+        err, err_t = (a.double() - r).abs().max().item(), (t.double() - r).abs().max().item()
+        assert err <= 2 * err_t + 1e-6 * r.abs().max().item() + 1e-12, (name, err, err_t)
+    # the same cells carry gradient (ReLU mask and argmax agree with torch's)
+    assert torch.equal(y > 0, y32 > 0)
+
+
+@needs_cpp
+def test_weight_only_gradient_and_eval_forward(seed):
+    """The first layer needs no input gradient (the backward skips it); no_grad forward works."""
+    conv = nn.Conv2d(3, 16, 5, padding=2)
+    x = torch.randn(2, 3, 12, 12)
+    y = L.conv_pool_relu(x, conv.weight, conv.bias, 3, 2, 1)
+    y.sum().backward()
+    assert conv.weight.grad is not None and conv.bias.grad is not None
+    with torch.no_grad():
+        y2 = L.conv_pool_relu(x, conv.weight, conv.bias, 3, 2, 1)
+    assert torch.equal(y.detach(), y2)
+
+
+@needs_cpp
+def test_ties_negative_windows_and_nan(seed):
+    # a 1x1 conv with weight 1, bias 0 is the identity: ties and all-negative windows as in
+    # test_layers' pool_relu cases, then a NaN: y NaN there and no gradient from that window
+    w = torch.ones(1, 1, 1, 1)
+    x = torch.randint(-2, 3, (1, 1, 8, 8)).float()
+    x[0, 0, :2, :2] = -1.0
+    x[0, 0, 2:4, 2:4] = 2.0
+    x[0, 0, 6, 6] = float("nan")
+    g = torch.randn(1, 1, 4, 4)
+    xr = x.clone().requires_grad_(True)
+    yr = F.max_pool2d(F.relu(xr), 2)
+    (gxr,) = torch.autograd.grad(yr, xr, g)
+    xf = x.clone().requires_grad_(True)
+    yf = L.conv_pool_relu(xf, w, None, 2, 2, 0)
+    (gxf,) = torch.autograd.grad(yf, xf, g)
+    assert torch.equal(yf[~yf.isnan()], yr[~yr.isnan()]) and torch.equal(yf.isnan(), yr.isnan())
+    assert torch.isnan(yf[0, 0, 3, 3])
+    assert gxf[0, 0, 6:8, 6:8].abs().sum() == 0  # NaN window: no gradient (as pool_relu)
+    keep = torch.ones_like(gxr, dtype=torch.bool)
+    keep[0, 0, 6:8, 6:8] = False
+    assert torch.equal(gxf[keep], gxr[keep])  # ties: first maximum in window order, like torch
+
+
+@needs_cpp
+def test_unsupported_shapes_fall_back_to_reference(seed):
+    assert L.conv_pool_relu_supported(16, 3) and L.conv_pool_relu_supported(3, 5)
+    assert not L.conv_pool_relu_supported(64, 5) and not L.conv_pool_relu_supported(3, 9)
+    x = torch.randn(1, 64, 8, 8)
+    w = torch.randn(8, 64, 5, 5) * 0.02
+    torch.testing.assert_close(L.conv_pool_relu(x, w, None, 2, backend="cpp"), _ref(x, w, None, (2, 2, 0)))
+
+
+def test_bad_inputs_name_the_problem():
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"weight must be \[Cout, Cin=3, K, K\] with K odd"):
+        L.conv_pool_relu(x, torch.randn(4, 3, 2, 2), None, 2)
+    with pytest.raises(ValueError, match=r"weight must be \[Cout, Cin=3, K, K\]"):
+        L.conv_pool_relu(x, torch.randn(4, 2, 3, 3), None, 2)
+    with pytest.raises(ValueError, match=r"bias must be None or float32 \[4\]"):
+        L.conv_pool_relu(x, torch.randn(4, 3, 3, 3), torch.randn(5), 2)
+    with pytest.raises(TypeError, match="weight must be float32"):
+        L.conv_pool_relu(x, torch.randn(4, 3, 3, 3).double(), None, 2)
+    with pytest.raises(ValueError, match="padding must be at most kernel_size / 2"):
+        L.conv_pool_relu(x, torch.randn(4, 3, 3, 3), None, 2, 2, 2)
+
+
+@needs_cpp
+def test_cpp_backward_refuses_a_foreign_padded_input():
+    x, w = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3)
+    y, idx, xp = torch.ops.fsl_fast.conv_pool_relu_fwd(x, w, torch.empty(0), 2, 2, 0)
+    with pytest.raises(RuntimeError, match="xp must be the padded input returned by"):
+        torch.ops.fsl_fast.conv_pool_relu_bwd(torch.ones_like(y), idx, xp.clone(), w, True)
+
+
+@needs_cpp
+def test_thread_count_does_not_change_results(seed):
+    x, w, b = torch.randn(6, 16, 14, 14), torch.randn(32, 16, 3, 3) * 0.1, torch.randn(32) * 0.1
+    g = torch.randn(6, 32, 7, 7)
+    old = torch.get_num_threads()
+    out = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            out.append(_grads(lambda *a: L.conv_pool_relu(*a, 2, backend="cpp"), x, w, b, g, True))
+    finally:
+        torch.set_num_threads(old)
+    (y1, g1), (y2, g2) = out
+    assert torch.equal(y1, y2) and all(torch.equal(a, c) for a, c in zip(g1, g2))
+
+
+def test_rewriter_keeps_keys_and_values(seed):
+    net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Conv2d(16, 8, 3, padding=1, stride=2), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Flatten())
+    fused = L.fuse_client_layers(net, backend="reference")
+    kinds = [type(m).__name__ for m in fused]
+    # the strided second conv is not a "same" stride-1 conv: only its ReLU+pool fuse
+    assert kinds == ["ConvPoolReLU", "Identity", "Identity", "Conv2d", "Identity", "PoolReLU", "Flatten"]
+    assert list(fused.state_dict()) == list(net.state_dict())
+    x = torch.randn(2, 1, 16, 16)
+    torch.testing.assert_close(fused(x), net(x))
+    assert fused[0].weight.data_ptr() != net[0].weight.data_ptr()
