@@ -48,6 +48,7 @@ inline v16 splat(float s) { return v16{s, s, s, s, s, s, s, s, s, s, s, s, s, s,
 
 struct Geo {
   int64_t N, Ci, H, W, Co, K, q, Hp, Wp, CoP;  // q = K / 2, Hp = H + 2q, CoP = Co rounded up to 16
+  int64_t G;                                   // weight groups: sample n uses group n / (N / G)
   int64_t pk, ps, pp, Ho, Wo;
 };
 
@@ -117,12 +118,16 @@ void conv_sample(const float* xp_n, const float* wf, const float* bias, float* t
 // the plane (= -inf padding); the first maximum in row-major window order wins (strict '>'), as in
 // torch's CPU max_pool2d; a NaN anywhere in the window gives NaN with idx -1. idx holds the
 // winning cell as h * Wp + w (padded row stride: the offset of its patch in xp, in pixels).
-void pool_sample(const float* tmp, float* y_n, int32_t* idx_n, const Geo& g) {
+void pool_sample(const float* tmp, float* y_n, int32_t* idx_n, const Geo& g, float* ys,
+                 int32_t* is) {
   const int64_t So = g.Ho * g.Wo;
   const float ninf = -std::numeric_limits<float>::infinity();
   const float qnan = std::numeric_limits<float>::quiet_NaN();
+  const bool full2 = g.pk == 2, full3 = g.pk == 3;
   for (int64_t cb = 0; cb < g.CoP / L; ++cb) {
     const int64_t nl = std::min<int64_t>(L, g.Co - cb * L);
+    // results of 16 channels go to channels-last staging ys/is [So][16] (vector stores), then
+    // one transposing pass writes the NCHW planes (cheaper than extracting lanes one by one)
     for (int64_t oy = 0; oy < g.Ho; ++oy) {
       const int64_t y0 = std::max<int64_t>(oy * g.ps - g.pp, 0);
       const int64_t y1 = std::min<int64_t>(oy * g.ps - g.pp + g.pk, g.H);
@@ -132,24 +137,39 @@ void pool_sample(const float* tmp, float* y_n, int32_t* idx_n, const Geo& g) {
         v16 m = splat(ninf);
         i16 mi = i16{} + static_cast<int32_t>(y0 * g.Wp + x0);
         i16 bad = i16{};
-        for (int64_t iy = y0; iy < y1; ++iy) {
-          for (int64_t ix = x0; ix < x1; ++ix) {
-            const int32_t cell = static_cast<int32_t>(iy * g.Wp + ix);
-            const v16 v = ld(tmp + cell * g.CoP + cb * L);
-            const i16 gt = v > m;
-            m = gt ? v : m;
-            mi = gt ? (i16{} + cell) : mi;
-            bad |= (v != v);
+        const float* base = tmp + cb * L;
+        auto visit = [&](int64_t iy, int64_t ix) {
+          const int32_t cell = static_cast<int32_t>(iy * g.Wp + ix);
+          const v16 v = ld(base + cell * g.CoP);
+          const i16 gt = v > m;
+          m = gt ? v : m;
+          mi = gt ? (i16{} + cell) : mi;
+          bad |= (v != v);
+        };
+        if (full2 && y1 - y0 == 2 && x1 - x0 == 2) {  // unrolled 2x2 window (cnn)
+          visit(y0, x0); visit(y0, x0 + 1); visit(y0 + 1, x0); visit(y0 + 1, x0 + 1);
+        } else if (full3 && y1 - y0 == 3 && x1 - x0 == 3) {  // unrolled 3x3 window (simple_conv)
+          for (int dy = 0; dy < 3; ++dy) {
+            visit(y0 + dy, x0); visit(y0 + dy, x0 + 1); visit(y0 + dy, x0 + 2);
           }
+        } else {
+          for (int64_t iy = y0; iy < y1; ++iy)
+            for (int64_t ix = x0; ix < x1; ++ix) visit(iy, ix);
         }
         const i16 pos = (m > splat(0.f)) & ~bad;
         const v16 yv = bad ? splat(qnan) : (pos ? m : splat(0.f));
         const i16 iv = pos ? mi : (i16{} - 1);
         const int64_t o = oy * g.Wo + ox;
-        for (int64_t l = 0; l < nl; ++l) {
-          y_n[(cb * L + l) * So + o] = yv[l];
-          idx_n[(cb * L + l) * So + o] = iv[l];
-        }
+        std::memcpy(ys + o * L, &yv, sizeof(yv));
+        std::memcpy(is + o * L, &iv, sizeof(iv));
+      }
+    }
+    for (int64_t l = 0; l < nl; ++l) {
+      float* __restrict yo = y_n + (cb * L + l) * So;
+      int32_t* __restrict io = idx_n + (cb * L + l) * So;
+      for (int64_t o = 0; o < So; ++o) {
+        yo[o] = ys[o * L + l];
+        io[o] = is[o * L + l];
       }
     }
   }
@@ -162,14 +182,15 @@ void pool_sample(const float* tmp, float* y_n, int32_t* idx_n, const Geo& g) {
 
 // weight gradient of one output channel: acc[kh][r] += gv * xp row, accumulators in registers
 template <int K, int R>
-void wgrad_channel(const float* gy, const int32_t* ii, int64_t So, int64_t N, int64_t Co,
+void wgrad_channel(const float* gy, const int32_t* ii, int64_t So, int64_t n_lo, int64_t n_hi,
+                   int64_t Co,
                    int64_t co, const float* xpd, int64_t sample, int64_t Wp, int64_t Ci,
                    int64_t jmax, float* out /* [K][R*16] */, float* sb) {
   v16 acc[K][R];
   for (int kh = 0; kh < K; ++kh)
     for (int r = 0; r < R; ++r) acc[kh][r] = v16{};
   float s = 0.f;
-  for (int64_t n = 0; n < N; ++n) {
+  for (int64_t n = n_lo; n < n_hi; ++n) {
     const float* __restrict g = gy + (n * Co + co) * So;
     const int32_t* __restrict ij = ii + (n * Co + co) * So;
     const float* xpn = xpd + n * sample;
@@ -230,16 +251,21 @@ void check_f32_cpu(const at::Tensor& t, const char* op, const char* arg, int64_t
 Geo make_geo(const at::Tensor& x, const at::Tensor& w, int64_t pk, int64_t ps, int64_t pp,
              const char* op) {
   check_f32_cpu(x, op, "x", 4);
-  check_f32_cpu(w, op, "weight", 4);
+  TORCH_CHECK(w.dim() == 4 || w.dim() == 5, op, ": weight must be [Cout, Cin, K, K] or "
+              "[G, Cout, Cin, K, K], got shape ", w.sizes());
+  check_f32_cpu(w, op, "weight", w.dim());
   Geo g;
   g.N = x.size(0);
   g.Ci = x.size(1);
   g.H = x.size(2);
   g.W = x.size(3);
-  g.Co = w.size(0);
-  g.K = w.size(2);
-  TORCH_CHECK(w.size(1) == g.Ci && w.size(3) == g.K && g.K % 2 == 1 && g.Co >= 1,
-              op, ": weight must be [Cout, Cin=", g.Ci, ", K, K] with K odd, got ", w.sizes());
+  g.G = w.dim() == 5 ? w.size(0) : 1;
+  g.Co = w.size(-4);
+  g.K = w.size(-2);
+  TORCH_CHECK(w.size(-3) == g.Ci && w.size(-1) == g.K && g.K % 2 == 1 && g.Co >= 1,
+              op, ": weight must be [(G,) Cout, Cin=", g.Ci, ", K, K] with K odd, got ", w.sizes());
+  TORCH_CHECK(g.G >= 1 && g.N % g.G == 0, op, ": the batch of ", g.N,
+              " samples does not split into ", g.G, " weight groups");
   TORCH_CHECK(pk >= 1 && ps >= 1 && pp >= 0 && 2 * pp <= pk, op,
               ": pool needs kernel_size >= 1, stride >= 1, 0 <= padding <= kernel_size / 2, got ",
               pk, ", ", ps, ", ", pp);
@@ -264,6 +290,8 @@ int64_t slack_floats(int64_t K, int64_t Ci, int64_t Wp) {
   return (kWBMax + K + 1) * Ci + K * Wp * Ci + 4 * L;
 }
 
+// weight [Co, Ci, K, K], or [G, Co, Ci, K, K] for G clients in one call: sample n then uses
+// group n / (N / G) (bias [G, Co] likewise).
 // -> (y [N, Co, Ho, Wo], idx int32 [N, Co, Ho, Wo], xp [N, H+2q, W+2q, Ci] padded channels-last x,
 //     allocated with slack: pass it to the backward as returned)
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool_relu_fwd(const at::Tensor& x,
@@ -272,36 +300,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool_relu_fwd(const at::Tens
                                                                  int64_t ps, int64_t pp) {
   const char* op = "conv_pool_relu_fwd";
   const Geo g = make_geo(x, w, pk, ps, pp, op);
-  TORCH_CHECK(b.numel() == 0 || (b.dim() == 1 && b.size(0) == g.Co && b.scalar_type() == at::kFloat
-                                 && b.device().is_cpu()),
-              op, ": bias must be float32 [", g.Co, "] on the CPU or empty, got ", b.sizes());
+  TORCH_CHECK(b.numel() == 0 || (b.numel() == g.G * g.Co && b.size(-1) == g.Co &&
+                                 b.scalar_type() == at::kFloat && b.device().is_cpu()),
+              op, ": bias must be float32 [(G=", g.G, ",) ", g.Co, "] on the CPU or empty, got ",
+              b.sizes());
   const int64_t KC = g.K * g.Ci;
-  // packed weights wf[kh][kw*Ci+ci][CoP] and padded bias
-  std::vector<float> wf(static_cast<size_t>(g.K * KC * g.CoP), 0.f), bias(g.CoP, 0.f);
+  // packed weights wf[group][kh][kw*Ci+ci][CoP] and padded biases
+  const int64_t wpack = g.K * KC * g.CoP;
+  std::vector<float> wf(static_cast<size_t>(g.G * wpack), 0.f), bias(g.G * g.CoP, 0.f);
   const float* wd = w.data_ptr<float>();
-  for (int64_t co = 0; co < g.Co; ++co)
-    for (int64_t ci = 0; ci < g.Ci; ++ci)
-      for (int64_t kh = 0; kh < g.K; ++kh)
-        for (int64_t kw = 0; kw < g.K; ++kw)
-          wf[(kh * KC + kw * g.Ci + ci) * g.CoP + co] = wd[((co * g.Ci + ci) * g.K + kh) * g.K + kw];
+  for (int64_t gi = 0; gi < g.G; ++gi)
+    for (int64_t co = 0; co < g.Co; ++co)
+      for (int64_t ci = 0; ci < g.Ci; ++ci)
+        for (int64_t kh = 0; kh < g.K; ++kh)
+          for (int64_t kw = 0; kw < g.K; ++kw)
+            wf[gi * wpack + (kh * KC + kw * g.Ci + ci) * g.CoP + co] =
+                wd[(((gi * g.Co + co) * g.Ci + ci) * g.K + kh) * g.K + kw];
   if (b.numel()) {
     const at::Tensor bc = b.contiguous();
-    std::copy(bc.data_ptr<float>(), bc.data_ptr<float>() + g.Co, bias.begin());
+    for (int64_t gi = 0; gi < g.G; ++gi)
+      std::copy(bc.data_ptr<float>() + gi * g.Co, bc.data_ptr<float>() + (gi + 1) * g.Co,
+                bias.begin() + gi * g.CoP);
   }
+  const int64_t per_group = g.N / g.G;
   const int64_t sample = g.Hp * g.Wp * g.Ci;
   const int64_t slack = slack_floats(g.K, g.Ci, g.Wp);
   at::Tensor y = at::empty({g.N, g.Co, g.Ho, g.Wo}, x.options());
   at::Tensor idx = at::empty({g.N, g.Co, g.Ho, g.Wo}, x.options().dtype(at::kInt));
-  at::Tensor xp_store = at::zeros({g.N * sample + slack}, x.options());
+  at::Tensor xp_store = at::empty({g.N * sample + slack}, x.options());
   at::Tensor xp = xp_store.narrow(0, 0, g.N * sample).view({g.N, g.Hp, g.Wp, g.Ci});
   const float* xd = x.data_ptr<float>();
   float* yd = y.data_ptr<float>();
   int32_t* id = idx.data_ptr<int32_t>();
   float* xpd = xp_store.data_ptr<float>();
+  std::fill(xpd + g.N * sample, xpd + g.N * sample + slack, 0.f);
   at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
     std::vector<float> tmp(static_cast<size_t>((g.H * g.Wp + kWBMax) * g.CoP));
+    std::vector<float> ys(static_cast<size_t>(g.Ho * g.Wo * L));
+    std::vector<int32_t> is(static_cast<size_t>(g.Ho * g.Wo * L));
     for (int64_t n = n0; n < n1; ++n) {
       float* xpn = xpd + n * sample;
+      std::fill(xpn, xpn + sample, 0.f);  // borders (the interior is overwritten next)
       const float* xn = xd + n * g.Ci * g.H * g.W;
       for (int64_t ci = 0; ci < g.Ci; ++ci)
         for (int64_t h = 0; h < g.H; ++h)
@@ -310,48 +349,55 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool_relu_fwd(const at::Tens
     }
     for (int64_t n = n0; n < n1; ++n) {
       // samples of this chunk are all padded first: the last block of sample n reads into n + 1
-      conv_sample(xpd + n * sample, wf.data(), bias.data(), tmp.data(), g);
-      pool_sample(tmp.data(), yd + n * g.Co * g.Ho * g.Wo, id + n * g.Co * g.Ho * g.Wo, g);
+      const int64_t gi = n / per_group;
+      conv_sample(xpd + n * sample, wf.data() + gi * wpack, bias.data() + gi * g.CoP, tmp.data(), g);
+      pool_sample(tmp.data(), yd + n * g.Co * g.Ho * g.Wo, id + n * g.Co * g.Ho * g.Wo, g,
+                  ys.data(), is.data());
     }
   });
   return {y, idx, xp};
 }
 
+// over (group, output channel) pairs; group gi owns samples [gi * N/G, (gi + 1) * N/G)
 template <int K, int R>
-bool wgrad_fixed(const float* gy, const int32_t* id, int64_t So, int64_t N, int64_t Co,
+bool wgrad_fixed(const float* gy, const int32_t* id, int64_t So, int64_t N, int64_t G, int64_t Co,
                  const float* xpd, int64_t sample, int64_t Wp, int64_t Ci, int64_t jmax,
                  float* gwd, float* gbd) {
-  at::parallel_for(0, Co, 1, [&](int64_t c0, int64_t c1) {
+  const int64_t per = N / G;
+  at::parallel_for(0, G * Co, 1, [&](int64_t c0, int64_t c1) {
     std::vector<float> acc(static_cast<size_t>(K * R * L));
-    for (int64_t co = c0; co < c1; ++co) {
-      wgrad_channel<K, R>(gy, id, So, N, Co, co, xpd, sample, Wp, Ci, jmax, acc.data(), gbd + co);
+    for (int64_t gc = c0; gc < c1; ++gc) {
+      const int64_t gi = gc / Co, co = gc % Co;
+      wgrad_channel<K, R>(gy, id, So, gi * per, (gi + 1) * per, Co, co, xpd, sample, Wp, Ci, jmax,
+                          acc.data(), gbd + gc);
+      float* out = gwd + gc * Ci * K * K;
       for (int64_t ci = 0; ci < Ci; ++ci)
         for (int64_t kh = 0; kh < K; ++kh)
           for (int64_t kw = 0; kw < K; ++kw)
-            gwd[((co * Ci + ci) * K + kh) * K + kw] = acc[kh * R * L + kw * Ci + ci];
+            out[(ci * K + kh) * K + kw] = acc[kh * R * L + kw * Ci + ci];
     }
   });
   return true;
 }
 
 template <int K, int R>
-bool dgrad_fixed(const float* gy, const int32_t* id, int64_t So, int64_t N, int64_t Co,
+bool dgrad_fixed(const float* gy, const int32_t* id, int64_t So, int64_t N, int64_t G, int64_t Co,
                  const float* wsrc, int64_t Ci, int64_t H, int64_t W, int64_t Wp, int64_t Hp,
                  int64_t jmax, int64_t slack, float* gxd) {
-  const int64_t q = K / 2;
-  // weights as wd[co][kh][kw*Ci+ci], rows zero-padded to R*16: the layout of a patch row
-  std::vector<float> wd(static_cast<size_t>(Co * K * R * L), 0.f);
-  for (int64_t co = 0; co < Co; ++co)
+  const int64_t q = K / 2, per = N / G, wpack = Co * K * R * L;
+  // weights as wd[group][co][kh][kw*Ci+ci], rows zero-padded to R*16: a patch row's layout
+  std::vector<float> wd(static_cast<size_t>(G * wpack), 0.f);
+  for (int64_t gc = 0; gc < G * Co; ++gc)
     for (int64_t ci = 0; ci < Ci; ++ci)
       for (int64_t kh = 0; kh < K; ++kh)
         for (int64_t kw = 0; kw < K; ++kw)
-          wd[(co * K + kh) * R * L + kw * Ci + ci] = wsrc[((co * Ci + ci) * K + kh) * K + kw];
+          wd[(gc * K + kh) * R * L + kw * Ci + ci] = wsrc[((gc * Ci + ci) * K + kh) * K + kw];
   at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
     std::vector<float> dxp(static_cast<size_t>(Hp * Wp * Ci + slack));
     for (int64_t n = n0; n < n1; ++n) {
       std::fill(dxp.begin(), dxp.end(), 0.f);
-      dgrad_sample<K, R>(gy + n * Co * So, id + n * Co * So, So, Co, wd.data(), dxp.data(), Wp, Ci,
-                         jmax);
+      dgrad_sample<K, R>(gy + n * Co * So, id + n * Co * So, So, Co, wd.data() + (n / per) * wpack,
+                         dxp.data(), Wp, Ci, jmax);
       float* gxn = gxd + n * Ci * H * W;
       for (int64_t h = 0; h < H; ++h)
         for (int64_t w_ = 0; w_ < W; ++w_) {
@@ -363,8 +409,8 @@ bool dgrad_fixed(const float* gy, const int32_t* id, int64_t So, int64_t N, int6
   return true;
 }
 
-// -> (grad_x [N, Ci, H, W] or an empty tensor when need_x is false, grad_w [Co, Ci, K, K],
-//     grad_b [Co]); only the nonzero entries of the conv's output gradient (one per pool output
+// -> (grad_x [N, Ci, H, W] or an empty tensor when need_x is false, grad_w of weight's shape,
+//     grad_b [Co] or [G, Co] for grouped weights); only the nonzero entries of the conv's output gradient (one per pool output
 //     with idx >= 0; overlapping windows may name a cell twice and both count) are visited.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool_relu_bwd(const at::Tensor& grad_y,
                                                                  const at::Tensor& idx,
@@ -374,15 +420,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool_relu_bwd(const at::Tens
   const char* op = "conv_pool_relu_bwd";
   check_f32_cpu(grad_y, op, "grad_y", 4);
   check_f32_cpu(xp, op, "xp", 4);
-  check_f32_cpu(w, op, "weight", 4);
+  TORCH_CHECK(w.dim() == 4 || w.dim() == 5, op, ": weight must be [(G,) Cout, Cin, K, K], got ",
+              w.sizes());
+  check_f32_cpu(w, op, "weight", w.dim());
   TORCH_CHECK(idx.scalar_type() == at::kInt && idx.is_contiguous() && idx.sizes() == grad_y.sizes(),
               op, ": idx must be contiguous int32 of grad_y's shape ", grad_y.sizes(), ", got ",
               idx.scalar_type(), " ", idx.sizes());
   const int64_t N = grad_y.size(0), Co = grad_y.size(1), So = grad_y.size(2) * grad_y.size(3);
-  const int64_t K = w.size(2), Ci = w.size(1), q = K / 2;
+  const int64_t G = w.dim() == 5 ? w.size(0) : 1;
+  const int64_t K = w.size(-2), Ci = w.size(-3), q = K / 2;
   const int64_t Hp = xp.size(1), Wp = xp.size(2), H = Hp - 2 * q, W = Wp - 2 * q;
-  TORCH_CHECK(w.size(0) == Co && w.size(3) == K && K % 2 == 1 && xp.size(0) == N &&
-                  xp.size(3) == Ci && H >= 1 && W >= 1,
+  TORCH_CHECK(w.size(-4) == Co && w.size(-1) == K && K % 2 == 1 && xp.size(0) == N &&
+                  xp.size(3) == Ci && H >= 1 && W >= 1 && N % G == 0,
               op, ": shapes do not match: grad_y ", grad_y.sizes(), ", xp ", xp.sizes(),
               ", weight ", w.sizes());
   const int64_t sample = Hp * Wp * Ci, slack = slack_floats(K, Ci, Wp);
@@ -394,8 +443,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool_relu_bwd(const at::Tens
   const float* gy = grad_y.data_ptr<float>();
   const int32_t* id = idx.data_ptr<int32_t>();
   const float* xpd = xp.data_ptr<float>();
-  at::Tensor gw = at::empty({Co, Ci, K, K}, w.options());
-  at::Tensor gb = at::empty({Co}, w.options());
+  at::Tensor gw = at::empty(w.sizes(), w.options());
+  at::Tensor gb = G > 1 || w.dim() == 5 ? at::empty({G, Co}, w.options()) : at::empty({Co}, w.options());
   at::Tensor gx = need_x ? at::empty({N, Ci, H, W}, xp.options()) : at::empty({0}, xp.options());
   float* gwd = gw.data_ptr<float>();
   float* gbd = gb.data_ptr<float>();
@@ -404,8 +453,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool_relu_bwd(const at::Tens
 
 #define FSL_CONV_CASE(KK, RR)                                                                    \
   if (K == KK && R == RR) {                                                                      \
-    wgrad_fixed<KK, RR>(gy, id, So, N, Co, xpd, sample, Wp, Ci, jmax, gwd, gbd);                 \
-    if (need_x) dgrad_fixed<KK, RR>(gy, id, So, N, Co, wsrc, Ci, H, W, Wp, Hp, jmax, slack, gxd); \
+    wgrad_fixed<KK, RR>(gy, id, So, N, G, Co, xpd, sample, Wp, Ci, jmax, gwd, gbd);              \
+    if (need_x)                                                                                  \
+      dgrad_fixed<KK, RR>(gy, id, So, N, G, Co, wsrc, Ci, H, W, Wp, Hp, jmax, slack, gxd);      \
     return {gx, gw, gb};                                                                         \
   }
   FSL_CONV_CASE(1, 1) FSL_CONV_CASE(1, 2) FSL_CONV_CASE(1, 4)

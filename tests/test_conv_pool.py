@@ -164,3 +164,26 @@ def test_rewriter_keeps_keys_and_values(seed):
     x = torch.randn(2, 1, 16, 16)
     torch.testing.assert_close(fused(x), net(x))
     assert fused[0].weight.data_ptr() != net[0].weight.data_ptr()
+
+
+@needs_cpp
+def test_grouped_weights_equal_per_group_calls(seed):
+    """G clients in one call (the fused engine's client batching) == G separate calls, exactly:
+    every sample sees only its own group's weights, gradients come back per group."""
+    G, B = 3, 4
+    x = torch.randn(G * B, 16, 14, 14)
+    w = torch.randn(G, 32, 16, 3, 3) * 0.1
+    b = torch.randn(G, 32) * 0.1
+    g = torch.randn(G * B, 32, 7, 7)
+    xg, wg, bg = (t.clone().requires_grad_(True) for t in (x, w, b))
+    yg = L.conv_pool_relu_grouped(xg, wg, bg, 2, 2, 0)
+    yg.backward(g)
+    for k in range(G):
+        xs, ws, bs = (t.clone().requires_grad_(True) for t in (x[k * B:(k + 1) * B], w[k], b[k]))
+        ys = L.conv_pool_relu(xs, ws, bs, 2, 2, 0, backend="cpp")
+        ys.backward(g[k * B:(k + 1) * B])
+        assert torch.equal(yg[k * B:(k + 1) * B].detach(), ys.detach())
+        assert torch.equal(xg.grad[k * B:(k + 1) * B], xs.grad)
+        assert torch.equal(wg.grad[k], ws.grad) and torch.equal(bg.grad[k], bs.grad)
+    with pytest.raises(ValueError, match="G dividing the batch 12"):
+        L.conv_pool_relu_grouped(x, torch.randn(5, 32, 16, 3, 3), None, 2, 2, 0)

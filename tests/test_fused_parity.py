@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fsl_fast.config import ALGORITHMS, Config
+from fsl_fast.ops import _backend
 from fsl_fast.runner import Run
 
 
@@ -49,6 +50,8 @@ def test_parameters_after_two_rounds(algorithm, schedule):
     cfg = Config(algorithm=algorithm, schedule=schedule, **BASE).resolved()
     ref = _run(cfg, 2)
     fused = _run(dataclasses.replace(cfg, fused=True), 2)
+    # on the CPU with the C++ kernels the cnn clients run batched (one grouped conv per layer)
+    assert (fused.engine._grouped is not None) == _backend.available("cpp", "cpu")[0]
     # fp32 with Adam: reduction-order differences of ~1e-7 stay well under 1e-4 after 2 rounds
     worst = _compare_states(ref.engine.named_state(), fused.engine.named_state(), rtol=1e-4, atol=1e-5)
     print(f"{algorithm}/{schedule}: worst relative max-abs difference {worst[0]:.2e} at {worst[1]}")

@@ -31,6 +31,12 @@ from fsl_fast.models import ConvAux, LinearAux
 from fsl_fast.optim import FlatAdam
 
 
+def _backend_name(op: str, device) -> str:
+    from fsl_fast.ops import _backend
+
+    return _backend.resolve(op, device)[0]
+
+
 def _has_batchnorm(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
@@ -96,6 +102,7 @@ class FusedEngine(Engine):
             mode = "vmap" if dev.type == "cuda" else "loop"
         self.batching = mode
         self.client_has_bn = _has_batchnorm(self.clients.template)
+        self._grouped = self._grouped_plan() if mode == "loop" else None
         self.server_global = split.server.to(dev)
         self.servers = None
         if algorithm_cls.server_copies:
@@ -120,14 +127,62 @@ class FusedEngine(Engine):
                                             for e in (lay["fc.weight"], lay["fc.bias"]))
             self.align_gens = [torch.Generator().manual_seed(align_seed(cfg.seed, k)) for k in range(K)]
         self._vmap_fn = None
+        self._leaf = None
 
     # -- client side ---------------------------------------------------------------------------
+    def _grouped_plan(self):
+        """Client networks made only of fused conv blocks and parameter-free per-sample layers
+        (cnn; not simple_conv, whose second conv is torch's) run all active clients in one call
+        per layer on the CPU: the conv kernel takes [G, ...] weights, one group per client."""
+        from fsl_fast.ops.layers import LRN, ConvPoolReLU, PoolReLU, conv_pool_relu_supported
+
+        mod = self.clients.template
+        if self.device.type != "cpu" or self.client_has_bn or not isinstance(mod, nn.Sequential):
+            return None
+        if _backend_name("conv_pool_relu", self.device) != "cpp":
+            return None
+        lay = {e.name: e for e in self.clients.flat.layout.entries}
+        steps = []
+        for name, m in mod.named_children():
+            if isinstance(m, ConvPoolReLU):
+                if m.backend not in (None, "cpp") or not conv_pool_relu_supported(m.weight.shape[1], m.weight.shape[2]):
+                    return None
+                steps.append(("conv", (lay[f"{name}.weight"], lay.get(f"{name}.bias")),
+                              (m.kernel_size, m.stride, m.padding)))
+            elif isinstance(m, nn.Identity):
+                continue
+            elif isinstance(m, (nn.Flatten, PoolReLU, LRN, nn.ReLU)):
+                steps.append(("layer", m, None))
+            else:
+                return None
+        return steps if any(kind == "conv" for kind, _, _ in steps) else None
+
+    def _client_grouped(self, ks, xs):
+        from fsl_fast.ops.layers import conv_pool_relu_grouped
+
+        if getattr(self, "_leaf", None) is None:
+            self._leaf = self.clients.flat.buffer.detach().requires_grad_(True)
+        leaf = self._leaf
+        G, B = len(ks), xs[0].shape[0]
+        rows = leaf if G == self.m else leaf.index_select(0, torch.as_tensor(ks))
+        h = torch.cat(xs)
+        for kind, what, pool in self._grouped:
+            if kind == "conv":
+                ew, eb = what
+                w = rows[:, ew.offset:ew.offset + ew.numel].view(G, *ew.shape)
+                b = None if eb is None else rows[:, eb.offset:eb.offset + eb.numel]
+                h = conv_pool_relu_grouped(h, w, b, *pool)
+            else:
+                h = what(h)
+        return h.view(G, B, *h.shape[1:])
+
     def _client_vmap(self, ks, xs):
         from torch.func import functional_call
 
         if self._vmap_fn is None:
             base = self._plain_client
             self._vmap_fn = lambda p, x: functional_call(base, p, (x,))
+        if self._leaf is None:
             self._leaf = self.clients.flat.buffer.detach().requires_grad_(True)
         flat = self.clients.flat
         leaf = self._leaf
@@ -142,6 +197,10 @@ class FusedEngine(Engine):
         self.clients.zero_grad(ks)
         if self.batching == "vmap" and not self.client_has_bn:
             z = self._client_vmap(ks, xs)
+            self._vmap_out = (ks, z)
+            return list(z.unbind(0))
+        if self._grouped is not None and self._uniform(xs):
+            z = self._client_grouped(ks, xs)
             self._vmap_out = (ks, z)
             return list(z.unbind(0))
         self._vmap_out = None

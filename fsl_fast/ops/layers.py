@@ -39,6 +39,7 @@ __all__ = [
     "pool_relu_reference",
     "lrn_reference",
     "conv_pool_relu",
+    "conv_pool_relu_grouped",
     "conv_pool_relu_reference",
     "conv_pool_relu_supported",
     "PoolReLU",
@@ -241,6 +242,21 @@ def _conv_args(x, weight, bias):
                              or bias.dtype != torch.float32 or bias.device != x.device):
         raise ValueError(f"{op}: bias must be None or float32 [{co}] on {x.device}, got "
                          f"{getattr(bias, 'shape', type(bias).__name__)}")
+
+
+def conv_pool_relu_grouped(x: torch.Tensor, weight: torch.Tensor, bias, kernel_size: int,
+                           stride: int, padding: int) -> torch.Tensor:
+    """G clients' conv blocks in one call: x [G * B, Cin, H, W] (client g's samples are rows
+    g*B .. g*B+B-1), weight [G, Cout, Cin, K, K], bias [G, Cout] or None. Differentiable in all
+    three (gradients of weight and bias keep their [G, ...] shapes). CPU tensors, C++ kernel; the
+    caller checks ``conv_pool_relu_supported`` (the fused engine's client batching)."""
+    if weight.dim() != 5 or x.shape[0] % weight.shape[0] != 0:
+        raise ValueError(f"conv_pool_relu_grouped: weight must be [G, Cout, Cin, K, K] with G "
+                         f"dividing the batch {x.shape[0]}, got {tuple(weight.shape)}")
+    _conv_args(x, weight[0], None if bias is None else bias[0])
+    k, s, p = _pool_args(x, kernel_size, stride, padding)
+    return _ConvPoolReLUFn.apply(x.contiguous(), weight.contiguous(),
+                                 None if bias is None else bias.contiguous(), k, s, p)
 
 
 def conv_pool_relu(x: torch.Tensor, weight: torch.Tensor, bias, kernel_size, stride=None,
