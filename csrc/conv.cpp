@@ -185,7 +185,9 @@ template <int K, int R>
 void wgrad_channel(const float* gy, const int32_t* ii, int64_t So, int64_t n_lo, int64_t n_hi,
                    int64_t Co,
                    int64_t co, const float* xpd, int64_t sample, int64_t Wp, int64_t Ci,
-                   int64_t jmax, float* out /* [K][R*16] */, float* sb) {
+                   int64_t jmax, const float* zeros, float* out /* [K][R*16] */, float* sb) {
+  // branch-free: a cell without gradient adds 0 * (an all-zero patch in xp's slack), so an
+  // unpredictable idx costs no mispredictions and a NaN elsewhere in x cannot leak in
   v16 acc[K][R];
   for (int kh = 0; kh < K; ++kh)
     for (int r = 0; r < R; ++r) acc[kh][r] = v16{};
@@ -196,11 +198,11 @@ void wgrad_channel(const float* gy, const int32_t* ii, int64_t So, int64_t n_lo,
     const float* xpn = xpd + n * sample;
     for (int64_t o = 0; o < So; ++o) {
       const int32_t j = ij[o];
-      if (static_cast<uint64_t>(static_cast<int64_t>(j)) >= static_cast<uint64_t>(jmax)) continue;
-      const float gv = g[o];
+      const bool ok = static_cast<uint64_t>(static_cast<int64_t>(j)) < static_cast<uint64_t>(jmax);
+      const float gv = ok ? g[o] : 0.f;
       s += gv;
       const v16 gs = splat(gv);
-      const float* base = xpn + j * Ci;
+      const float* base = ok ? xpn + j * Ci : zeros;
       for (int kh = 0; kh < K; ++kh)
         for (int r = 0; r < R; ++r) acc[kh][r] += gs * ld(base + kh * Wp * Ci + r * L);
     }
@@ -213,7 +215,7 @@ void wgrad_channel(const float* gy, const int32_t* ii, int64_t So, int64_t n_lo,
 // input gradient of one sample: dxp[j + kh * Wp][t] += gv * w[co][kh][t] over the masked lanes
 template <int K, int R>
 void dgrad_sample(const float* g, const int32_t* ij, int64_t So, int64_t Co, const float* wd,
-                  float* dxp, int64_t Wp, int64_t Ci, int64_t jmax) {
+                  float* dxp, int64_t Wp, int64_t Ci, int64_t jmax, int32_t* lj, float* lg) {
   const int64_t KC = K * Ci;
   i16 lanes;
   for (int l = 0; l < L; ++l) lanes[l] = l;
@@ -223,11 +225,19 @@ void dgrad_sample(const float* g, const int32_t* ij, int64_t So, int64_t Co, con
     v16 wv[K][R];  // zero past K*Ci (wd rows are padded with zeros to R*16)
     for (int kh = 0; kh < K; ++kh)
       for (int r = 0; r < R; ++r) wv[kh][r] = ld(wd + (co * K + kh) * R * L + r * L);
-    for (int64_t o = 0; o < So; ++o) {
-      const int32_t j = ic[o];
-      if (static_cast<uint64_t>(static_cast<int64_t>(j)) >= static_cast<uint64_t>(jmax)) continue;
-      const v16 gs = splat(gc[o]);
-      float* base = dxp + j * Ci;
+    // the cells with gradient, compacted without branches, even pool outputs first: neighbouring
+    // outputs' patches overlap, and a load of a partly overwritten vector stalls on the store
+    int64_t cnt = 0;
+    for (int64_t start = 0; start < 2; ++start)
+      for (int64_t o = start; o < So; o += 2) {
+        const int32_t j = ic[o];
+        lj[cnt] = j;
+        lg[cnt] = gc[o];
+        cnt += static_cast<uint64_t>(static_cast<int64_t>(j)) < static_cast<uint64_t>(jmax);
+      }
+    for (int64_t e = 0; e < cnt; ++e) {
+      const v16 gs = splat(lg[e]);
+      float* base = dxp + lj[e] * Ci;
       for (int kh = 0; kh < K; ++kh)
         for (int r = 0; r < R; ++r) {
           float* d = base + kh * Wp * Ci + r * L;
@@ -369,7 +379,7 @@ bool wgrad_fixed(const float* gy, const int32_t* id, int64_t So, int64_t N, int6
     for (int64_t gc = c0; gc < c1; ++gc) {
       const int64_t gi = gc / Co, co = gc % Co;
       wgrad_channel<K, R>(gy, id, So, gi * per, (gi + 1) * per, Co, co, xpd, sample, Wp, Ci, jmax,
-                          acc.data(), gbd + gc);
+                          xpd + N * sample, acc.data(), gbd + gc);
       float* out = gwd + gc * Ci * K * K;
       for (int64_t ci = 0; ci < Ci; ++ci)
         for (int64_t kh = 0; kh < K; ++kh)
@@ -394,10 +404,12 @@ bool dgrad_fixed(const float* gy, const int32_t* id, int64_t So, int64_t N, int6
           wd[(gc * K + kh) * R * L + kw * Ci + ci] = wsrc[((gc * Ci + ci) * K + kh) * K + kw];
   at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
     std::vector<float> dxp(static_cast<size_t>(Hp * Wp * Ci + slack));
+    std::vector<int32_t> lj(static_cast<size_t>(So));
+    std::vector<float> lg(static_cast<size_t>(So));
     for (int64_t n = n0; n < n1; ++n) {
       std::fill(dxp.begin(), dxp.end(), 0.f);
       dgrad_sample<K, R>(gy + n * Co * So, id + n * Co * So, So, Co, wd.data() + (n / per) * wpack,
-                         dxp.data(), Wp, Ci, jmax);
+                         dxp.data(), Wp, Ci, jmax, lj.data(), lg.data());
       float* gxn = gxd + n * Ci * H * W;
       for (int64_t h = 0; h < H; ++h)
         for (int64_t w_ = 0; w_ < W; ++w_) {
