@@ -106,3 +106,18 @@ def test_vmap_client_batching(algorithm):
     assert fused.engine.batching == "vmap"
     worst = _compare_states(ref.engine.named_state(), fused.engine.named_state(), rtol=1e-4, atol=1e-5)
     print(f"vmap {algorithm}: worst relative difference {worst[0]:.2e} at {worst[1]}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("algorithm", ["fsl_sage", "splitfed_v1"])
+def test_cuda_fused_engine_matches_cuda_reference(algorithm):
+    """On a GPU the fused engine runs vmapped clients, the reference layer ops and the flat Adam
+    in eager torch: the same parameters as the reference engine on the same GPU."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cfg = Config(algorithm=algorithm, schedule="parallel", device="cuda", **BASE).resolved()
+    ref = _run(cfg, 2)
+    fused = _run(dataclasses.replace(cfg, fused=True), 2)
+    assert fused.engine.batching == "vmap" and fused.engine._grouped is None
+    worst = _compare_states(ref.engine.named_state(), fused.engine.named_state(), rtol=1e-4, atol=1e-5)
+    print(f"cuda {algorithm}: worst relative difference {worst[0]:.2e} at {worst[1]}")
