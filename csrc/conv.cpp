@@ -119,7 +119,7 @@ void conv_sample(const float* xp_n, const float* wf, const float* bias, float* t
 // torch's CPU max_pool2d; a NaN anywhere in the window gives NaN with idx -1. idx holds the
 // winning cell as h * Wp + w (padded row stride: the offset of its patch in xp, in pixels).
 void pool_sample(const float* tmp, float* y_n, int32_t* idx_n, const Geo& g, float* ys,
-                 int32_t* is) {
+                 int32_t* is, bool cl) {
   const int64_t So = g.Ho * g.Wo;
   const float ninf = -std::numeric_limits<float>::infinity();
   const float qnan = std::numeric_limits<float>::quiet_NaN();
@@ -164,11 +164,16 @@ void pool_sample(const float* tmp, float* y_n, int32_t* idx_n, const Geo& g, flo
         std::memcpy(is + o * L, &iv, sizeof(iv));
       }
     }
+    // idx is always NCHW (the backward reads it per channel); y is NCHW, or channels-last rows
+    // of Co channels per position when the next conv block consumes it (cl)
+    if (cl)
+      for (int64_t o = 0; o < So; ++o)
+        std::memcpy(y_n + o * g.Co + cb * L, ys + o * L, nl * sizeof(float));
     for (int64_t l = 0; l < nl; ++l) {
       float* __restrict yo = y_n + (cb * L + l) * So;
       int32_t* __restrict io = idx_n + (cb * L + l) * So;
       for (int64_t o = 0; o < So; ++o) {
-        yo[o] = ys[o * L + l];
+        if (!cl) yo[o] = ys[o * L + l];
         io[o] = is[o * L + l];
       }
     }
@@ -182,46 +187,62 @@ void pool_sample(const float* tmp, float* y_n, int32_t* idx_n, const Geo& g, flo
 
 // weight gradient of one output channel: acc[kh][r] += gv * xp row, accumulators in registers
 template <int K, int R>
-void wgrad_channel(const float* gy, const int32_t* ii, int64_t So, int64_t n_lo, int64_t n_hi,
-                   int64_t Co,
+void wgrad_channel(const float* gy, const int32_t* ii, int64_t So, int64_t sC, int64_t sO,
+                   int64_t n_lo, int64_t n_hi, int64_t Co,
                    int64_t co, const float* xpd, int64_t sample, int64_t Wp, int64_t Ci,
                    int64_t jmax, const float* zeros, float* out /* [K][R*16] */, float* sb) {
   // branch-free: a cell without gradient adds 0 * (an all-zero patch in xp's slack), so an
-  // unpredictable idx costs no mispredictions and a NaN elsewhere in x cannot leak in
-  v16 acc[K][R];
-  for (int kh = 0; kh < K; ++kh)
-    for (int r = 0; r < R; ++r) acc[kh][r] = v16{};
-  float s = 0.f;
+  // unpredictable idx costs no mispredictions and a NaN elsewhere in x cannot leak in. With few
+  // accumulators (K * R <= 12) two sets alternate between cells: the FMA latency chain per
+  // accumulator would otherwise bound the loop (3 accumulators for a 3x3 conv of one channel).
+  constexpr int S = K * R <= 12 ? 2 : 1;
+  v16 acc[S][K][R];
+  for (int u = 0; u < S; ++u)
+    for (int kh = 0; kh < K; ++kh)
+      for (int r = 0; r < R; ++r) acc[u][kh][r] = v16{};
+  float sg[S] = {};
   for (int64_t n = n_lo; n < n_hi; ++n) {
-    const float* __restrict g = gy + (n * Co + co) * So;
-    const int32_t* __restrict ij = ii + (n * Co + co) * So;
+    const float* __restrict g = gy + n * Co * So + co * sC;
+    const int32_t* __restrict ij = ii + n * Co * So + co * sC;
     const float* xpn = xpd + n * sample;
-    for (int64_t o = 0; o < So; ++o) {
-      const int32_t j = ij[o];
+    auto cell = [&](int64_t o, int u) {
+      const int32_t j = ij[o * sO];
       const bool ok = static_cast<uint64_t>(static_cast<int64_t>(j)) < static_cast<uint64_t>(jmax);
-      const float gv = ok ? g[o] : 0.f;
-      s += gv;
+      const float gv = ok ? g[o * sO] : 0.f;
+      sg[u] += gv;
       const v16 gs = splat(gv);
       const float* base = ok ? xpn + j * Ci : zeros;
       for (int kh = 0; kh < K; ++kh)
-        for (int r = 0; r < R; ++r) acc[kh][r] += gs * ld(base + kh * Wp * Ci + r * L);
-    }
+        for (int r = 0; r < R; ++r) acc[u][kh][r] += gs * ld(base + kh * Wp * Ci + r * L);
+    };
+    int64_t o = 0;
+    if (S == 2)
+      for (; o + 1 < So; o += 2) {
+        cell(o, 0);
+        cell(o + 1, S - 1);
+      }
+    for (; o < So; ++o) cell(o, 0);
   }
   for (int kh = 0; kh < K; ++kh)
-    for (int r = 0; r < R; ++r) st(out + (kh * R + r) * L, acc[kh][r]);
-  *sb = s;
+    for (int r = 0; r < R; ++r) {
+      v16 a = acc[0][kh][r];
+      if (S == 2) a += acc[S - 1][kh][r];
+      st(out + (kh * R + r) * L, a);
+    }
+  *sb = S == 2 ? sg[0] + sg[S - 1] : sg[0];
 }
 
 // input gradient of one sample: dxp[j + kh * Wp][t] += gv * w[co][kh][t] over the masked lanes
 template <int K, int R>
-void dgrad_sample(const float* g, const int32_t* ij, int64_t So, int64_t Co, const float* wd,
+void dgrad_sample(const float* g, const int32_t* ij, int64_t So, int64_t sC, int64_t sO,
+                  int64_t Co, const float* wd,
                   float* dxp, int64_t Wp, int64_t Ci, int64_t jmax, int32_t* lj, float* lg) {
   const int64_t KC = K * Ci;
   i16 lanes;
   for (int l = 0; l < L; ++l) lanes[l] = l;
   for (int64_t co = 0; co < Co; ++co) {
-    const float* gc = g + co * So;
-    const int32_t* ic = ij + co * So;
+    const float* gc = g + co * sC;
+    const int32_t* ic = ij + co * sC;
     v16 wv[K][R];  // zero past K*Ci (wd rows are padded with zeros to R*16)
     for (int kh = 0; kh < K; ++kh)
       for (int r = 0; r < R; ++r) wv[kh][r] = ld(wd + (co * K + kh) * R * L + r * L);
@@ -230,9 +251,9 @@ void dgrad_sample(const float* g, const int32_t* ij, int64_t So, int64_t Co, con
     int64_t cnt = 0;
     for (int64_t start = 0; start < 2; ++start)
       for (int64_t o = start; o < So; o += 2) {
-        const int32_t j = ic[o];
+        const int32_t j = ic[o * sO];
         lj[cnt] = j;
-        lg[cnt] = gc[o];
+        lg[cnt] = gc[o * sO];
         cnt += static_cast<uint64_t>(static_cast<int64_t>(j)) < static_cast<uint64_t>(jmax);
       }
     for (int64_t e = 0; e < cnt; ++e) {
@@ -260,7 +281,11 @@ void check_f32_cpu(const at::Tensor& t, const char* op, const char* arg, int64_t
 
 Geo make_geo(const at::Tensor& x, const at::Tensor& w, int64_t pk, int64_t ps, int64_t pp,
              const char* op) {
-  check_f32_cpu(x, op, "x", 4);
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4, op,
+              ": x must be a 4-D float32 CPU tensor, got ", x.scalar_type(), " ", x.sizes(), " on ",
+              x.device());
+  TORCH_CHECK(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast), op,
+              ": x must be contiguous NCHW or channels-last, got strides ", x.strides());
   TORCH_CHECK(w.dim() == 4 || w.dim() == 5, op, ": weight must be [Cout, Cin, K, K] or "
               "[G, Cout, Cin, K, K], got shape ", w.sizes());
   check_f32_cpu(w, op, "weight", w.dim());
@@ -307,7 +332,8 @@ int64_t slack_floats(int64_t K, int64_t Ci, int64_t Wp) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool_relu_fwd(const at::Tensor& x,
                                                                  const at::Tensor& w,
                                                                  const at::Tensor& b, int64_t pk,
-                                                                 int64_t ps, int64_t pp) {
+                                                                 int64_t ps, int64_t pp,
+                                                                 bool cl_out) {
   const char* op = "conv_pool_relu_fwd";
   const Geo g = make_geo(x, w, pk, ps, pp, op);
   TORCH_CHECK(b.numel() == 0 || (b.numel() == g.G * g.Co && b.size(-1) == g.Co &&
@@ -335,8 +361,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool_relu_fwd(const at::Tens
   const int64_t per_group = g.N / g.G;
   const int64_t sample = g.Hp * g.Wp * g.Ci;
   const int64_t slack = slack_floats(g.K, g.Ci, g.Wp);
-  at::Tensor y = at::empty({g.N, g.Co, g.Ho, g.Wo}, x.options());
+  const auto fmt = cl_out ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  at::Tensor y = at::empty({g.N, g.Co, g.Ho, g.Wo}, x.options().memory_format(fmt));
   at::Tensor idx = at::empty({g.N, g.Co, g.Ho, g.Wo}, x.options().dtype(at::kInt));
+  const bool x_cl = !x.is_contiguous();  // then channels-last (checked above)
   at::Tensor xp_store = at::empty({g.N * sample + slack}, x.options());
   at::Tensor xp = xp_store.narrow(0, 0, g.N * sample).view({g.N, g.Hp, g.Wp, g.Ci});
   const float* xd = x.data_ptr<float>();
@@ -352,6 +380,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool_relu_fwd(const at::Tens
       float* xpn = xpd + n * sample;
       std::fill(xpn, xpn + sample, 0.f);  // borders (the interior is overwritten next)
       const float* xn = xd + n * g.Ci * g.H * g.W;
+      if (x_cl) {  // rows of W * Ci floats: copies
+        for (int64_t h = 0; h < g.H; ++h)
+          std::memcpy(xpn + ((h + g.q) * g.Wp + g.q) * g.Ci, xn + h * g.W * g.Ci,
+                      g.W * g.Ci * sizeof(float));
+        continue;
+      }
       for (int64_t ci = 0; ci < g.Ci; ++ci)
         for (int64_t h = 0; h < g.H; ++h)
           for (int64_t w_ = 0; w_ < g.W; ++w_)
@@ -362,7 +396,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool_relu_fwd(const at::Tens
       const int64_t gi = n / per_group;
       conv_sample(xpd + n * sample, wf.data() + gi * wpack, bias.data() + gi * g.CoP, tmp.data(), g);
       pool_sample(tmp.data(), yd + n * g.Co * g.Ho * g.Wo, id + n * g.Co * g.Ho * g.Wo, g,
-                  ys.data(), is.data());
+                  ys.data(), is.data(), cl_out);
     }
   });
   return {y, idx, xp};
@@ -370,7 +404,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool_relu_fwd(const at::Tens
 
 // over (group, output channel) pairs; group gi owns samples [gi * N/G, (gi + 1) * N/G)
 template <int K, int R>
-bool wgrad_fixed(const float* gy, const int32_t* id, int64_t So, int64_t N, int64_t G, int64_t Co,
+bool wgrad_fixed(const float* gy, const int32_t* id, int64_t So, int64_t sC, int64_t sO, int64_t N,
+                 int64_t G, int64_t Co,
                  const float* xpd, int64_t sample, int64_t Wp, int64_t Ci, int64_t jmax,
                  float* gwd, float* gbd) {
   const int64_t per = N / G;
@@ -378,7 +413,7 @@ bool wgrad_fixed(const float* gy, const int32_t* id, int64_t So, int64_t N, int6
     std::vector<float> acc(static_cast<size_t>(K * R * L));
     for (int64_t gc = c0; gc < c1; ++gc) {
       const int64_t gi = gc / Co, co = gc % Co;
-      wgrad_channel<K, R>(gy, id, So, gi * per, (gi + 1) * per, Co, co, xpd, sample, Wp, Ci, jmax,
+      wgrad_channel<K, R>(gy, id, So, sC, sO, gi * per, (gi + 1) * per, Co, co, xpd, sample, Wp, Ci, jmax,
                           xpd + N * sample, acc.data(), gbd + gc);
       float* out = gwd + gc * Ci * K * K;
       for (int64_t ci = 0; ci < Ci; ++ci)
@@ -391,9 +426,9 @@ bool wgrad_fixed(const float* gy, const int32_t* id, int64_t So, int64_t N, int6
 }
 
 template <int K, int R>
-bool dgrad_fixed(const float* gy, const int32_t* id, int64_t So, int64_t N, int64_t G, int64_t Co,
-                 const float* wsrc, int64_t Ci, int64_t H, int64_t W, int64_t Wp, int64_t Hp,
-                 int64_t jmax, int64_t slack, float* gxd) {
+bool dgrad_fixed(const float* gy, const int32_t* id, int64_t So, int64_t sC, int64_t sO, int64_t N,
+                 int64_t G, int64_t Co, const float* wsrc, int64_t Ci, int64_t H, int64_t W,
+                 int64_t Wp, int64_t Hp, int64_t jmax, int64_t slack, bool x_cl, float* gxd) {
   const int64_t q = K / 2, per = N / G, wpack = Co * K * R * L;
   // weights as wd[group][co][kh][kw*Ci+ci], rows zero-padded to R*16: a patch row's layout
   std::vector<float> wd(static_cast<size_t>(G * wpack), 0.f);
@@ -408,9 +443,14 @@ bool dgrad_fixed(const float* gy, const int32_t* id, int64_t So, int64_t N, int6
     std::vector<float> lg(static_cast<size_t>(So));
     for (int64_t n = n0; n < n1; ++n) {
       std::fill(dxp.begin(), dxp.end(), 0.f);
-      dgrad_sample<K, R>(gy + n * Co * So, id + n * Co * So, So, Co, wd.data() + (n / per) * wpack,
+      dgrad_sample<K, R>(gy + n * Co * So, id + n * Co * So, So, sC, sO, Co, wd.data() + (n / per) * wpack,
                          dxp.data(), Wp, Ci, jmax, lj.data(), lg.data());
       float* gxn = gxd + n * Ci * H * W;
+      if (x_cl) {  // channels-last input gradient: rows of W * Ci floats
+        for (int64_t h = 0; h < H; ++h)
+          std::memcpy(gxn + h * W * Ci, dxp.data() + ((h + q) * Wp + q) * Ci, W * Ci * sizeof(float));
+        continue;
+      }
       for (int64_t h = 0; h < H; ++h)
         for (int64_t w_ = 0; w_ < W; ++w_) {
           const float* s = dxp.data() + ((h + q) * Wp + w_ + q) * Ci;
@@ -458,6 +498,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool_relu_bwd(const at::Tens
   at::Tensor gw = at::empty(w.sizes(), w.options());
   at::Tensor gb = G > 1 || w.dim() == 5 ? at::empty({G, Co}, w.options()) : at::empty({Co}, w.options());
   at::Tensor gx = need_x ? at::empty({N, Ci, H, W}, xp.options()) : at::empty({0}, xp.options());
+  // element (n, co, o) of grad_y / idx sits at n * Co * So + co * sC + o * sO (NCHW)
+  const int64_t sC = So, sO = 1;
+  const bool x_cl = false;  // grad_x is NCHW
   float* gwd = gw.data_ptr<float>();
   float* gbd = gb.data_ptr<float>();
   const float* wsrc = w.data_ptr<float>();
@@ -465,9 +508,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool_relu_bwd(const at::Tens
 
 #define FSL_CONV_CASE(KK, RR)                                                                    \
   if (K == KK && R == RR) {                                                                      \
-    wgrad_fixed<KK, RR>(gy, id, So, N, G, Co, xpd, sample, Wp, Ci, jmax, gwd, gbd);              \
+    wgrad_fixed<KK, RR>(gy, id, So, sC, sO, N, G, Co, xpd, sample, Wp, Ci, jmax, gwd, gbd);      \
     if (need_x)                                                                                  \
-      dgrad_fixed<KK, RR>(gy, id, So, N, G, Co, wsrc, Ci, H, W, Wp, Hp, jmax, slack, gxd);      \
+      dgrad_fixed<KK, RR>(gy, id, So, sC, sO, N, G, Co, wsrc, Ci, H, W, Wp, Hp, jmax, slack,     \
+                          x_cl, gxd);                                                            \
     return {gx, gw, gb};                                                                         \
   }
   FSL_CONV_CASE(1, 1) FSL_CONV_CASE(1, 2) FSL_CONV_CASE(1, 4)
@@ -483,7 +527,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool_relu_bwd(const at::Tens
 
 TORCH_LIBRARY_FRAGMENT(fsl_fast, m) {
   m.def("conv_pool_relu_fwd(Tensor x, Tensor weight, Tensor bias, int kernel_size, int stride, "
-        "int padding) -> (Tensor, Tensor, Tensor)");
+        "int padding, bool channels_last_out=False) -> (Tensor, Tensor, Tensor)");
   m.def("conv_pool_relu_bwd(Tensor grad_y, Tensor idx, Tensor xp, Tensor weight, bool need_x) "
         "-> (Tensor, Tensor, Tensor)");
 }

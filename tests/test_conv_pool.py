@@ -187,3 +187,33 @@ def test_grouped_weights_equal_per_group_calls(seed):
         assert torch.equal(wg.grad[k], ws.grad) and torch.equal(bg.grad[k], bs.grad)
     with pytest.raises(ValueError, match="G dividing the batch 12"):
         L.conv_pool_relu_grouped(x, torch.randn(5, 32, 16, 3, 3), None, 2, 2, 0)
+
+
+@needs_cpp
+@pytest.mark.parametrize("co1", [16, 20])
+def test_channels_last_handoff_is_exact(seed, co1):
+    """Block 1 writing channels-last and block 2 reading it (what the rewriter sets up for two
+    consecutive conv blocks) gives bit-identical values and gradients to the NCHW hand-off."""
+    x = torch.randn(3, 2, 12, 12)
+    w1, b1 = torch.randn(co1, 2, 3, 3) * 0.3, torch.randn(co1) * 0.1
+    w2, b2 = torch.randn(24, co1, 3, 3) * 0.1, torch.randn(24) * 0.1
+    g = torch.randn(3, 24, 3, 3)
+    out = []
+    for cl in (False, True):
+        ts = [t.clone().requires_grad_(True) for t in (x, w1, b1, w2, b2)]
+        h = L.conv_pool_relu(ts[0], ts[1], ts[2], 2, backend="cpp", channels_last_out=cl)
+        assert h.is_contiguous(memory_format=torch.channels_last) == cl or co1 == 1
+        y = L.conv_pool_relu(h, ts[3], ts[4], 2, backend="cpp")
+        y.backward(g)
+        out.append([y.detach()] + [t.grad for t in ts])
+    for a, b in zip(*out):
+        assert torch.equal(a, b)
+
+
+def test_rewriter_marks_channels_last_between_conv_blocks():
+    net = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten())
+    fused = L.fuse_client_layers(net)
+    assert fused[0].channels_last_out and not fused[3].channels_last_out
+    x = torch.randn(2, 1, 28, 28)
+    torch.testing.assert_close(fused(x), net(x))

@@ -148,7 +148,7 @@ class FusedEngine(Engine):
                 if m.backend not in (None, "cpp") or not conv_pool_relu_supported(m.weight.shape[1], m.weight.shape[2]):
                     return None
                 steps.append(("conv", (lay[f"{name}.weight"], lay.get(f"{name}.bias")),
-                              (m.kernel_size, m.stride, m.padding)))
+                              (m.kernel_size, m.stride, m.padding, m.channels_last_out)))
             elif isinstance(m, nn.Identity):
                 continue
             elif isinstance(m, (nn.Flatten, PoolReLU, LRN, nn.ReLU)):

@@ -164,11 +164,21 @@ def _lrn_cpp(x, size, alpha, beta, k):
     return _LRNFn.apply(x.contiguous(), size, alpha, beta, k)
 
 
+def _layout(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """x as the C++ kernel takes it: contiguous NCHW, or channels-last (True) when it already is."""
+    if x.is_contiguous():
+        return x, False
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return x, True
+    return x.contiguous(), False
+
+
 class _ConvPoolReLUFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, b, k, s, p):
+    def forward(ctx, x, w, b, k, s, p, cl_out=False):
         bias = b if b is not None else w.new_empty(0)
-        y, idx, xp = _ops().conv_pool_relu_fwd(x, w, bias, k, s, p)
+        x, _ = _layout(x)
+        y, idx, xp = _ops().conv_pool_relu_fwd(x, w, bias, k, s, p, cl_out)
         ctx.save_for_backward(idx, xp, w)
         ctx.has_bias = b is not None
         ctx.mark_non_differentiable(idx)
@@ -180,7 +190,7 @@ class _ConvPoolReLUFn(torch.autograd.Function):
         idx, xp, w = ctx.saved_tensors
         gx, gw, gb = _ops().conv_pool_relu_bwd(gy.contiguous(), idx, xp, w, ctx.needs_input_grad[0])
         return (gx if ctx.needs_input_grad[0] else None, gw if ctx.needs_input_grad[1] else None,
-                gb if ctx.has_bias and ctx.needs_input_grad[2] else None, None, None, None)
+                gb if ctx.has_bias and ctx.needs_input_grad[2] else None, None, None, None, None)
 
 
 def conv_pool_relu_supported(in_channels: int, kernel: int) -> bool:
@@ -190,15 +200,18 @@ def conv_pool_relu_supported(in_channels: int, kernel: int) -> bool:
     return (kernel in (1, 3, 5) and rows <= 4) or (kernel == 7 and rows <= 2)
 
 
-def _conv_pool_relu_cpp(x, weight, bias, kernel_size, stride, padding):
+def _conv_pool_relu_cpp(x, weight, bias, kernel_size, stride, padding, channels_last_out=False):
     if not conv_pool_relu_supported(weight.shape[1], weight.shape[2]):
         return conv_pool_relu_reference(x, weight, bias, kernel_size, stride, padding)
-    return _ConvPoolReLUFn.apply(x.contiguous(), weight.contiguous(),
-                                 None if bias is None else bias.contiguous(),
-                                 kernel_size, stride, padding)
+    return _ConvPoolReLUFn.apply(x, weight.contiguous(), None if bias is None else bias.contiguous(),
+                                 kernel_size, stride, padding, bool(channels_last_out))
 
 
-_backend.register("conv_pool_relu", reference=conv_pool_relu_reference, cpp=_conv_pool_relu_cpp)
+def _conv_pool_relu_ref(x, weight, bias, kernel_size, stride, padding, channels_last_out=False):
+    return conv_pool_relu_reference(x, weight, bias, kernel_size, stride, padding)
+
+
+_backend.register("conv_pool_relu", reference=_conv_pool_relu_ref, cpp=_conv_pool_relu_cpp)
 _backend.register("pool_relu", reference=pool_relu_reference, cpp=_pool_relu_cpp)
 _backend.register("lrn", reference=lrn_reference, cpp=_lrn_cpp)
 
@@ -245,7 +258,7 @@ def _conv_args(x, weight, bias):
 
 
 def conv_pool_relu_grouped(x: torch.Tensor, weight: torch.Tensor, bias, kernel_size: int,
-                           stride: int, padding: int) -> torch.Tensor:
+                           stride: int, padding: int, channels_last_out: bool = False) -> torch.Tensor:
     """G clients' conv blocks in one call: x [G * B, Cin, H, W] (client g's samples are rows
     g*B .. g*B+B-1), weight [G, Cout, Cin, K, K], bias [G, Cout] or None. Differentiable in all
     three (gradients of weight and bias keep their [G, ...] shapes). CPU tensors, C++ kernel; the
@@ -255,19 +268,21 @@ def conv_pool_relu_grouped(x: torch.Tensor, weight: torch.Tensor, bias, kernel_s
                          f"dividing the batch {x.shape[0]}, got {tuple(weight.shape)}")
     _conv_args(x, weight[0], None if bias is None else bias[0])
     k, s, p = _pool_args(x, kernel_size, stride, padding)
-    return _ConvPoolReLUFn.apply(x.contiguous(), weight.contiguous(),
-                                 None if bias is None else bias.contiguous(), k, s, p)
+    return _ConvPoolReLUFn.apply(x, weight.contiguous(), None if bias is None else bias.contiguous(),
+                                 k, s, p, bool(channels_last_out))
 
 
 def conv_pool_relu(x: torch.Tensor, weight: torch.Tensor, bias, kernel_size, stride=None,
-                   padding=0, backend: str | None = None):
+                   padding=0, backend: str | None = None, channels_last_out: bool = False):
     """``max_pool2d(relu(conv2d(x, weight, bias, padding=K // 2)), kernel_size, stride, padding)``
     for x float32 [N, Cin, H, W], weight [Cout, Cin, K, K] (K odd, stride 1, zero padding K // 2),
-    bias [Cout] or None. Differentiable in x, weight and bias. Pool arguments as ``pool_relu``."""
+    bias [Cout] or None. Differentiable in x, weight and bias. Pool arguments as ``pool_relu``.
+    ``channels_last_out``: the C++ kernel may return y in channels-last memory (same values; the
+    next conv block reads it without a transpose); other backends return NCHW."""
     _conv_args(x, weight, bias)
     k, s, p = _pool_args(x, kernel_size, stride, padding)
     _, impl = _backend.resolve("conv_pool_relu", x.device, backend)
-    return impl(x, weight, bias, k, s, p)
+    return impl(x, weight, bias, k, s, p, channels_last_out)
 
 
 class PoolReLU(nn.Module):
@@ -318,10 +333,12 @@ class ConvPoolReLU(nn.Module):
         self.stride = _as_int("ConvPoolReLU", "stride", st, 1)
         self.padding = _as_int("ConvPoolReLU", "padding", pool.padding, 0)
         self.backend = backend
+        self.channels_last_out = False  # set by the rewriter when another conv block follows
 
     def forward(self, x):
         return conv_pool_relu(x, self.weight, self.bias, self.kernel_size, self.stride,
-                              self.padding, backend=self.backend)
+                              self.padding, backend=self.backend,
+                              channels_last_out=self.channels_last_out)
 
     def extra_repr(self):
         co, ci, k, _ = self.weight.shape
@@ -394,6 +411,12 @@ def _rewrite(seq: nn.Module, backend: str | None) -> None:
             i += 3
         else:
             i += 1
+    # a conv block whose next module (past Identities) is another conv block hands it
+    # channels-last activations: the consumer copies rows instead of transposing
+    mods = [m for m in seq.children() if not isinstance(m, nn.Identity)]
+    for a, b in zip(mods, mods[1:]):
+        if isinstance(a, ConvPoolReLU) and isinstance(b, ConvPoolReLU):
+            a.channels_last_out = True
 
 
 def fuse_client_layers(module: nn.Module, backend: str | None = None) -> nn.Module:
