@@ -18,7 +18,7 @@ def _extensions():
     from torch.utils import cpp_extension as ce
 
     march = os.environ.get("FSL_FAST_MARCH", "native")
-    cxx = ["-O3", "-fopenmp"] + ([f"-march={march}"] if march else [])
+    cxx = ["-O3", "-fopenmp", "-fno-math-errno"] + ([f"-march={march}"] if march else [])
     cpu_src = sorted(s for s in glob.glob("csrc/*.cpp") if not s.endswith("_cuda.cpp"))
     want_cuda = os.environ.get("FSL_FAST_CUDA")
     has_cuda = torch.version.cuda is not None and ce.CUDA_HOME is not None

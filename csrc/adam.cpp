@@ -27,6 +27,22 @@ void check_operand(const at::Tensor& t, const at::Tensor& p, const char* arg) {
               " strides ", t.strides());
 }
 
+template <bool WD, bool LERP_LOW>
+void update(float* __restrict p, const float* __restrict g, float* __restrict m,
+            float* __restrict v, int64_t n, float wd, float w1, float b2, float c2, float bc2_sqrt,
+            float eps, float neg_step) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float gi = WD ? g[i] + wd * p[i] : g[i];
+    const float mi = LERP_LOW ? m[i] + w1 * (gi - m[i]) : gi - (gi - m[i]) * (1.f - w1);
+    const float vi = v[i] * b2 + c2 * gi * gi;
+    const float denom = std::sqrt(vi) / bc2_sqrt + eps;
+    m[i] = mi;
+    v[i] = vi;
+    p[i] = p[i] + neg_step * mi / denom;
+  }
+}
+
 void adam_step(at::Tensor p, const at::Tensor& g, at::Tensor m, at::Tensor v, double lr,
                double beta1, double beta2, double eps, double weight_decay, int64_t step) {
   check_operand(p, p, "param");
@@ -59,21 +75,20 @@ void adam_step(at::Tensor p, const at::Tensor& g, at::Tensor m, at::Tensor v, do
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r = b / blocks_per_row;
       const int64_t lo = (b % blocks_per_row) * kBlock;
-      const int64_t hi = std::min(P, lo + kBlock);
-      float* __restrict pr = pd + r * sp;
-      const float* __restrict gr = gd + r * sg;
-      float* __restrict mr = md + r * sm;
-      float* __restrict vr = vd + r * sv;
-#pragma omp simd
-      for (int64_t i = lo; i < hi; ++i) {
-        const float gi = use_wd ? gr[i] + wd * pr[i] : gr[i];
-        const float mi = lerp_low ? mr[i] + w1 * (gi - mr[i]) : gi - (gi - mr[i]) * (1.f - w1);
-        const float vi = vr[i] * b2 + c2 * gi * gi;
-        const float denom = std::sqrt(vi) / bc2_sqrt + epsf;
-        mr[i] = mi;
-        vr[i] = vi;
-        pr[i] = pr[i] + neg_step * mi / denom;
-      }
+      const int64_t n = std::min(P, lo + kBlock) - lo;
+      float* pr = pd + r * sp + lo;
+      const float* gr = gd + r * sg + lo;
+      float* mr = md + r * sm + lo;
+      float* vr = vd + r * sv + lo;
+      // one loop per case, so each vectorizes without per-element branches
+      if (use_wd && lerp_low)
+        update<true, true>(pr, gr, mr, vr, n, wd, w1, b2, c2, bc2_sqrt, epsf, neg_step);
+      else if (use_wd)
+        update<true, false>(pr, gr, mr, vr, n, wd, w1, b2, c2, bc2_sqrt, epsf, neg_step);
+      else if (lerp_low)
+        update<false, true>(pr, gr, mr, vr, n, wd, w1, b2, c2, bc2_sqrt, epsf, neg_step);
+      else
+        update<false, false>(pr, gr, mr, vr, n, wd, w1, b2, c2, bc2_sqrt, epsf, neg_step);
     }
   });
 }

@@ -57,7 +57,7 @@ def _jit_build():
     ) / f"jit-torch{torch.__version__.replace('+', '_')}"
     build_dir.mkdir(parents=True, exist_ok=True)
     march = os.environ.get("FSL_FAST_MARCH", "native")
-    flags = ["-O3", "-fopenmp"] + ([f"-march={march}"] if march else [])
+    flags = ["-O3", "-fopenmp", "-fno-math-errno"] + ([f"-march={march}"] if march else [])
     return ce.load(
         name="fsl_fast_C_jit",
         sources=sources,
