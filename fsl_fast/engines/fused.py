@@ -294,12 +294,53 @@ class FusedEngine(Engine):
         return out
 
     def full_step(self, ks, xs, ys):
-        self.clients.zero_grad(ks)
-        self.servers.zero_grad(ks)
-        for k, x, y in zip(ks, xs, ys):
-            F.cross_entropy(self.servers.mods[k](self.clients.mods[k](x)), y).backward()
+        if self._grouped is not None and not self.server_has_bn and self._uniform(xs):
+            self._full_step_batched(ks, xs, ys)  # overwrites the active rows' gradients
+        else:
+            self.clients.zero_grad(ks)
+            self.servers.zero_grad(ks)
+            for k, x, y in zip(ks, xs, ys):
+                F.cross_entropy(self.servers.mods[k](self.clients.mods[k](x)), y).backward()
         self.clients.opt.step(ks)
         self.servers.opt.step(ks)
+
+    def _full_step_batched(self, ks, xs, ys):
+        """FedAvg's whole-model step of all active clients at once: the grouped client stack, then
+        the clients' server copies vmapped (batched GEMMs for Linear layers); the sum of the
+        clients' mean losses gives each client exactly its own gradients."""
+        from torch.func import functional_call
+
+        z = self._client_grouped(ks, xs)  # [G, B, ...], graph to self._leaf
+        if getattr(self, "_server_fn", None) is None:
+            base = copy.deepcopy(self.servers.template)
+            self._server_fn = lambda p, x: functional_call(base, p, (x,))
+        G = len(ks)
+        idx = torch.as_tensor(ks)
+        buf = self.servers.flat.buffer
+        rows = buf if G == self.m else buf.index_select(0, idx)
+        # one leaf per parameter (a [G, ...] view): gradients land per parameter, without a
+        # [K, P]-sized zero-filled gradient per parameter that slicing one big leaf would cost
+        ents = [e for e in self.servers.flat.layout.entries if e.kind == "param"]
+        params = {e.name: rows[:, e.offset:e.offset + e.numel].view(G, *e.shape).detach().requires_grad_(True)
+                  for e in ents}
+        out = torch.func.vmap(self._server_fn)(params, z)  # [G, B, C]
+        B = out.shape[1]
+        loss = F.cross_entropy(out.reshape(G * B, -1), torch.cat(ys), reduction="none")
+        self._leaf.grad = None
+        loss.view(G, B).mean(1).sum().backward()
+        cg = self.clients.flat.grad_buffer
+        sg = self.servers.flat.grad_buffer
+        if G == self.m:
+            cg.copy_(self._leaf.grad)
+        else:
+            cg.index_copy_(0, idx, self._leaf.grad.index_select(0, idx))
+        for e in ents:
+            g = params[e.name].grad.reshape(G, e.numel)
+            if G == self.m:
+                sg[:, e.offset:e.offset + e.numel].copy_(g)
+            else:
+                for i, k in enumerate(ks):
+                    sg[k, e.offset:e.offset + e.numel].copy_(g[i])
 
     # -- server side ---------------------------------------------------------------------------
     def server_step(self, k, z, y, want_grad=False):
