@@ -170,11 +170,13 @@ void pool_sample(const float* tmp, float* y_n, int32_t* idx_n, const Geo& g, flo
       for (int64_t o = 0; o < So; ++o)
         std::memcpy(y_n + o * g.Co + cb * L, ys + o * L, nl * sizeof(float));
     for (int64_t l = 0; l < nl; ++l) {
-      float* __restrict yo = y_n + (cb * L + l) * So;
-      int32_t* __restrict io = idx_n + (cb * L + l) * So;
-      for (int64_t o = 0; o < So; ++o) {
-        if (!cl) yo[o] = ys[o * L + l];
-        io[o] = is[o * L + l];
+      if (!cl) {
+        float* __restrict yo = y_n + (cb * L + l) * So;
+        for (int64_t o = 0; o < So; ++o) yo[o] = ys[o * L + l];
+      }
+      if (idx_n) {  // null without autograd (evaluation): no argmax needed
+        int32_t* __restrict io = idx_n + (cb * L + l) * So;
+        for (int64_t o = 0; o < So; ++o) io[o] = is[o * L + l];
       }
     }
   }
@@ -328,12 +330,13 @@ int64_t slack_floats(int64_t K, int64_t Ci, int64_t Wp) {
 // weight [Co, Ci, K, K], or [G, Co, Ci, K, K] for G clients in one call: sample n then uses
 // group n / (N / G) (bias [G, Co] likewise).
 // -> (y [N, Co, Ho, Wo], idx int32 [N, Co, Ho, Wo], xp [N, H+2q, W+2q, Ci] padded channels-last x,
-//     allocated with slack: pass it to the backward as returned)
+//     allocated with slack: pass it to the backward as returned). save = false (no autograd):
+//     idx comes back empty.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool_relu_fwd(const at::Tensor& x,
                                                                  const at::Tensor& w,
                                                                  const at::Tensor& b, int64_t pk,
                                                                  int64_t ps, int64_t pp,
-                                                                 bool cl_out) {
+                                                                 bool cl_out, bool save) {
   const char* op = "conv_pool_relu_fwd";
   const Geo g = make_geo(x, w, pk, ps, pp, op);
   TORCH_CHECK(b.numel() == 0 || (b.numel() == g.G * g.Co && b.size(-1) == g.Co &&
@@ -363,13 +366,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool_relu_fwd(const at::Tens
   const int64_t slack = slack_floats(g.K, g.Ci, g.Wp);
   const auto fmt = cl_out ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   at::Tensor y = at::empty({g.N, g.Co, g.Ho, g.Wo}, x.options().memory_format(fmt));
-  at::Tensor idx = at::empty({g.N, g.Co, g.Ho, g.Wo}, x.options().dtype(at::kInt));
+  at::Tensor idx = save ? at::empty({g.N, g.Co, g.Ho, g.Wo}, x.options().dtype(at::kInt))
+                        : at::empty({0}, x.options().dtype(at::kInt));
   const bool x_cl = !x.is_contiguous();  // then channels-last (checked above)
   at::Tensor xp_store = at::empty({g.N * sample + slack}, x.options());
   at::Tensor xp = xp_store.narrow(0, 0, g.N * sample).view({g.N, g.Hp, g.Wp, g.Ci});
   const float* xd = x.data_ptr<float>();
   float* yd = y.data_ptr<float>();
-  int32_t* id = idx.data_ptr<int32_t>();
+  int32_t* id = save ? idx.data_ptr<int32_t>() : nullptr;
   float* xpd = xp_store.data_ptr<float>();
   std::fill(xpd + g.N * sample, xpd + g.N * sample + slack, 0.f);
   at::parallel_for(0, g.N, 1, [&](int64_t n0, int64_t n1) {
@@ -395,7 +399,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool_relu_fwd(const at::Tens
       // samples of this chunk are all padded first: the last block of sample n reads into n + 1
       const int64_t gi = n / per_group;
       conv_sample(xpd + n * sample, wf.data() + gi * wpack, bias.data() + gi * g.CoP, tmp.data(), g);
-      pool_sample(tmp.data(), yd + n * g.Co * g.Ho * g.Wo, id + n * g.Co * g.Ho * g.Wo, g,
+      pool_sample(tmp.data(), yd + n * g.Co * g.Ho * g.Wo, id ? id + n * g.Co * g.Ho * g.Wo : nullptr, g,
                   ys.data(), is.data(), cl_out);
     }
   });
@@ -527,7 +531,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool_relu_bwd(const at::Tens
 
 TORCH_LIBRARY_FRAGMENT(fsl_fast, m) {
   m.def("conv_pool_relu_fwd(Tensor x, Tensor weight, Tensor bias, int kernel_size, int stride, "
-        "int padding, bool channels_last_out=False) -> (Tensor, Tensor, Tensor)");
+        "int padding, bool channels_last_out=False, bool save_for_backward=True) "
+        "-> (Tensor, Tensor, Tensor)");
   m.def("conv_pool_relu_bwd(Tensor grad_y, Tensor idx, Tensor xp, Tensor weight, bool need_x) "
         "-> (Tensor, Tensor, Tensor)");
 }

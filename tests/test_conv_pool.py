@@ -217,3 +217,14 @@ def test_rewriter_marks_channels_last_between_conv_blocks():
     assert fused[0].channels_last_out and not fused[3].channels_last_out
     x = torch.randn(2, 1, 28, 28)
     torch.testing.assert_close(fused(x), net(x))
+
+
+@needs_cpp
+def test_no_grad_forward_skips_the_saved_argmax(seed):
+    x, w, b = torch.randn(2, 3, 10, 10), torch.randn(8, 3, 3, 3), torch.randn(8)
+    y_full, idx, _ = torch.ops.fsl_fast.conv_pool_relu_fwd(x, w, b, 2, 2, 0, False, True)
+    y_eval, idx_eval, _ = torch.ops.fsl_fast.conv_pool_relu_fwd(x, w, b, 2, 2, 0, False, False)
+    assert torch.equal(y_full, y_eval) and idx.numel() == y_full.numel() and idx_eval.numel() == 0
+    with torch.no_grad():
+        y = L.conv_pool_relu(x, w.requires_grad_(True), b, 2)
+    assert y.grad_fn is None and torch.equal(y, y_full)

@@ -178,7 +178,7 @@ class _ConvPoolReLUFn(torch.autograd.Function):
     def forward(ctx, x, w, b, k, s, p, cl_out=False):
         bias = b if b is not None else w.new_empty(0)
         x, _ = _layout(x)
-        y, idx, xp = _ops().conv_pool_relu_fwd(x, w, bias, k, s, p, cl_out)
+        y, idx, xp = _ops().conv_pool_relu_fwd(x, w, bias, k, s, p, cl_out, True)
         ctx.save_for_backward(idx, xp, w)
         ctx.has_bias = b is not None
         ctx.mark_non_differentiable(idx)
@@ -193,6 +193,14 @@ class _ConvPoolReLUFn(torch.autograd.Function):
                 gb if ctx.has_bias and ctx.needs_input_grad[2] else None, None, None, None, None)
 
 
+def _conv_block_apply(x, w, b, k, s, p, cl_out):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b)):
+        return _ConvPoolReLUFn.apply(x, w, b, k, s, p, cl_out)
+    # no autograd (evaluation): no graph, and the kernel skips the argmax it would save
+    bias = b if b is not None else w.new_empty(0)
+    return _ops().conv_pool_relu_fwd(_layout(x)[0], w, bias, k, s, p, cl_out, False)[0]
+
+
 def conv_pool_relu_supported(in_channels: int, kernel: int) -> bool:
     """Shapes the C++ kernel handles: K in (1, 3, 5) with K * Cin <= 64 floats per patch row, or
     K = 7 with K * Cin <= 32 (the first layers of small CNNs). Others run the reference."""
@@ -203,8 +211,8 @@ def conv_pool_relu_supported(in_channels: int, kernel: int) -> bool:
 def _conv_pool_relu_cpp(x, weight, bias, kernel_size, stride, padding, channels_last_out=False):
     if not conv_pool_relu_supported(weight.shape[1], weight.shape[2]):
         return conv_pool_relu_reference(x, weight, bias, kernel_size, stride, padding)
-    return _ConvPoolReLUFn.apply(x, weight.contiguous(), None if bias is None else bias.contiguous(),
-                                 kernel_size, stride, padding, bool(channels_last_out))
+    return _conv_block_apply(x, weight.contiguous(), None if bias is None else bias.contiguous(),
+                             kernel_size, stride, padding, bool(channels_last_out))
 
 
 def _conv_pool_relu_ref(x, weight, bias, kernel_size, stride, padding, channels_last_out=False):
@@ -268,8 +276,8 @@ def conv_pool_relu_grouped(x: torch.Tensor, weight: torch.Tensor, bias, kernel_s
                          f"dividing the batch {x.shape[0]}, got {tuple(weight.shape)}")
     _conv_args(x, weight[0], None if bias is None else bias[0])
     k, s, p = _pool_args(x, kernel_size, stride, padding)
-    return _ConvPoolReLUFn.apply(x, weight.contiguous(), None if bias is None else bias.contiguous(),
-                                 k, s, p, bool(channels_last_out))
+    return _conv_block_apply(x, weight.contiguous(), None if bias is None else bias.contiguous(),
+                             k, s, p, bool(channels_last_out))
 
 
 def conv_pool_relu(x: torch.Tensor, weight: torch.Tensor, bias, kernel_size, stride=None,
