@@ -406,6 +406,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool_relu_fwd(const at::Tens
   return {y, idx, xp};
 }
 
+// Weight gradient for patch rows of at most 4 floats (one input channel, K <= 3): 4-lane vectors.
+// 16-lane loads would idle 13 lanes and mostly straddle two cache lines.
+typedef float v4 __attribute__((vector_size(16)));
+inline v4 ld4(const float* p) {
+  v4 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <int K>
+void wgrad_channel_narrow(const float* gy, const int32_t* ii, int64_t So, int64_t n_lo,
+                          int64_t n_hi, int64_t Co, int64_t co, const float* xpd, int64_t sample,
+                          int64_t Wp, int64_t Ci, int64_t jmax, const float* zeros,
+                          float* out /* [K][4] */, float* sb) {
+  v4 acc[2][K];
+  for (int u = 0; u < 2; ++u)
+    for (int kh = 0; kh < K; ++kh) acc[u][kh] = v4{};
+  float sg[2] = {0.f, 0.f};
+  for (int64_t n = n_lo; n < n_hi; ++n) {
+    const float* __restrict g = gy + (n * Co + co) * So;
+    const int32_t* __restrict ij = ii + (n * Co + co) * So;
+    const float* xpn = xpd + n * sample;
+    auto cell = [&](int64_t o, int u) {
+      const int32_t j = ij[o];
+      const bool ok = static_cast<uint64_t>(static_cast<int64_t>(j)) < static_cast<uint64_t>(jmax);
+      const float gv = ok ? g[o] : 0.f;
+      sg[u] += gv;
+      const v4 gs = {gv, gv, gv, gv};
+      const float* base = ok ? xpn + j * Ci : zeros;
+      for (int kh = 0; kh < K; ++kh) acc[u][kh] += gs * ld4(base + kh * Wp * Ci);
+    };
+    int64_t o = 0;
+    for (; o + 1 < So; o += 2) {
+      cell(o, 0);
+      cell(o + 1, 1);
+    }
+    for (; o < So; ++o) cell(o, 0);
+  }
+  for (int kh = 0; kh < K; ++kh) {
+    const v4 a = acc[0][kh] + acc[1][kh];
+    std::memcpy(out + kh * 4, &a, sizeof(a));
+  }
+  *sb = sg[0] + sg[1];
+}
+
 // over (group, output channel) pairs; group gi owns samples [gi * N/G, (gi + 1) * N/G)
 template <int K, int R>
 bool wgrad_fixed(const float* gy, const int32_t* id, int64_t So, int64_t sC, int64_t sO, int64_t N,
@@ -413,6 +458,22 @@ bool wgrad_fixed(const float* gy, const int32_t* id, int64_t So, int64_t sC, int
                  const float* xpd, int64_t sample, int64_t Wp, int64_t Ci, int64_t jmax,
                  float* gwd, float* gbd) {
   const int64_t per = N / G;
+  if (K * Ci <= 4) {
+    at::parallel_for(0, G * Co, 1, [&](int64_t c0, int64_t c1) {
+      float acc[K * 4];
+      for (int64_t gc = c0; gc < c1; ++gc) {
+        const int64_t gi = gc / Co, co = gc % Co;
+        wgrad_channel_narrow<K>(gy, id, So, gi * per, (gi + 1) * per, Co, co, xpd, sample, Wp, Ci,
+                                jmax, xpd + N * sample, acc, gbd + gc);
+        float* out = gwd + gc * Ci * K * K;
+        for (int64_t ci = 0; ci < Ci; ++ci)
+          for (int64_t kh = 0; kh < K; ++kh)
+            for (int64_t kw = 0; kw < K; ++kw)
+              out[(ci * K + kh) * K + kw] = acc[kh * 4 + kw * Ci + ci];
+      }
+    });
+    return true;
+  }
   at::parallel_for(0, G * Co, 1, [&](int64_t c0, int64_t c1) {
     std::vector<float> acc(static_cast<size_t>(K * R * L));
     for (int64_t gc = c0; gc < c1; ++gc) {
