@@ -308,7 +308,8 @@ Geo make_geo(const at::Tensor& x, const at::Tensor& w, int64_t pk, int64_t ps, i
               pk, ", ", ps, ", ", pp);
   TORCH_CHECK(g.H >= 1 && g.W >= 1 && g.H + 2 * pp >= pk && g.W + 2 * pp >= pk, op,
               ": input of shape ", x.sizes(), " is smaller than the pool window ", pk);
-  TORCH_CHECK(g.H * g.W <= std::numeric_limits<int32_t>::max(), op, ": plane too large");
+  TORCH_CHECK((g.H + g.K) * (g.W + g.K) <= std::numeric_limits<int32_t>::max(), op,
+              ": plane too large for int32 cell indices");
   g.q = g.K / 2;
   g.Hp = g.H + 2 * g.q;
   g.Wp = g.W + 2 * g.q;
