@@ -121,3 +121,15 @@ def test_cuda_fused_engine_matches_cuda_reference(algorithm):
     assert fused.engine.batching == "vmap" and fused.engine._grouped is None
     worst = _compare_states(ref.engine.named_state(), fused.engine.named_state(), rtol=1e-4, atol=1e-5)
     print(f"cuda {algorithm}: worst relative difference {worst[0]:.2e} at {worst[1]}")
+
+
+@pytest.mark.parametrize("schedule", ["sequential", "parallel"])
+def test_whole_buffer_alignment_batch(schedule):
+    """align_batch_size >= the buffer: the fused engine aligns on the buffer in place (no permuted
+    copy); same parameters as the reference, which gathers the permuted batch."""
+    cfg = Config(algorithm="fsl_sage", schedule=schedule,
+                 **{**BASE, "align_batch_size": 1000, "align_epochs": 2}).resolved()
+    ref = _run(cfg, 2)
+    fused = _run(dataclasses.replace(cfg, fused=True), 2)
+    worst = _compare_states(ref.engine.named_state(), fused.engine.named_state(), rtol=1e-4, atol=1e-5)
+    print(f"whole-buffer alignment/{schedule}: worst relative difference {worst[0]:.2e} at {worst[1]}")

@@ -396,15 +396,19 @@ class FusedEngine(Engine):
         fw, fb = self.aux_gW, self.aux_gb
         full = Kc == self.m
         rowsel = torch.arange(Kc, device=Z.device).unsqueeze(1)
+        whole = cfg.align_batch_size >= n
         for _ in range(cfg.align_epochs):
             perm = torch.stack([torch.randperm(n, generator=self.align_gens[k]) for k in ks]).to(Z.device)
             for i in range(0, n, cfg.align_batch_size):
                 idx = perm[:, i:i + cfg.align_batch_size]
                 b = idx.shape[1]
                 W, bias = self._aux_rows(ks)
-                # predictions carry 1/n like the targets (reference: CE_sum / n)
-                _, dW, db = aux_align(Z[rowsel, idx], W, bias, Y[rowsel, idx], T[rowsel, idx],
-                                      pool=self.aux_pool, grad_scale=b / n)
+                # predictions carry 1/n like the targets (reference: CE_sum / n). One batch that
+                # holds the whole buffer is a sum over all its samples: the permuted copy would only
+                # change the summation order, so the buffer is used in place (the permutation is
+                # still drawn: the generators stay in step with the reference engine's).
+                zb, yb, tb = (Z, Y, T) if whole else (Z[rowsel, idx], Y[rowsel, idx], T[rowsel, idx])
+                _, dW, db = aux_align(zb, W, bias, yb, tb, pool=self.aux_pool, grad_scale=b / n)
                 if full:
                     fw.copy_(dW)
                     fb.copy_(db)
