@@ -189,8 +189,7 @@ void pool_sample(const float* tmp, float* y_n, int32_t* idx_n, const Geo& g, flo
 
 // weight gradient of one output channel: acc[kh][r] += gv * xp row, accumulators in registers
 template <int K, int R>
-void wgrad_channel(const float* gy, const int32_t* ii, int64_t So, int64_t sC, int64_t sO,
-                   int64_t n_lo, int64_t n_hi, int64_t Co,
+void wgrad_channel(const float* gy, const int32_t* ii, int64_t So, int64_t n_lo, int64_t n_hi, int64_t Co,
                    int64_t co, const float* xpd, int64_t sample, int64_t Wp, int64_t Ci,
                    int64_t jmax, const float* zeros, float* out /* [K][R*16] */, float* sb) {
   // branch-free: a cell without gradient adds 0 * (an all-zero patch in xp's slack), so an
@@ -204,13 +203,13 @@ void wgrad_channel(const float* gy, const int32_t* ii, int64_t So, int64_t sC, i
       for (int r = 0; r < R; ++r) acc[u][kh][r] = v16{};
   float sg[S] = {};
   for (int64_t n = n_lo; n < n_hi; ++n) {
-    const float* __restrict g = gy + n * Co * So + co * sC;
-    const int32_t* __restrict ij = ii + n * Co * So + co * sC;
+    const float* __restrict g = gy + (n * Co + co) * So;
+    const int32_t* __restrict ij = ii + (n * Co + co) * So;
     const float* xpn = xpd + n * sample;
     auto cell = [&](int64_t o, int u) {
-      const int32_t j = ij[o * sO];
+      const int32_t j = ij[o];
       const bool ok = static_cast<uint64_t>(static_cast<int64_t>(j)) < static_cast<uint64_t>(jmax);
-      const float gv = ok ? g[o * sO] : 0.f;
+      const float gv = ok ? g[o] : 0.f;
       sg[u] += gv;
       const v16 gs = splat(gv);
       const float* base = ok ? xpn + j * Ci : zeros;
@@ -236,15 +235,14 @@ void wgrad_channel(const float* gy, const int32_t* ii, int64_t So, int64_t sC, i
 
 // input gradient of one sample: dxp[j + kh * Wp][t] += gv * w[co][kh][t] over the masked lanes
 template <int K, int R>
-void dgrad_sample(const float* g, const int32_t* ij, int64_t So, int64_t sC, int64_t sO,
-                  int64_t Co, const float* wd,
+void dgrad_sample(const float* g, const int32_t* ij, int64_t So, int64_t Co, const float* wd,
                   float* dxp, int64_t Wp, int64_t Ci, int64_t jmax, int32_t* lj, float* lg) {
   const int64_t KC = K * Ci;
   i16 lanes;
   for (int l = 0; l < L; ++l) lanes[l] = l;
   for (int64_t co = 0; co < Co; ++co) {
-    const float* gc = g + co * sC;
-    const int32_t* ic = ij + co * sC;
+    const float* gc = g + co * So;
+    const int32_t* ic = ij + co * So;
     v16 wv[K][R];  // zero past K*Ci (wd rows are padded with zeros to R*16)
     for (int kh = 0; kh < K; ++kh)
       for (int r = 0; r < R; ++r) wv[kh][r] = ld(wd + (co * K + kh) * R * L + r * L);
@@ -253,9 +251,9 @@ void dgrad_sample(const float* g, const int32_t* ij, int64_t So, int64_t sC, int
     int64_t cnt = 0;
     for (int64_t start = 0; start < 2; ++start)
       for (int64_t o = start; o < So; o += 2) {
-        const int32_t j = ic[o * sO];
+        const int32_t j = ic[o];
         lj[cnt] = j;
-        lg[cnt] = gc[o * sO];
+        lg[cnt] = gc[o];
         cnt += static_cast<uint64_t>(static_cast<int64_t>(j)) < static_cast<uint64_t>(jmax);
       }
     for (int64_t e = 0; e < cnt; ++e) {
@@ -454,7 +452,7 @@ void wgrad_channel_narrow(const float* gy, const int32_t* ii, int64_t So, int64_
 
 // over (group, output channel) pairs; group gi owns samples [gi * N/G, (gi + 1) * N/G)
 template <int K, int R>
-bool wgrad_fixed(const float* gy, const int32_t* id, int64_t So, int64_t sC, int64_t sO, int64_t N,
+bool wgrad_fixed(const float* gy, const int32_t* id, int64_t So, int64_t N,
                  int64_t G, int64_t Co,
                  const float* xpd, int64_t sample, int64_t Wp, int64_t Ci, int64_t jmax,
                  float* gwd, float* gbd) {
@@ -479,7 +477,7 @@ bool wgrad_fixed(const float* gy, const int32_t* id, int64_t So, int64_t sC, int
     std::vector<float> acc(static_cast<size_t>(K * R * L));
     for (int64_t gc = c0; gc < c1; ++gc) {
       const int64_t gi = gc / Co, co = gc % Co;
-      wgrad_channel<K, R>(gy, id, So, sC, sO, gi * per, (gi + 1) * per, Co, co, xpd, sample, Wp, Ci, jmax,
+      wgrad_channel<K, R>(gy, id, So, gi * per, (gi + 1) * per, Co, co, xpd, sample, Wp, Ci, jmax,
                           xpd + N * sample, acc.data(), gbd + gc);
       float* out = gwd + gc * Ci * K * K;
       for (int64_t ci = 0; ci < Ci; ++ci)
@@ -492,9 +490,9 @@ bool wgrad_fixed(const float* gy, const int32_t* id, int64_t So, int64_t sC, int
 }
 
 template <int K, int R>
-bool dgrad_fixed(const float* gy, const int32_t* id, int64_t So, int64_t sC, int64_t sO, int64_t N,
+bool dgrad_fixed(const float* gy, const int32_t* id, int64_t So, int64_t N,
                  int64_t G, int64_t Co, const float* wsrc, int64_t Ci, int64_t H, int64_t W,
-                 int64_t Wp, int64_t Hp, int64_t jmax, int64_t slack, bool x_cl, float* gxd) {
+                 int64_t Wp, int64_t Hp, int64_t jmax, int64_t slack, float* gxd) {
   const int64_t q = K / 2, per = N / G, wpack = Co * K * R * L;
   // weights as wd[group][co][kh][kw*Ci+ci], rows zero-padded to R*16: a patch row's layout
   std::vector<float> wd(static_cast<size_t>(G * wpack), 0.f);
@@ -509,14 +507,9 @@ bool dgrad_fixed(const float* gy, const int32_t* id, int64_t So, int64_t sC, int
     std::vector<float> lg(static_cast<size_t>(So));
     for (int64_t n = n0; n < n1; ++n) {
       std::fill(dxp.begin(), dxp.end(), 0.f);
-      dgrad_sample<K, R>(gy + n * Co * So, id + n * Co * So, So, sC, sO, Co, wd.data() + (n / per) * wpack,
+      dgrad_sample<K, R>(gy + n * Co * So, id + n * Co * So, So, Co, wd.data() + (n / per) * wpack,
                          dxp.data(), Wp, Ci, jmax, lj.data(), lg.data());
       float* gxn = gxd + n * Ci * H * W;
-      if (x_cl) {  // channels-last input gradient: rows of W * Ci floats
-        for (int64_t h = 0; h < H; ++h)
-          std::memcpy(gxn + h * W * Ci, dxp.data() + ((h + q) * Wp + q) * Ci, W * Ci * sizeof(float));
-        continue;
-      }
       for (int64_t h = 0; h < H; ++h)
         for (int64_t w_ = 0; w_ < W; ++w_) {
           const float* s = dxp.data() + ((h + q) * Wp + w_ + q) * Ci;
@@ -564,21 +557,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool_relu_bwd(const at::Tens
   at::Tensor gw = at::empty(w.sizes(), w.options());
   at::Tensor gb = G > 1 || w.dim() == 5 ? at::empty({G, Co}, w.options()) : at::empty({Co}, w.options());
   at::Tensor gx = need_x ? at::empty({N, Ci, H, W}, xp.options()) : at::empty({0}, xp.options());
-  // element (n, co, o) of grad_y / idx sits at n * Co * So + co * sC + o * sO (NCHW)
-  const int64_t sC = So, sO = 1;
-  const bool x_cl = false;  // grad_x is NCHW
   float* gwd = gw.data_ptr<float>();
   float* gbd = gb.data_ptr<float>();
   const float* wsrc = w.data_ptr<float>();
   float* gxd = need_x ? gx.data_ptr<float>() : nullptr;
 
-#define FSL_CONV_CASE(KK, RR)                                                                    \
-  if (K == KK && R == RR) {                                                                      \
-    wgrad_fixed<KK, RR>(gy, id, So, sC, sO, N, G, Co, xpd, sample, Wp, Ci, jmax, gwd, gbd);      \
-    if (need_x)                                                                                  \
-      dgrad_fixed<KK, RR>(gy, id, So, sC, sO, N, G, Co, wsrc, Ci, H, W, Wp, Hp, jmax, slack,     \
-                          x_cl, gxd);                                                            \
-    return {gx, gw, gb};                                                                         \
+#define FSL_CONV_CASE(KK, RR)                                                              \
+  if (K == KK && R == RR) {                                                                \
+    wgrad_fixed<KK, RR>(gy, id, So, N, G, Co, xpd, sample, Wp, Ci, jmax, gwd, gbd);        \
+    if (need_x)                                                                            \
+      dgrad_fixed<KK, RR>(gy, id, So, N, G, Co, wsrc, Ci, H, W, Wp, Hp, jmax, slack, gxd); \
+    return {gx, gw, gb};                                                                   \
   }
   FSL_CONV_CASE(1, 1) FSL_CONV_CASE(1, 2) FSL_CONV_CASE(1, 4)
   FSL_CONV_CASE(3, 1) FSL_CONV_CASE(3, 2) FSL_CONV_CASE(3, 3) FSL_CONV_CASE(3, 4)

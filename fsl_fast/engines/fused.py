@@ -215,18 +215,21 @@ class FusedEngine(Engine):
         self._vmap_out = None
         return [self.clients.mods[k](x) for k, x in zip(ks, xs)]
 
+    def _leaf_grads_to_buffer(self, ks):
+        """Rows ``ks`` of the batched clients' leaf gradient into the flat gradient buffer."""
+        g, gb = self._leaf.grad, self.clients.flat.grad_buffer
+        if len(ks) == self.m:
+            gb.copy_(g)
+        else:
+            idx = torch.as_tensor(ks, device=gb.device)
+            gb.index_copy_(0, idx, g.index_select(0, idx))
+
     def client_backward(self, ks, zs, grads):
         if self._vmap_out is not None:
             vks, z = self._vmap_out
             self._leaf.grad = None
             z.backward(torch.stack(grads))
-            g = self._leaf.grad
-            gb = self.clients.flat.grad_buffer
-            if len(ks) == self.m:
-                gb.copy_(g)
-            else:
-                gb.index_copy_(0, torch.as_tensor(ks, device=gb.device),
-                               g.index_select(0, torch.as_tensor(ks, device=g.device)))
+            self._leaf_grads_to_buffer(ks)
             self._vmap_out = None
         else:
             for z, g in zip(zs, grads):
@@ -328,12 +331,8 @@ class FusedEngine(Engine):
         loss = F.cross_entropy(out.reshape(G * B, -1), torch.cat(ys), reduction="none")
         self._leaf.grad = None
         loss.view(G, B).mean(1).sum().backward()
-        cg = self.clients.flat.grad_buffer
+        self._leaf_grads_to_buffer(ks)
         sg = self.servers.flat.grad_buffer
-        if G == self.m:
-            cg.copy_(self._leaf.grad)
-        else:
-            cg.index_copy_(0, idx, self._leaf.grad.index_select(0, idx))
         for e in ents:
             g = params[e.name].grad.reshape(G, e.numel)
             if G == self.m:

@@ -164,20 +164,18 @@ def _lrn_cpp(x, size, alpha, beta, k):
     return _LRNFn.apply(x.contiguous(), size, alpha, beta, k)
 
 
-def _layout(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """x as the C++ kernel takes it: contiguous NCHW, or channels-last (True) when it already is."""
-    if x.is_contiguous():
-        return x, False
-    if x.is_contiguous(memory_format=torch.channels_last):
-        return x, True
-    return x.contiguous(), False
+def _layout(x: torch.Tensor) -> torch.Tensor:
+    """x as the C++ kernel takes it: contiguous NCHW, or channels-last when it already is."""
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    return x.contiguous()
 
 
 class _ConvPoolReLUFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, b, k, s, p, cl_out=False):
         bias = b if b is not None else w.new_empty(0)
-        x, _ = _layout(x)
+        x = _layout(x)
         y, idx, xp = _ops().conv_pool_relu_fwd(x, w, bias, k, s, p, cl_out, True)
         ctx.save_for_backward(idx, xp, w)
         ctx.has_bias = b is not None
@@ -198,7 +196,7 @@ def _conv_block_apply(x, w, b, k, s, p, cl_out):
         return _ConvPoolReLUFn.apply(x, w, b, k, s, p, cl_out)
     # no autograd (evaluation): no graph, and the kernel skips the argmax it would save
     bias = b if b is not None else w.new_empty(0)
-    return _ops().conv_pool_relu_fwd(_layout(x)[0], w, bias, k, s, p, cl_out, False)[0]
+    return _ops().conv_pool_relu_fwd(_layout(x), w, bias, k, s, p, cl_out, False)[0]
 
 
 def conv_pool_relu_supported(in_channels: int, kernel: int) -> bool:
