@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -187,20 +188,39 @@ void pool_sample(const float* tmp, float* y_n, int32_t* idx_n, const Geo& g, flo
 // xp[j + kh * Wp][0 : K*Ci]. Each row is R = ceil(K*Ci / 16) vectors; lanes past K*Ci belong to
 // the next pixels and are masked (weight gradient: never stored; input gradient: not updated).
 
-// weight gradient of one output channel: acc[kh][r] += gv * xp row, accumulators in registers
-template <int K, int R>
+// 4-lane vectors for patch rows of at most 4 floats (one input channel, K <= 3): 16-lane loads
+// would idle 13 lanes and mostly straddle two cache lines.
+typedef float v4 __attribute__((vector_size(16)));
+
+template <typename V>
+inline V ldv(const float* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename V>
+inline V splatv(float s);
+template <>
+inline v16 splatv<v16>(float s) { return splat(s); }
+template <>
+inline v4 splatv<v4>(float s) { return v4{s, s, s, s}; }
+
+// weight gradient of one output channel: acc[kh][r] += gv * xp row, accumulators in registers;
+// V is the vector type (v16, or v4 for rows of <= 4 floats), R the vectors per patch row
+template <typename V, int K, int R>
 void wgrad_channel(const float* gy, const int32_t* ii, int64_t So, int64_t n_lo, int64_t n_hi, int64_t Co,
                    int64_t co, const float* xpd, int64_t sample, int64_t Wp, int64_t Ci,
-                   int64_t jmax, const float* zeros, float* out /* [K][R*16] */, float* sb) {
+                   int64_t jmax, const float* zeros, float* out /* [K][R * lanes] */, float* sb) {
+  constexpr int64_t LV = sizeof(V) / sizeof(float);
   // branch-free: a cell without gradient adds 0 * (an all-zero patch in xp's slack), so an
   // unpredictable idx costs no mispredictions and a NaN elsewhere in x cannot leak in. With few
   // accumulators (K * R <= 12) two sets alternate between cells: the FMA latency chain per
   // accumulator would otherwise bound the loop (3 accumulators for a 3x3 conv of one channel).
   constexpr int S = K * R <= 12 ? 2 : 1;
-  v16 acc[S][K][R];
+  V acc[S][K][R];
   for (int u = 0; u < S; ++u)
     for (int kh = 0; kh < K; ++kh)
-      for (int r = 0; r < R; ++r) acc[u][kh][r] = v16{};
+      for (int r = 0; r < R; ++r) acc[u][kh][r] = V{};
   float sg[S] = {};
   for (int64_t n = n_lo; n < n_hi; ++n) {
     const float* __restrict g = gy + (n * Co + co) * So;
@@ -211,10 +231,10 @@ void wgrad_channel(const float* gy, const int32_t* ii, int64_t So, int64_t n_lo,
       const bool ok = static_cast<uint64_t>(static_cast<int64_t>(j)) < static_cast<uint64_t>(jmax);
       const float gv = ok ? g[o] : 0.f;
       sg[u] += gv;
-      const v16 gs = splat(gv);
+      const V gs = splatv<V>(gv);
       const float* base = ok ? xpn + j * Ci : zeros;
       for (int kh = 0; kh < K; ++kh)
-        for (int r = 0; r < R; ++r) acc[u][kh][r] += gs * ld(base + kh * Wp * Ci + r * L);
+        for (int r = 0; r < R; ++r) acc[u][kh][r] += gs * ldv<V>(base + kh * Wp * Ci + r * LV);
     };
     int64_t o = 0;
     if (S == 2)
@@ -226,9 +246,9 @@ void wgrad_channel(const float* gy, const int32_t* ii, int64_t So, int64_t n_lo,
   }
   for (int kh = 0; kh < K; ++kh)
     for (int r = 0; r < R; ++r) {
-      v16 a = acc[0][kh][r];
+      V a = acc[0][kh][r];
       if (S == 2) a += acc[S - 1][kh][r];
-      st(out + (kh * R + r) * L, a);
+      std::memcpy(out + (kh * R + r) * LV, &a, sizeof(a));
     }
   *sb = S == 2 ? sg[0] + sg[S - 1] : sg[0];
 }
@@ -405,51 +425,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool_relu_fwd(const at::Tens
   return {y, idx, xp};
 }
 
-// Weight gradient for patch rows of at most 4 floats (one input channel, K <= 3): 4-lane vectors.
-// 16-lane loads would idle 13 lanes and mostly straddle two cache lines.
-typedef float v4 __attribute__((vector_size(16)));
-inline v4 ld4(const float* p) {
-  v4 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-template <int K>
-void wgrad_channel_narrow(const float* gy, const int32_t* ii, int64_t So, int64_t n_lo,
-                          int64_t n_hi, int64_t Co, int64_t co, const float* xpd, int64_t sample,
-                          int64_t Wp, int64_t Ci, int64_t jmax, const float* zeros,
-                          float* out /* [K][4] */, float* sb) {
-  v4 acc[2][K];
-  for (int u = 0; u < 2; ++u)
-    for (int kh = 0; kh < K; ++kh) acc[u][kh] = v4{};
-  float sg[2] = {0.f, 0.f};
-  for (int64_t n = n_lo; n < n_hi; ++n) {
-    const float* __restrict g = gy + (n * Co + co) * So;
-    const int32_t* __restrict ij = ii + (n * Co + co) * So;
-    const float* xpn = xpd + n * sample;
-    auto cell = [&](int64_t o, int u) {
-      const int32_t j = ij[o];
-      const bool ok = static_cast<uint64_t>(static_cast<int64_t>(j)) < static_cast<uint64_t>(jmax);
-      const float gv = ok ? g[o] : 0.f;
-      sg[u] += gv;
-      const v4 gs = {gv, gv, gv, gv};
-      const float* base = ok ? xpn + j * Ci : zeros;
-      for (int kh = 0; kh < K; ++kh) acc[u][kh] += gs * ld4(base + kh * Wp * Ci);
-    };
-    int64_t o = 0;
-    for (; o + 1 < So; o += 2) {
-      cell(o, 0);
-      cell(o + 1, 1);
-    }
-    for (; o < So; ++o) cell(o, 0);
-  }
-  for (int kh = 0; kh < K; ++kh) {
-    const v4 a = acc[0][kh] + acc[1][kh];
-    std::memcpy(out + kh * 4, &a, sizeof(a));
-  }
-  *sb = sg[0] + sg[1];
-}
-
 // over (group, output channel) pairs; group gi owns samples [gi * N/G, (gi + 1) * N/G)
 template <int K, int R>
 bool wgrad_fixed(const float* gy, const int32_t* id, int64_t So, int64_t N,
@@ -457,35 +432,28 @@ bool wgrad_fixed(const float* gy, const int32_t* id, int64_t So, int64_t N,
                  const float* xpd, int64_t sample, int64_t Wp, int64_t Ci, int64_t jmax,
                  float* gwd, float* gbd) {
   const int64_t per = N / G;
-  if (K * Ci <= 4) {
+  auto run = [&](auto vec) {
+    using V = decltype(vec);
+    constexpr int RV = std::is_same<V, v4>::value ? 1 : R;
+    constexpr int64_t LV = sizeof(V) / sizeof(float);
     at::parallel_for(0, G * Co, 1, [&](int64_t c0, int64_t c1) {
-      float acc[K * 4];
+      float acc[K * RV * LV];
       for (int64_t gc = c0; gc < c1; ++gc) {
         const int64_t gi = gc / Co, co = gc % Co;
-        wgrad_channel_narrow<K>(gy, id, So, gi * per, (gi + 1) * per, Co, co, xpd, sample, Wp, Ci,
+        wgrad_channel<V, K, RV>(gy, id, So, gi * per, (gi + 1) * per, Co, co, xpd, sample, Wp, Ci,
                                 jmax, xpd + N * sample, acc, gbd + gc);
         float* out = gwd + gc * Ci * K * K;
         for (int64_t ci = 0; ci < Ci; ++ci)
           for (int64_t kh = 0; kh < K; ++kh)
             for (int64_t kw = 0; kw < K; ++kw)
-              out[(ci * K + kh) * K + kw] = acc[kh * 4 + kw * Ci + ci];
+              out[(ci * K + kh) * K + kw] = acc[kh * RV * LV + kw * Ci + ci];
       }
     });
-    return true;
-  }
-  at::parallel_for(0, G * Co, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<float> acc(static_cast<size_t>(K * R * L));
-    for (int64_t gc = c0; gc < c1; ++gc) {
-      const int64_t gi = gc / Co, co = gc % Co;
-      wgrad_channel<K, R>(gy, id, So, gi * per, (gi + 1) * per, Co, co, xpd, sample, Wp, Ci, jmax,
-                          xpd + N * sample, acc.data(), gbd + gc);
-      float* out = gwd + gc * Ci * K * K;
-      for (int64_t ci = 0; ci < Ci; ++ci)
-        for (int64_t kh = 0; kh < K; ++kh)
-          for (int64_t kw = 0; kw < K; ++kw)
-            out[(ci * K + kh) * K + kw] = acc[kh * R * L + kw * Ci + ci];
-    }
-  });
+  };
+  if (K * Ci <= 4)
+    run(v4{});
+  else
+    run(v16{});
   return true;
 }
 
