@@ -137,6 +137,7 @@ class FusedEngine(Engine):
             self.align_gens = [torch.Generator().manual_seed(align_seed(cfg.seed, k)) for k in range(K)]
         self._vmap_fn = None
         self._leaf = None
+        self._server_fn = None
 
     # -- client side ---------------------------------------------------------------------------
     def _grouped_plan(self):
@@ -169,7 +170,7 @@ class FusedEngine(Engine):
     def _client_grouped(self, ks, xs):
         from fsl_fast.ops.layers import conv_pool_relu_grouped
 
-        if getattr(self, "_leaf", None) is None:
+        if self._leaf is None:
             self._leaf = self.clients.flat.buffer.detach().requires_grad_(True)
         leaf = self._leaf
         G, B = len(ks), xs[0].shape[0]
@@ -314,7 +315,7 @@ class FusedEngine(Engine):
         from torch.func import functional_call
 
         z = self._client_grouped(ks, xs)  # [G, B, ...], graph to self._leaf
-        if getattr(self, "_server_fn", None) is None:
+        if self._server_fn is None:
             base = copy.deepcopy(self.servers.template)
             self._server_fn = lambda p, x: functional_call(base, p, (x,))
         G = len(ks)
