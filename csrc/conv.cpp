@@ -62,13 +62,20 @@ constexpr int64_t kWBMax = 24;
 
 // acc[j][c] for positions p0 + j (j < WB), channel chunks cb + c (c < NC):
 //   bias + sum_{kh, t < K*Ci} xp[p0 + j + kh * Wp][t] * wf[kh][t][chunk]   (t = kw * Ci + ci)
-template <int NC, int WB>
+// CI > 0 fixes Ci at compile time (then the WB patch offsets j * Ci are constants, not WB live
+// registers); CI = 0 reads it from Ci.
+template <int NC, int WB, int CI>
 inline void conv_block(const float* __restrict xr0, const float* __restrict wf,
-                       const float* __restrict bias, float* __restrict out, int64_t Ci, int64_t K,
+                       const float* __restrict bias, float* __restrict out, int64_t Ci_, int64_t K,
                        int64_t Wp, int64_t CoP, int64_t cb) {
+  const int64_t Ci = CI > 0 ? CI : Ci_;
+  // every loop over j and c is unrolled so that acc stays in registers (GCC otherwise keeps a
+  // 24 x 1 block on the stack: conv1 of the cnn ran at a quarter of the FMA rate)
   v16 acc[WB][NC];
+#pragma GCC unroll 32
   for (int c = 0; c < NC; ++c) {
     const v16 b = ld(bias + (cb + c) * L);
+#pragma GCC unroll 32
     for (int j = 0; j < WB; ++j) acc[j][c] = b;
   }
   const int64_t KC = K * Ci;
@@ -77,14 +84,19 @@ inline void conv_block(const float* __restrict xr0, const float* __restrict wf,
     const float* __restrict wk = wf + kh * KC * CoP + cb * L;
     for (int64_t t = 0; t < KC; ++t) {
       v16 wv[NC];
+#pragma GCC unroll 32
       for (int c = 0; c < NC; ++c) wv[c] = ld(wk + t * CoP + c * L);
+#pragma GCC unroll 32
       for (int j = 0; j < WB; ++j) {
         const v16 s = splat(xr[j * Ci + t]);
+#pragma GCC unroll 32
         for (int c = 0; c < NC; ++c) acc[j][c] += s * wv[c];
       }
     }
   }
+#pragma GCC unroll 32
   for (int j = 0; j < WB; ++j)
+#pragma GCC unroll 32
     for (int c = 0; c < NC; ++c) st(out + j * CoP + (cb + c) * L, acc[j][c]);
 }
 
@@ -92,8 +104,17 @@ template <int NC, int WB>
 void conv_chunks(const float* xp_n, const float* wf, const float* bias, float* tmp, const Geo& g,
                  int64_t cb) {
   const int64_t P = g.H * g.Wp;
-  for (int64_t p0 = 0; p0 < P; p0 += WB)
-    conv_block<NC, WB>(xp_n + p0 * g.Ci, wf, bias, tmp + p0 * g.CoP, g.Ci, g.K, g.Wp, g.CoP, cb);
+  auto run = [&](auto ci) {
+    constexpr int CI = decltype(ci)::value;
+    for (int64_t p0 = 0; p0 < P; p0 += WB)
+      conv_block<NC, WB, CI>(xp_n + p0 * g.Ci, wf, bias, tmp + p0 * g.CoP, g.Ci, g.K, g.Wp, g.CoP, cb);
+  };
+  if (g.Ci == 1)
+    run(std::integral_constant<int, 1>{});
+  else if (g.Ci == 3)
+    run(std::integral_constant<int, 3>{});
+  else
+    run(std::integral_constant<int, 0>{});
 }
 
 // conv output of one sample into tmp [H * Wp (+ slack)][CoP] (channels-last, L2-sized)
@@ -208,20 +229,29 @@ inline v4 splatv<v4>(float s) { return v4{s, s, s, s}; }
 // weight gradient of one output channel: acc[kh][r] += gv * xp row, accumulators in registers;
 // V is the vector type (v16, or v4 for rows of <= 4 floats), R the vectors per patch row
 template <typename V, int K, int R>
+struct WgradState {  // one output channel's running sums, carried between sample ranges
+  static constexpr int S = K * R <= 12 ? 2 : 1;
+  V acc[S][K][R];
+  float sg[S];
+};
+
+template <typename V, int K, int R>
 void wgrad_channel(const float* gy, const int32_t* ii, int64_t So, int64_t n_lo, int64_t n_hi, int64_t Co,
                    int64_t co, const float* xpd, int64_t sample, int64_t Wp, int64_t Ci,
-                   int64_t jmax, const float* zeros, float* out /* [K][R * lanes] */, float* sb) {
+                   int64_t jmax, const float* zeros, WgradState<V, K, R>& st_) {
   constexpr int64_t LV = sizeof(V) / sizeof(float);
   // branch-free: a cell without gradient adds 0 * (an all-zero patch in xp's slack), so an
   // unpredictable idx costs no mispredictions and a NaN elsewhere in x cannot leak in. With few
   // accumulators (K * R <= 12) two sets alternate between cells: the FMA latency chain per
   // accumulator would otherwise bound the loop (3 accumulators for a 3x3 conv of one channel).
-  constexpr int S = K * R <= 12 ? 2 : 1;
+  constexpr int S = WgradState<V, K, R>::S;
   V acc[S][K][R];
-  for (int u = 0; u < S; ++u)
+  float sg[S];
+  for (int u = 0; u < S; ++u) {
+    sg[u] = st_.sg[u];
     for (int kh = 0; kh < K; ++kh)
-      for (int r = 0; r < R; ++r) acc[u][kh][r] = V{};
-  float sg[S] = {};
+      for (int r = 0; r < R; ++r) acc[u][kh][r] = st_.acc[u][kh][r];
+  }
   for (int64_t n = n_lo; n < n_hi; ++n) {
     const float* __restrict g = gy + (n * Co + co) * So;
     const int32_t* __restrict ij = ii + (n * Co + co) * So;
@@ -244,13 +274,24 @@ void wgrad_channel(const float* gy, const int32_t* ii, int64_t So, int64_t n_lo,
       }
     for (; o < So; ++o) cell(o, 0);
   }
+  for (int u = 0; u < S; ++u) {
+    st_.sg[u] = sg[u];
+    for (int kh = 0; kh < K; ++kh)
+      for (int r = 0; r < R; ++r) st_.acc[u][kh][r] = acc[u][kh][r];
+  }
+}
+
+template <typename V, int K, int R>
+void wgrad_finish(const WgradState<V, K, R>& st_, float* out /* [K][R * lanes] */, float* sb) {
+  constexpr int64_t LV = sizeof(V) / sizeof(float);
+  constexpr int S = WgradState<V, K, R>::S;
   for (int kh = 0; kh < K; ++kh)
     for (int r = 0; r < R; ++r) {
-      V a = acc[0][kh][r];
-      if (S == 2) a += acc[S - 1][kh][r];
+      V a = st_.acc[0][kh][r];
+      if (S == 2) a += st_.acc[S - 1][kh][r];
       std::memcpy(out + (kh * R + r) * LV, &a, sizeof(a));
     }
-  *sb = S == 2 ? sg[0] + sg[S - 1] : sg[0];
+  *sb = S == 2 ? st_.sg[0] + st_.sg[S - 1] : st_.sg[0];
 }
 
 // input gradient of one sample: dxp[j + kh * Wp][t] += gv * w[co][kh][t] over the masked lanes
@@ -437,11 +478,23 @@ bool wgrad_fixed(const float* gy, const int32_t* id, int64_t So, int64_t N,
     constexpr int RV = std::is_same<V, v4>::value ? 1 : R;
     constexpr int64_t LV = sizeof(V) / sizeof(float);
     at::parallel_for(0, G * Co, 1, [&](int64_t c0, int64_t c1) {
+      // sample-major within this thread's channels: one sample's padded input (16 KB for the
+      // cnn's second block) stays in L1 while every channel visits it; channel-major streamed
+      // the group's whole input from L2 once per channel. Each channel still sums its cells in
+      // the same order (samples ascending), so the result does not change.
+      std::vector<WgradState<V, K, RV>> state(static_cast<size_t>(c1 - c0));
+      for (auto& s_ : state) std::memset(&s_, 0, sizeof(s_));
+      for (int64_t gc0 = c0; gc0 < c1;) {
+        const int64_t gi = gc0 / Co, gc1 = std::min(c1, (gi + 1) * Co);
+        for (int64_t n = gi * per; n < (gi + 1) * per; ++n)
+          for (int64_t gc = gc0; gc < gc1; ++gc)
+            wgrad_channel<V, K, RV>(gy, id, So, n, n + 1, Co, gc % Co, xpd, sample, Wp, Ci, jmax,
+                                    xpd + N * sample, state[gc - c0]);
+        gc0 = gc1;
+      }
       float acc[K * RV * LV];
       for (int64_t gc = c0; gc < c1; ++gc) {
-        const int64_t gi = gc / Co, co = gc % Co;
-        wgrad_channel<V, K, RV>(gy, id, So, gi * per, (gi + 1) * per, Co, co, xpd, sample, Wp, Ci,
-                                jmax, xpd + N * sample, acc, gbd + gc);
+        wgrad_finish<V, K, RV>(state[gc - c0], acc, gbd + gc);
         float* out = gwd + gc * Ci * K * K;
         for (int64_t ci = 0; ci < Ci; ++ci)
           for (int64_t kh = 0; kh < K; ++kh)
@@ -473,11 +526,28 @@ bool dgrad_fixed(const float* gy, const int32_t* id, int64_t So, int64_t N,
     std::vector<float> dxp(static_cast<size_t>(Hp * Wp * Ci + slack));
     std::vector<int32_t> lj(static_cast<size_t>(So));
     std::vector<float> lg(static_cast<size_t>(So));
+    std::vector<float> tr(static_cast<size_t>(Ci == L ? Hp * Wp * L : 0));
     for (int64_t n = n0; n < n1; ++n) {
       std::fill(dxp.begin(), dxp.end(), 0.f);
       dgrad_sample<K, R>(gy + n * Co * So, id + n * Co * So, So, Co, wd.data() + (n / per) * wpack,
                          dxp.data(), Wp, Ci, jmax, lj.data(), lg.data());
       float* gxn = gxd + n * Ci * H * W;
+      if (Ci == L) {
+        // 16 channels: transpose the whole padded plane (a fixed-stride gather the compiler
+        // vectorizes), then copy the interior rows; element by element this was ~3 cycles each
+        const int64_t P = Hp * Wp;
+        const float* __restrict src = dxp.data();
+        float* __restrict t = tr.data();
+        for (int64_t ci = 0; ci < L; ++ci)
+          for (int64_t p = 0; p < P; ++p) t[ci * P + p] = src[p * L + ci];
+        for (int64_t ci = 0; ci < L; ++ci)
+          for (int64_t h = 0; h < H; ++h) {
+            const float* __restrict a = t + ci * P + (h + q) * Wp + q;
+            float* __restrict d = gxn + (ci * H + h) * W;
+            for (int64_t w_ = 0; w_ < W; ++w_) d[w_] = a[w_];  // short rows: no libc call
+          }
+        continue;
+      }
       for (int64_t h = 0; h < H; ++h)
         for (int64_t w_ = 0; w_ < W; ++w_) {
           const float* s = dxp.data() + ((h + q) * Wp + w_ + q) * Ci;
