@@ -32,6 +32,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 // 16 fp32 lanes (one AVX-512 register; GCC lowers it to two AVX2 registers etc. elsewhere)
@@ -189,14 +193,16 @@ void pool_sample(const float* tmp, float* y_n, int32_t* idx_n, const Geo& g, flo
     // idx is always NCHW (the backward reads it per channel); y is NCHW, or channels-last rows
     // of Co channels per position when the next conv block consumes it (cl)
     if (cl)
-      for (int64_t o = 0; o < So; ++o)
+      for (int64_t o = 0; o < So; ++o) {
         std::memcpy(y_n + o * g.Co + cb * L, ys + o * L, nl * sizeof(float));
+        if (idx_n) std::memcpy(idx_n + o * g.Co + cb * L, is + o * L, nl * sizeof(int32_t));
+      }
     for (int64_t l = 0; l < nl; ++l) {
       if (!cl) {
         float* __restrict yo = y_n + (cb * L + l) * So;
         for (int64_t o = 0; o < So; ++o) yo[o] = ys[o * L + l];
       }
-      if (idx_n) {  // null without autograd (evaluation): no argmax needed
+      if (idx_n && !cl) {  // null without autograd (evaluation): no argmax needed
         int32_t* __restrict io = idx_n + (cb * L + l) * So;
         for (int64_t o = 0; o < So; ++o) io[o] = is[o * L + l];
       }
@@ -331,6 +337,98 @@ void dgrad_sample(const float* g, const int32_t* ij, int64_t So, int64_t Co, con
   }
 }
 
+// ---- weight gradient of a one-channel 3x3 block from channels-last idx / grad_y ---------------
+// idx and grad_y channels-last ([N][Ho][Wo][Co], what the forward saves when it writes its output
+// channels-last) hold one pool window's 16 channels in one vector. For Cin = 1 wgrad_channel
+// spends about a dozen instructions per (channel, window) around three 4-lane FMAs; here each
+// cell of a window adds its 9 taps to all 16 channels at once, one masked FMA per tap, the mask
+// being the lanes whose saved cell it is. Per channel the additions come in wgrad_channel's order
+// (two accumulator sets alternating with the window's parity, samples ascending, masked-off lanes
+// unchanged where wgrad_channel adds 0 * an all-zero patch), so the results are the same bits.
+// acc += (lanes of m) ? g * x : 0, leaving the other lanes untouched: one masked FMA with AVX-512
+// (GCC turns the portable select into a copy, an FMA and a masked move)
+inline void masked_fma(v16& acc, v16 g, float x, i16 m) {
+#if defined(__AVX512F__)
+  const __mmask16 k = _mm512_test_epi32_mask(reinterpret_cast<__m512i>(m), reinterpret_cast<__m512i>(m));
+  acc = reinterpret_cast<v16>(_mm512_mask3_fmadd_ps(reinterpret_cast<__m512>(g), _mm512_set1_ps(x),
+                                                    reinterpret_cast<__m512>(acc), k));
+#else
+  acc = m ? acc + g * splat(x) : acc;
+#endif
+}
+
+void wgrad_cl_c1k3(const float* gy, const int32_t* id, int64_t N, int64_t G, int64_t Co, int64_t Ho,
+                   int64_t Wo, int64_t pk, int64_t ps, int64_t pp, int64_t H, int64_t W,
+                   const float* xpd, int64_t sample, int64_t Wp, int64_t jmax, float* gwd,
+                   float* gbd) {
+  const int64_t per = N / G, chunks = (Co + L - 1) / L;
+  at::parallel_for(0, G * chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t gc = c0; gc < c1; ++gc) {
+      const int64_t gi = gc / chunks, cb = gc % chunks, nl = std::min<int64_t>(L, Co - cb * L);
+      // two accumulator sets, even and odd windows (wgrad_channel's order), as separate arrays
+      // so that each call site below keeps its set in registers
+      v16 acc0[9], acc1[9], sg0 = v16{}, sg1 = v16{};
+      for (int t = 0; t < 9; ++t) acc0[t] = acc1[t] = v16{};
+      const i16 jlim = i16{} + static_cast<int32_t>(jmax);
+      auto window = [&](v16 (&acc)[9], v16& sg, const float* xn, int64_t off, int64_t y0,
+                        int64_t y1, int64_t x0, int64_t x1) __attribute__((always_inline)) {
+        v16 gv = v16{};
+        i16 jv = i16{} - 1;
+        if (nl == L) {
+          std::memcpy(&gv, gy + off, sizeof(gv));
+          std::memcpy(&jv, id + off, sizeof(jv));
+        } else {
+          for (int64_t l = 0; l < nl; ++l) {
+            gv[l] = gy[off + l];
+            jv[l] = id[off + l];
+          }
+        }
+        const i16 ok = (jv >= 0) & (jv < jlim);
+        gv = ok ? gv : v16{};
+        sg += gv;
+        for (int64_t iy = y0; iy < y1; ++iy)
+          for (int64_t ix = x0; ix < x1; ++ix) {
+            const int32_t cell = static_cast<int32_t>(iy * Wp + ix);
+            const i16 m = ok & (jv == cell);
+            const float* r0 = xn + cell;
+            const float* r1 = r0 + Wp;
+            const float* r2 = r1 + Wp;
+            masked_fma(acc[0], gv, r0[0], m);
+            masked_fma(acc[1], gv, r0[1], m);
+            masked_fma(acc[2], gv, r0[2], m);
+            masked_fma(acc[3], gv, r1[0], m);
+            masked_fma(acc[4], gv, r1[1], m);
+            masked_fma(acc[5], gv, r1[2], m);
+            masked_fma(acc[6], gv, r2[0], m);
+            masked_fma(acc[7], gv, r2[1], m);
+            masked_fma(acc[8], gv, r2[2], m);
+          }
+      };
+      for (int64_t n = gi * per; n < (gi + 1) * per; ++n) {
+        const float* xn = xpd + n * sample;
+        for (int64_t oy = 0; oy < Ho; ++oy) {
+          const int64_t y0 = std::max<int64_t>(oy * ps - pp, 0);
+          const int64_t y1 = std::min<int64_t>(oy * ps - pp + pk, H);
+          for (int64_t ox = 0; ox < Wo; ++ox) {
+            const int64_t o = oy * Wo + ox, off = (n * Ho * Wo + o) * Co + cb * L;
+            const int64_t x0 = std::max<int64_t>(ox * ps - pp, 0);
+            const int64_t x1 = std::min<int64_t>(ox * ps - pp + pk, W);
+            if (o & 1)
+              window(acc1, sg1, xn, off, y0, y1, x0, x1);
+            else
+              window(acc0, sg0, xn, off, y0, y1, x0, x1);
+          }
+        }
+      }
+      for (int64_t l = 0; l < nl; ++l) {
+        const int64_t co = gi * Co + cb * L + l;
+        for (int t = 0; t < 9; ++t) gwd[co * 9 + t] = acc0[t][l] + acc1[t][l];
+        gbd[co] = sg0[l] + sg1[l];
+      }
+    }
+  });
+}
+
 void check_f32_cpu(const at::Tensor& t, const char* op, const char* arg, int64_t dim) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", arg, " must be a CPU tensor, got device ", t.device());
   TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", arg, " must be float32, got ",
@@ -426,7 +524,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool_relu_fwd(const at::Tens
   const int64_t slack = slack_floats(g.K, g.Ci, g.Wp);
   const auto fmt = cl_out ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   at::Tensor y = at::empty({g.N, g.Co, g.Ho, g.Wo}, x.options().memory_format(fmt));
-  at::Tensor idx = save ? at::empty({g.N, g.Co, g.Ho, g.Wo}, x.options().dtype(at::kInt))
+  // idx takes y's layout: channels-last idx lets the backward read one window's channels as
+  // one vector (wgrad_cl_c1k3)
+  at::Tensor idx = save ? at::empty({g.N, g.Co, g.Ho, g.Wo}, x.options().dtype(at::kInt).memory_format(fmt))
                         : at::empty({0}, x.options().dtype(at::kInt));
   const bool x_cl = !x.is_contiguous();  // then channels-last (checked above)
   at::Tensor xp_store = at::empty({g.N * sample + slack}, x.options());
@@ -513,7 +613,7 @@ bool wgrad_fixed(const float* gy, const int32_t* id, int64_t So, int64_t N,
 template <int K, int R>
 bool dgrad_fixed(const float* gy, const int32_t* id, int64_t So, int64_t N,
                  int64_t G, int64_t Co, const float* wsrc, int64_t Ci, int64_t H, int64_t W,
-                 int64_t Wp, int64_t Hp, int64_t jmax, int64_t slack, float* gxd) {
+                 int64_t Wp, int64_t Hp, int64_t jmax, int64_t slack, float* gxd, bool gx_cl) {
   const int64_t q = K / 2, per = N / G, wpack = Co * K * R * L;
   // weights as wd[group][co][kh][kw*Ci+ci], rows zero-padded to R*16: a patch row's layout
   std::vector<float> wd(static_cast<size_t>(G * wpack), 0.f);
@@ -532,6 +632,11 @@ bool dgrad_fixed(const float* gy, const int32_t* id, int64_t So, int64_t N,
       dgrad_sample<K, R>(gy + n * Co * So, id + n * Co * So, So, Co, wd.data() + (n / per) * wpack,
                          dxp.data(), Wp, Ci, jmax, lj.data(), lg.data());
       float* gxn = gxd + n * Ci * H * W;
+      if (gx_cl) {  // channels-last grad_x: the interior rows of dxp as they are
+        for (int64_t h = 0; h < H; ++h)
+          std::memcpy(gxn + h * W * Ci, dxp.data() + ((h + q) * Wp + q) * Ci, W * Ci * sizeof(float));
+        continue;
+      }
       if (Ci == L) {
         // 16 channels: transpose the whole padded plane (a fixed-stride gather the compiler
         // vectorizes), then copy the interior rows; element by element this was ~3 cycles each
@@ -565,16 +670,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool_relu_bwd(const at::Tens
                                                                  const at::Tensor& idx,
                                                                  const at::Tensor& xp,
                                                                  const at::Tensor& w,
-                                                                 bool need_x) {
+                                                                 bool need_x, int64_t pk,
+                                                                 int64_t ps, int64_t pp,
+                                                                 bool gx_cl) {
   const char* op = "conv_pool_relu_bwd";
-  check_f32_cpu(grad_y, op, "grad_y", 4);
+  TORCH_CHECK(grad_y.device().is_cpu() && grad_y.scalar_type() == at::kFloat && grad_y.dim() == 4,
+              op, ": grad_y must be a 4-D float32 CPU tensor, got ", grad_y.scalar_type(), " ",
+              grad_y.sizes(), " on ", grad_y.device());
   check_f32_cpu(xp, op, "xp", 4);
   TORCH_CHECK(w.dim() == 4 || w.dim() == 5, op, ": weight must be [(G,) Cout, Cin, K, K], got ",
               w.sizes());
   check_f32_cpu(w, op, "weight", w.dim());
-  TORCH_CHECK(idx.scalar_type() == at::kInt && idx.is_contiguous() && idx.sizes() == grad_y.sizes(),
-              op, ": idx must be contiguous int32 of grad_y's shape ", grad_y.sizes(), ", got ",
-              idx.scalar_type(), " ", idx.sizes());
+  TORCH_CHECK(idx.scalar_type() == at::kInt && idx.sizes() == grad_y.sizes() &&
+                  (idx.is_contiguous() || idx.is_contiguous(at::MemoryFormat::ChannelsLast)),
+              op, ": idx must be int32 of grad_y's shape ", grad_y.sizes(),
+              ", contiguous NCHW or channels-last, got ", idx.scalar_type(), " ", idx.sizes());
+  TORCH_CHECK(pk >= 0 && ps >= 0 && pp >= 0, op, ": pool arguments must be >= 0 (0: not given)");
   const int64_t N = grad_y.size(0), Co = grad_y.size(1), So = grad_y.size(2) * grad_y.size(3);
   const int64_t G = w.dim() == 5 ? w.size(0) : 1;
   const int64_t K = w.size(-2), Ci = w.size(-3), q = K / 2;
@@ -589,22 +700,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool_relu_bwd(const at::Tens
               op, ": xp must be the padded input returned by conv_pool_relu_fwd (it carries slack)");
   const int64_t R = (K * Ci + L - 1) / L;
   const int64_t jmax = H * Wp;  // a cell's row must be < H; idx from the forward always is
-  const float* gy = grad_y.data_ptr<float>();
-  const int32_t* id = idx.data_ptr<int32_t>();
   const float* xpd = xp.data_ptr<float>();
   at::Tensor gw = at::empty(w.sizes(), w.options());
   at::Tensor gb = G > 1 || w.dim() == 5 ? at::empty({G, Co}, w.options()) : at::empty({Co}, w.options());
-  at::Tensor gx = need_x ? at::empty({N, Ci, H, W}, xp.options()) : at::empty({0}, xp.options());
+  const auto gx_fmt = gx_cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  at::Tensor gx = need_x ? at::empty({N, Ci, H, W}, xp.options().memory_format(gx_fmt))
+                         : at::empty({0}, xp.options());
   float* gwd = gw.data_ptr<float>();
   float* gbd = gb.data_ptr<float>();
   const float* wsrc = w.data_ptr<float>();
   float* gxd = need_x ? gx.data_ptr<float>() : nullptr;
+  // channels-last idx (the forward wrote channels-last output): the one-channel 3x3 kernel reads
+  // it as it is; everything else runs on NCHW copies
+  const bool idx_cl = !idx.is_contiguous();
+  const int64_t Ho = grad_y.size(2), Wo = grad_y.size(3);
+  const bool window_ok = pk > 0 && ps > 0 && (H + 2 * pp - pk) / ps + 1 == Ho &&
+                         (W + 2 * pp - pk) / ps + 1 == Wo;
+  if (idx_cl && Ci == 1 && K == 3 && window_ok) {
+    const at::Tensor gyc = grad_y.contiguous(at::MemoryFormat::ChannelsLast);
+    wgrad_cl_c1k3(gyc.data_ptr<float>(), idx.data_ptr<int32_t>(), N, G, Co, Ho, Wo, pk, ps, pp, H,
+                  W, xpd, sample, Wp, jmax, gwd, gbd);
+    if (!need_x) return {gx, gw, gb};
+  }
+  const bool wgrad_done = idx_cl && Ci == 1 && K == 3 && window_ok;
+  const at::Tensor gy_t = grad_y.contiguous();
+  const at::Tensor id_t = idx.contiguous();
+  const float* gy = gy_t.data_ptr<float>();
+  const int32_t* id = id_t.data_ptr<int32_t>();
 
 #define FSL_CONV_CASE(KK, RR)                                                              \
   if (K == KK && R == RR) {                                                                \
-    wgrad_fixed<KK, RR>(gy, id, So, N, G, Co, xpd, sample, Wp, Ci, jmax, gwd, gbd);        \
+    if (!wgrad_done)                                                                       \
+      wgrad_fixed<KK, RR>(gy, id, So, N, G, Co, xpd, sample, Wp, Ci, jmax, gwd, gbd);      \
     if (need_x)                                                                            \
-      dgrad_fixed<KK, RR>(gy, id, So, N, G, Co, wsrc, Ci, H, W, Wp, Hp, jmax, slack, gxd); \
+      dgrad_fixed<KK, RR>(gy, id, So, N, G, Co, wsrc, Ci, H, W, Wp, Hp, jmax, slack, gxd,  \
+                          gx_cl);                                                          \
     return {gx, gw, gb};                                                                   \
   }
   FSL_CONV_CASE(1, 1) FSL_CONV_CASE(1, 2) FSL_CONV_CASE(1, 4)
@@ -622,7 +752,8 @@ TORCH_LIBRARY_FRAGMENT(fsl_fast, m) {
   m.def("conv_pool_relu_fwd(Tensor x, Tensor weight, Tensor bias, int kernel_size, int stride, "
         "int padding, bool channels_last_out=False, bool save_for_backward=True) "
         "-> (Tensor, Tensor, Tensor)");
-  m.def("conv_pool_relu_bwd(Tensor grad_y, Tensor idx, Tensor xp, Tensor weight, bool need_x) "
+  m.def("conv_pool_relu_bwd(Tensor grad_y, Tensor idx, Tensor xp, Tensor weight, bool need_x, "
+        "int kernel_size=0, int stride=0, int padding=0, bool grad_x_channels_last=False) "
         "-> (Tensor, Tensor, Tensor)");
 }
 

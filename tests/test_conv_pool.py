@@ -191,23 +191,59 @@ def test_grouped_weights_equal_per_group_calls(seed):
 
 @needs_cpp
 @pytest.mark.parametrize("co1", [16, 20])
-def test_channels_last_handoff_is_exact(seed, co1):
+@pytest.mark.parametrize("cin", [1, 2])
+@pytest.mark.parametrize("pool", [(2, 2, 0), (3, 2, 1)])
+def test_channels_last_handoff_is_exact(seed, co1, cin, pool):
     """Block 1 writing channels-last and block 2 reading it (what the rewriter sets up for two
-    consecutive conv blocks) gives bit-identical values and gradients to the NCHW hand-off."""
-    x = torch.randn(3, 2, 12, 12)
-    w1, b1 = torch.randn(co1, 2, 3, 3) * 0.3, torch.randn(co1) * 0.1
+    consecutive conv blocks) gives bit-identical values and gradients to the NCHW hand-off. With
+    one input channel, block 1's weight gradient then comes from the channels-last kernel
+    (wgrad_cl_c1k3), which must add in the per-channel kernel's order; block 2 hands its input
+    gradient back channels-last."""
+    pk, ps, pp = pool
+    x = torch.randn(3, cin, 12, 12)
+    x[0, 0, 0, 0] = -50.0  # a window whose maximum is <= 0 in some channels
+    w1, b1 = torch.randn(co1, cin, 3, 3) * 0.3, torch.randn(co1) * 0.1
     w2, b2 = torch.randn(24, co1, 3, 3) * 0.1, torch.randn(24) * 0.1
-    g = torch.randn(3, 24, 3, 3)
+    ho = (12 + 2 * pp - pk) // ps + 1
+    ho = (ho + 2 * pp - pk) // ps + 1
+    g = torch.randn(3, 24, ho, ho)
     out = []
     for cl in (False, True):
         ts = [t.clone().requires_grad_(True) for t in (x, w1, b1, w2, b2)]
-        h = L.conv_pool_relu(ts[0], ts[1], ts[2], 2, backend="cpp", channels_last_out=cl)
-        assert h.is_contiguous(memory_format=torch.channels_last) == cl or co1 == 1
-        y = L.conv_pool_relu(h, ts[3], ts[4], 2, backend="cpp")
+        h = L.conv_pool_relu(ts[0], ts[1], ts[2], pk, ps, pp, backend="cpp", channels_last_out=cl)
+        assert h.is_contiguous(memory_format=torch.channels_last) == cl
+        y = L.conv_pool_relu(h, ts[3], ts[4], pk, ps, pp, backend="cpp")
+        h.retain_grad()
         y.backward(g)
-        out.append([y.detach()] + [t.grad for t in ts])
+        out.append([y.detach(), h.grad] + [t.grad for t in ts])
     for a, b in zip(*out):
         assert torch.equal(a, b)
+
+
+@needs_cpp
+@pytest.mark.parametrize("co", [16, 21, 32])
+@pytest.mark.parametrize("pool", [(2, 2, 0), (3, 2, 1), (2, 1, 0)])
+@pytest.mark.parametrize("groups", [1, 3])
+def test_channels_last_backward_op_is_exact(seed, co, pool, groups):
+    """The op itself: the forward saves idx in y's layout; the backward from channels-last idx
+    and grad_y (the one-channel kernel) equals the backward from NCHW copies bit for bit, and a
+    channels-last grad_x request returns the same values in channels-last memory."""
+    ops = torch.ops.fsl_fast
+    x = torch.randn(6, 1, 11, 12)
+    w = torch.randn(groups, co, 1, 3, 3) * 0.5
+    b = torch.randn(groups, co) * 0.1
+    y, idx, xp = ops.conv_pool_relu_fwd(x, w, b, *pool, True, True)
+    y0, idx0, _ = ops.conv_pool_relu_fwd(x, w, b, *pool, False, True)
+    assert idx.is_contiguous(memory_format=torch.channels_last) and torch.equal(idx, idx0)
+    assert torch.equal(y, y0)
+    gy = torch.randn(y.shape).contiguous(memory_format=torch.channels_last)
+    gx, gw, gb = ops.conv_pool_relu_bwd(gy, idx, xp, w, True, *pool, True)
+    gx0, gw0, gb0 = ops.conv_pool_relu_bwd(gy.contiguous(), idx0, xp, w, True, *pool, False)
+    assert torch.equal(gw, gw0) and torch.equal(gb, gb0) and torch.equal(gx, gx0)
+    assert gx.is_contiguous(memory_format=torch.channels_last) and gx0.is_contiguous()
+    # NCHW grad_y with channels-last idx is converted, same result
+    gx1, gw1, gb1 = ops.conv_pool_relu_bwd(gy.contiguous(), idx, xp, w, False, *pool)
+    assert torch.equal(gw1, gw0) and torch.equal(gb1, gb0) and gx1.numel() == 0
 
 
 def test_rewriter_marks_channels_last_between_conv_blocks():

@@ -178,6 +178,9 @@ class _ConvPoolReLUFn(torch.autograd.Function):
         x = _layout(x)
         y, idx, xp = _ops().conv_pool_relu_fwd(x, w, bias, k, s, p, cl_out, True)
         ctx.save_for_backward(idx, xp, w)
+        ctx.pool = (k, s, p)
+        # grad_x comes back in x's layout (channels-last from a previous conv block)
+        ctx.x_cl = not x.is_contiguous()
         ctx.has_bias = b is not None
         ctx.mark_non_differentiable(idx)
         return y
@@ -186,7 +189,8 @@ class _ConvPoolReLUFn(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, gy):
         idx, xp, w = ctx.saved_tensors
-        gx, gw, gb = _ops().conv_pool_relu_bwd(gy.contiguous(), idx, xp, w, ctx.needs_input_grad[0])
+        gx, gw, gb = _ops().conv_pool_relu_bwd(gy, idx, xp, w, ctx.needs_input_grad[0], *ctx.pool,
+                                               ctx.x_cl)
         return (gx if ctx.needs_input_grad[0] else None, gw if ctx.needs_input_grad[1] else None,
                 gb if ctx.has_bias and ctx.needs_input_grad[2] else None, None, None, None, None)
 
