@@ -138,6 +138,8 @@ class FusedEngine(Engine):
         self._vmap_fn = None
         self._leaf = None
         self._server_fn = None
+        self._z_list = None  # the grouped forward's per-client outputs (rows of _vmap_out)
+        self._est = None  # (list returned by aux_estimate, the [K, ...] tensor it unbinds)
 
     # -- client side ---------------------------------------------------------------------------
     def _grouped_plan(self):
@@ -208,12 +210,14 @@ class FusedEngine(Engine):
         if self.batching == "vmap" and not self.client_has_bn:
             z = self._client_vmap(ks, xs)
             self._vmap_out = (ks, z)
-            return list(z.unbind(0))
+            self._z_list = list(z.unbind(0))
+            return self._z_list
         if self._grouped is not None and self._uniform(xs):
             z = self._client_grouped(ks, xs)
             self._vmap_out = (ks, z)
-            return list(z.unbind(0))
-        self._vmap_out = None
+            self._z_list = list(z.unbind(0))
+            return self._z_list
+        self._vmap_out = self._z_list = None
         return [self.clients.mods[k](x) for k, x in zip(ks, xs)]
 
     def _leaf_grads_to_buffer(self, ks):
@@ -229,7 +233,10 @@ class FusedEngine(Engine):
         if self._vmap_out is not None:
             vks, z = self._vmap_out
             self._leaf.grad = None
-            z.backward(torch.stack(grads))
+            # the estimate's own [K, ...] tensor when these are its rows (no 2 MB re-stack)
+            full = self._est[1] if self._est is not None and grads is self._est[0] else torch.stack(grads)
+            self._est = None
+            z.backward(full)
             self._leaf_grads_to_buffer(ks)
             self._vmap_out = None
         else:
@@ -251,8 +258,14 @@ class FusedEngine(Engine):
             from fsl_fast.ops.aux import aux_estimate
 
             W, b = self._aux_rows(ks)
-            g = aux_estimate(torch.stack([z.detach() for z in zs]), W, b, torch.stack(ys), pool=self.aux_pool)
-            return list(g.unbind(0))
+            if self._vmap_out is not None and zs is self._z_list:
+                Z = self._vmap_out[1].detach()  # the batched forward's output, not a re-stack
+            else:
+                Z = torch.stack([z.detach() for z in zs])
+            g = aux_estimate(Z, W, b, torch.stack(ys), pool=self.aux_pool)
+            out = list(g.unbind(0))
+            self._est = (out, g)
+            return out
         out = []
         for k, z, y in zip(ks, zs, ys):
             zd = z.detach().requires_grad_(True)
