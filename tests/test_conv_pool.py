@@ -43,6 +43,10 @@ CASES = [
     (2, 3, 8, 7, 13, 10, (3, 3, 1)),
     (2, 21, 24, 3, 5, 30, (2, 1, 0)),
     (1, 1, 3, 3, 1, 1, (1, 1, 0)),
+    # Cin of two 16-lane chunks with Cout padded to 32; row blocks of 7/8 positions do not
+    # divide the width 18 (the padded-width blocks)
+    (2, 32, 24, 3, 8, 20, (3, 2, 1)),
+    (3, 16, 16, 3, 6, 18, (2, 2, 0)),
 ]
 
 
