@@ -103,6 +103,10 @@ class FusedEngine(Engine):
         self.batching = mode
         self.client_has_bn = _has_batchnorm(self.clients.template)
         self._grouped = self._grouped_plan() if mode == "loop" else None
+        # conv blocks and flattens only: client_forward/backward run without autograd (a tape)
+        self._taped = self._grouped is not None and all(
+            kind == "conv" or isinstance(what, nn.Flatten) for kind, what, _ in self._grouped)
+        self._tape = None
         self.server_global = split.server.to(dev)
         self.servers = None
         if algorithm_cls.server_copies:
@@ -169,6 +173,60 @@ class FusedEngine(Engine):
                 return None
         return steps if any(kind == "conv" for kind, _, _ in steps) else None
 
+    def _client_grouped_taped(self, ks, xs):
+        """The grouped client forward without autograd (cnn: conv blocks and a flatten): the
+        C++ forward saves what its backward needs on a tape, and ``_backward_taped`` runs the
+        blocks' backward in reverse, writing the weight and bias gradients straight into the flat
+        gradient buffer. The same kernels and sums as the autograd path, without the autograd
+        graph, the slice backward of the leaf buffer and the copy into the gradient buffer."""
+        from fsl_fast.ops.layers import _layout, _ops
+
+        buf = self.clients.flat.buffer
+        G, B = len(ks), xs[0].shape[0]
+        rows = buf if G == self.m else buf.index_select(0, torch.as_tensor(ks))
+        h = torch.cat(xs)
+        tape = []
+        with torch.no_grad():
+            for kind, what, pool in self._grouped:
+                if kind == "conv":
+                    ew, eb = what
+                    w = rows[:, ew.offset:ew.offset + ew.numel].contiguous().view(G, *ew.shape)
+                    b = rows[:, eb.offset:eb.offset + eb.numel].contiguous() if eb is not None else w.new_empty(0)
+                    x = _layout(h)
+                    h, idx, xp = _ops().conv_pool_relu_fwd(x, w, b, *pool)
+                    tape.append((ew, eb, idx, xp, w, pool[:3], not x.is_contiguous()))
+                else:  # nn.Flatten (the plan allows only that with a tape)
+                    tape.append(h.shape)
+                    h = what(h)
+        self._tape = (ks, tape)
+        return h.view(G, B, *h.shape[1:])
+
+    def _backward_taped(self, gz):
+        from fsl_fast.ops.layers import _ops
+
+        ks, tape = self._tape
+        self._tape = None
+        G = len(ks)
+        gbuf = self.clients.flat.grad_buffer
+        idx_rows = None if G == self.m else torch.as_tensor(ks)
+        gy = gz.reshape(-1, *gz.shape[2:])
+        first = next(i for i, t in enumerate(tape) if isinstance(t, tuple) and len(t) == 7)
+        for i in range(len(tape) - 1, -1, -1):
+            t = tape[i]
+            if not (isinstance(t, tuple) and len(t) == 7):
+                gy = gy.reshape(t)
+                continue
+            ew, eb, idx, xp, w, pool, x_cl = t
+            gx, gw, gb = _ops().conv_pool_relu_bwd(gy, idx, xp, w, i > first, *pool, x_cl)
+            for e, g in ((ew, gw), (eb, gb)):
+                if e is None:
+                    continue
+                if idx_rows is None:
+                    gbuf[:, e.offset:e.offset + e.numel].copy_(g.view(G, e.numel))
+                else:
+                    gbuf[:, e.offset:e.offset + e.numel].index_copy_(0, idx_rows, g.view(G, e.numel))
+            gy = gx
+
     def _client_grouped(self, ks, xs):
         from fsl_fast.ops.layers import conv_pool_relu_grouped
 
@@ -213,7 +271,7 @@ class FusedEngine(Engine):
             self._z_list = list(z.unbind(0))
             return self._z_list
         if self._grouped is not None and self._uniform(xs):
-            z = self._client_grouped(ks, xs)
+            z = self._client_grouped_taped(ks, xs) if self._taped else self._client_grouped(ks, xs)
             self._vmap_out = (ks, z)
             self._z_list = list(z.unbind(0))
             return self._z_list
@@ -230,7 +288,12 @@ class FusedEngine(Engine):
             gb.index_copy_(0, idx, g.index_select(0, idx))
 
     def client_backward(self, ks, zs, grads):
-        if self._vmap_out is not None:
+        if self._vmap_out is not None and self._tape is not None:
+            full = self._est[1] if self._est is not None and grads is self._est[0] else torch.stack(grads)
+            self._est = None
+            self._backward_taped(full)
+            self._vmap_out = None
+        elif self._vmap_out is not None:
             vks, z = self._vmap_out
             self._leaf.grad = None
             # the estimate's own [K, ...] tensor when these are its rows (no 2 MB re-stack)
