@@ -163,3 +163,35 @@ def test_taped_client_backward_equals_autograd(algorithm):
     for a, b in zip(*sub):
         assert torch.equal(a, b)
     assert (sub[0][1][[1, 3]] == 7.0).all()
+
+
+@pytest.mark.parametrize("model,in_shape", [("cnn", (1, 28, 28)), ("simple_conv", (3, 32, 32))])
+@pytest.mark.parametrize("want_grad", [False, True])
+def test_mlp_server_step_equals_autograd(model, in_shape, want_grad):
+    """A Linear/ReLU server steps without autograd (the ops autograd would run, in its order):
+    the same gradients, input gradient and parameters after three Adam steps, bit for bit."""
+    ds = "synthetic:%dx%dx%d" % in_shape
+    cfg = Config(algorithm="fsl_sage", model=model, schedule="parallel",
+                 **{**BASE, "dataset": ds}).resolved()
+    run = Run(dataclasses.replace(cfg, fused=True))
+    eng = run.engine
+    assert eng._srv_plan is not None
+    gen = torch.Generator().manual_seed(1)
+    d = eng.server_stack.flat.layout.entries[0].shape[1]
+    out = []
+    for manual in (True, False):
+        run = Run(dataclasses.replace(cfg, fused=True))
+        eng = run.engine
+        if not manual:
+            eng._srv_plan = None
+        gen.manual_seed(1)
+        gz = []
+        for _ in range(3):
+            z = torch.randn(20, d, generator=gen)
+            y = torch.randint(0, 10, (20,), generator=gen)
+            gz.append(eng.server_step(0, z, y, want_grad=want_grad))
+        out.append((eng.server_stack.flat.buffer.clone(), eng.server_stack.flat.grad_buffer.clone(), gz))
+    (pa, ga, za), (pb, gb, zb) = out
+    assert torch.equal(pa, pb) and torch.equal(ga, gb)
+    for a, b in zip(za, zb):
+        assert (a is None and b is None) if not want_grad else torch.equal(a, b)

@@ -124,6 +124,7 @@ class FusedEngine(Engine):
             self.server_global = self.server_stack.mods[0]
         elif self.servers is None:
             self.server_opt = torch.optim.Adam(self.server_global.parameters(), lr=lr, weight_decay=wd)
+        self._srv_plan = self._mlp_plan(self.servers if self.servers is not None else self.server_stack)
         self.aux = None
         if algorithm_cls.uses_aux:
             aux = split.aux.to(dev)
@@ -419,7 +420,64 @@ class FusedEngine(Engine):
                     sg[k, e.offset:e.offset + e.numel].copy_(g[i])
 
     # -- server side ---------------------------------------------------------------------------
+    @staticmethod
+    def _mlp_plan(stack):
+        """A flat server made of Linear and ReLU only, ending in a Linear (the cnn's and
+        simple_conv's servers): [(kind, weight entry, bias entry)], else None."""
+        if stack is None or not isinstance(stack.template, nn.Sequential):
+            return None
+        lay = {e.name: e for e in stack.flat.layout.entries}
+        plan = []
+        for name, m in stack.template.named_children():
+            if isinstance(m, nn.Linear):
+                plan.append(("linear", lay[f"{name}.weight"], lay.get(f"{name}.bias")))
+            elif isinstance(m, nn.ReLU):
+                plan.append(("relu", None, None))
+            else:
+                return None
+        return plan if plan and plan[-1][0] == "linear" else None
+
+    def _mlp_step(self, stack, row, z, y, want_grad):
+        """Gradients of CE_mean(server(z), y) for an MLP server written straight into the flat
+        gradient buffer's row, without autograd: the ops autograd would run (addmm forward;
+        nll_loss and log_softmax backward; mm / sum for Linear, threshold_backward for ReLU), in
+        its order, so the gradients are the same bits (tests/test_fused_parity.py)."""
+        buf, gbuf = stack.flat.buffer[row], stack.flat.grad_buffer[row]
+
+        def view(t, e):
+            return t[e.offset:e.offset + e.numel].view(e.shape)
+
+        acts, h = [], z
+        for kind, ew, eb in self._srv_plan:
+            acts.append(h)
+            if kind == "linear":
+                w = view(buf, ew)
+                h = torch.addmm(view(buf, eb), h, w.t()) if eb is not None else h.mm(w.t())
+            else:
+                h = torch.relu(h)
+        logp = torch.log_softmax(h, 1)
+        total = torch.tensor(float(y.numel()), dtype=logp.dtype)
+        g = torch.ops.aten.nll_loss_backward(torch.ones((), dtype=logp.dtype), logp, y, None, 1, -100, total)
+        g = torch.ops.aten._log_softmax_backward_data(g, logp, 1, logp.dtype)
+        for i in range(len(self._srv_plan) - 1, -1, -1):
+            kind, ew, eb = self._srv_plan[i]
+            a = acts[i]
+            if kind == "relu":
+                g = torch.ops.aten.threshold_backward(g, acts[i + 1] if i + 1 < len(acts) else h, 0)
+                continue
+            torch.mm(g.t(), a, out=view(gbuf, ew))
+            if eb is not None:
+                torch.sum(g, 0, out=view(gbuf, eb))
+            if i > 0 or want_grad:
+                g = g.mm(view(buf, ew))
+        return g if want_grad else None
+
     def server_step(self, k, z, y, want_grad=False):
+        if self._srv_plan is not None:
+            stack, row = (self.servers, k) if self.servers is not None else (self.server_stack, 0)
+            gz = self._mlp_step(stack, row, z.detach(), y, want_grad)
+            stack.opt.step([row])
+            return gz
         zr = z.detach().requires_grad_(want_grad)
         if self.servers is not None:
             self.servers.zero_grad([k])
