@@ -165,13 +165,16 @@ def test_taped_client_backward_equals_autograd(algorithm):
     assert (sub[0][1][[1, 3]] == 7.0).all()
 
 
-@pytest.mark.parametrize("model,in_shape", [("cnn", (1, 28, 28)), ("simple_conv", (3, 32, 32))])
+@pytest.mark.parametrize("model,in_shape,device", [
+    ("cnn", (1, 28, 28), "cpu"), ("simple_conv", (3, 32, 32), "cpu"),
+    pytest.param("cnn", (1, 28, 28), "cuda", marks=pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="no CUDA device"))])
 @pytest.mark.parametrize("want_grad", [False, True])
-def test_mlp_server_step_equals_autograd(model, in_shape, want_grad):
+def test_mlp_server_step_equals_autograd(model, in_shape, device, want_grad):
     """A Linear/ReLU server steps without autograd (the ops autograd would run, in its order):
     the same gradients, input gradient and parameters after three Adam steps, bit for bit."""
     ds = "synthetic:%dx%dx%d" % in_shape
-    cfg = Config(algorithm="fsl_sage", model=model, schedule="parallel",
+    cfg = Config(algorithm="fsl_sage", model=model, schedule="parallel", device=device,
                  **{**BASE, "dataset": ds}).resolved()
     run = Run(dataclasses.replace(cfg, fused=True))
     eng = run.engine
@@ -187,8 +190,8 @@ def test_mlp_server_step_equals_autograd(model, in_shape, want_grad):
         gen.manual_seed(1)
         gz = []
         for _ in range(3):
-            z = torch.randn(20, d, generator=gen)
-            y = torch.randint(0, 10, (20,), generator=gen)
+            z = torch.randn(20, d, generator=gen).to(device)
+            y = torch.randint(0, 10, (20,), generator=gen).to(device)
             gz.append(eng.server_step(0, z, y, want_grad=want_grad))
         out.append((eng.server_stack.flat.buffer.clone(), eng.server_stack.flat.grad_buffer.clone(), gz))
     (pa, ga, za), (pb, gb, zb) = out

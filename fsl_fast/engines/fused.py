@@ -456,8 +456,9 @@ class FusedEngine(Engine):
             else:
                 h = torch.relu(h)
         logp = torch.log_softmax(h, 1)
-        total = torch.tensor(float(y.numel()), dtype=logp.dtype)
-        g = torch.ops.aten.nll_loss_backward(torch.ones((), dtype=logp.dtype), logp, y, None, 1, -100, total)
+        total = torch.tensor(float(y.numel()), dtype=logp.dtype, device=logp.device)
+        one = torch.ones((), dtype=logp.dtype, device=logp.device)
+        g = torch.ops.aten.nll_loss_backward(one, logp, y, None, 1, -100, total)
         g = torch.ops.aten._log_softmax_backward_data(g, logp, 1, logp.dtype)
         for i in range(len(self._srv_plan) - 1, -1, -1):
             kind, ew, eb = self._srv_plan[i]
