@@ -10,7 +10,12 @@
 - Clients advance together where the schedule allows: ``client_batching="vmap"`` runs all active
   clients' forward/backward as one vmapped (grouped) computation; ``"loop"`` runs them one after
   another over their flat views. ``"auto"`` picks vmap on CUDA and loop on CPU, where grouped
-  convolutions measured slower than the loop (README, "The fused engine"; docs/PERF_NOTES.md).
+  torch convolutions measured slower than the loop (docs/PERF_NOTES.md). On the CPU a client made
+  only of fused conv blocks (the cnn) runs all active clients in one C++ call per layer instead
+  (``_grouped_plan``), forward and backward from a tape of the blocks' saved tensors, without
+  autograd (``_client_grouped_taped`` / ``_backward_taped``).
+- A server of Linear and ReLU layers (cnn, simple_conv) steps without autograd (``_mlp_step``:
+  the ops autograd would run, in its order, so the same bits).
 - Linear auxiliaries: the estimate for all clients is one batched fused op; alignment of all
   clients' auxiliaries runs as one batched closed-form op per step (fsl_fast.ops.aux), no double
   backward. Convolutional auxiliaries use the fast path of fsl_fast.aux_fast.
