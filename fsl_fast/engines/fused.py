@@ -200,9 +200,9 @@ class FusedEngine(Engine):
                     b = rows[:, eb.offset:eb.offset + eb.numel].contiguous() if eb is not None else w.new_empty(0)
                     x = _layout(h)
                     h, idx, xp = _ops().conv_pool_relu_fwd(x, w, b, *pool)
-                    tape.append((ew, eb, idx, xp, w, pool[:3], not x.is_contiguous()))
+                    tape.append(("conv", (ew, eb, idx, xp, w, pool[:3], not x.is_contiguous())))
                 else:  # nn.Flatten (the plan allows only that with a tape)
-                    tape.append(h.shape)
+                    tape.append(("flatten", h.shape))
                     h = what(h)
         self._tape = (ks, tape)
         return h.view(G, B, *h.shape[1:])
@@ -216,10 +216,10 @@ class FusedEngine(Engine):
         gbuf = self.clients.flat.grad_buffer
         idx_rows = None if G == self.m else torch.as_tensor(ks)
         gy = gz.reshape(-1, *gz.shape[2:])
-        first = next(i for i, t in enumerate(tape) if isinstance(t, tuple) and len(t) == 7)
+        first = next(i for i, (kind, _) in enumerate(tape) if kind == "conv")
         for i in range(len(tape) - 1, -1, -1):
-            t = tape[i]
-            if not (isinstance(t, tuple) and len(t) == 7):
+            kind, t = tape[i]
+            if kind == "flatten":
                 gy = gy.reshape(t)
                 continue
             ew, eb, idx, xp, w, pool, x_cl = t
