@@ -380,7 +380,9 @@ class FusedEngine(Engine):
         return out
 
     def full_step(self, ks, xs, ys):
-        if self._grouped is not None and not self.server_has_bn and self._uniform(xs):
+        if self._taped and self._srv_plan is not None and self._uniform(xs):
+            self._full_step_taped(ks, xs, ys)  # overwrites the active rows' gradients
+        elif self._grouped is not None and not self.server_has_bn and self._uniform(xs):
             self._full_step_batched(ks, xs, ys)  # overwrites the active rows' gradients
         else:
             self.clients.zero_grad(ks)
@@ -389,6 +391,51 @@ class FusedEngine(Engine):
                 F.cross_entropy(self.servers.mods[k](self.clients.mods[k](x)), y).backward()
         self.clients.opt.step(ks)
         self.servers.opt.step(ks)
+
+    def _full_step_taped(self, ks, xs, ys):
+        """FedAvg's whole-model step without autograd (cnn): the taped grouped client, then the
+        clients' Linear/ReLU server copies as batched GEMMs over their [G, out, in] weight views,
+        each client's mean cross-entropy differentiated by the same aten ops as ``_mlp_step``
+        (per row: reduction none with weight 1 / B), and the taped client backward."""
+        z = self._client_grouped_taped(ks, xs)  # [G, B, ...]
+        G, B = z.shape[0], z.shape[1]
+        st = self.servers
+        idx = None if G == self.m else torch.as_tensor(ks)
+        buf = st.flat.buffer if idx is None else st.flat.buffer.index_select(0, idx)
+
+        def view(e):
+            return buf[:, e.offset:e.offset + e.numel].view(G, *e.shape)
+
+        acts, h = [], z.reshape(G, B, -1)
+        for kind, ew, eb in self._srv_plan:
+            acts.append(h)
+            if kind == "linear":
+                wt = view(ew).transpose(1, 2)
+                h = torch.baddbmm(view(eb).unsqueeze(1), h, wt) if eb is not None else torch.bmm(h, wt)
+            else:
+                h = torch.relu(h)
+        logp = torch.log_softmax(h.reshape(G * B, -1), 1)
+        y = torch.cat(ys)
+        w = torch.full((G * B,), 1.0, dtype=logp.dtype).div_(B)
+        total = torch.ones((), dtype=logp.dtype)
+        g = torch.ops.aten.nll_loss_backward(w, logp, y, None, 0, -100, total)
+        g = torch.ops.aten._log_softmax_backward_data(g, logp, 1, logp.dtype).view(G, B, -1)
+        grads = st.flat.grad_buffer
+        for i in range(len(self._srv_plan) - 1, -1, -1):
+            kind, ew, eb = self._srv_plan[i]
+            if kind == "relu":
+                g = torch.ops.aten.threshold_backward(g, acts[i + 1], 0)
+                continue
+            parts = [(ew, torch.bmm(g.transpose(1, 2), acts[i]))]
+            if eb is not None:
+                parts.append((eb, g.sum(1)))
+            for e, t in parts:
+                if idx is None:
+                    grads[:, e.offset:e.offset + e.numel].copy_(t.reshape(G, e.numel))
+                else:
+                    grads[:, e.offset:e.offset + e.numel].index_copy_(0, idx, t.reshape(G, e.numel))
+            g = torch.bmm(g, view(ew))
+        self._backward_taped(g.view(z.shape))
 
     def _full_step_batched(self, ks, xs, ys):
         """FedAvg's whole-model step of all active clients at once: the grouped client stack, then
