@@ -132,6 +132,20 @@ void conv_chunks(const float* xp_n, const float* wf, const float* bias, float* t
     run(std::integral_constant<int, 0>{});
 }
 
+// NC chunks of 16 output channels: row blocks of RA (or else RB) positions when one divides W,
+// otherwise WP positions over the padded width (RA / RB = 0: no such row block)
+template <int NC, int RA, int RB, int WP>
+void conv_chunks_pick(const float* xp_n, const float* wf, const float* bias, float* tmp,
+                      const Geo& g, int64_t cb) {
+  if constexpr (RA > 0) {
+    if (g.W % RA == 0) return conv_chunks<NC, RA, true>(xp_n, wf, bias, tmp, g, cb);
+  }
+  if constexpr (RB > 0) {
+    if (g.W % RB == 0) return conv_chunks<NC, RB, true>(xp_n, wf, bias, tmp, g, cb);
+  }
+  conv_chunks<NC, WP, false>(xp_n, wf, bias, tmp, g, cb);
+}
+
 // conv output of one sample into tmp [H * Wp (+ slack)][CoP] (channels-last, L2-sized)
 void conv_sample(const float* xp_n, const float* wf, const float* bias, float* tmp, const Geo& g) {
   const int64_t chunks = g.CoP / L;
@@ -139,26 +153,13 @@ void conv_sample(const float* xp_n, const float* wf, const float* bias, float* t
   while (cb < chunks) {
     const int64_t left = chunks - cb;
     if (left >= 4) {
-      if (g.W % 4 == 0)
-        conv_chunks<4, 4, true>(xp_n, wf, bias, tmp, g, cb);
-      else
-        conv_chunks<4, 6, false>(xp_n, wf, bias, tmp, g, cb);
+      conv_chunks_pick<4, 4, 0, 6>(xp_n, wf, bias, tmp, g, cb);
       cb += 4;
     } else if (left >= 2) {
-      if (g.W % 7 == 0)
-        conv_chunks<2, 7, true>(xp_n, wf, bias, tmp, g, cb);
-      else if (g.W % 8 == 0)
-        conv_chunks<2, 8, true>(xp_n, wf, bias, tmp, g, cb);
-      else
-        conv_chunks<2, 12, false>(xp_n, wf, bias, tmp, g, cb);
+      conv_chunks_pick<2, 7, 8, 12>(xp_n, wf, bias, tmp, g, cb);
       cb += 2;
     } else {
-      if (g.W % 14 == 0)
-        conv_chunks<1, 14, true>(xp_n, wf, bias, tmp, g, cb);
-      else if (g.W % 16 == 0)
-        conv_chunks<1, 16, true>(xp_n, wf, bias, tmp, g, cb);
-      else
-        conv_chunks<1, 24, false>(xp_n, wf, bias, tmp, g, cb);
+      conv_chunks_pick<1, 14, 16, 24>(xp_n, wf, bias, tmp, g, cb);
       cb += 1;
     }
   }
@@ -740,13 +741,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool_relu_bwd(const at::Tens
   const int64_t Ho = grad_y.size(2), Wo = grad_y.size(3);
   const bool window_ok = pk > 0 && ps > 0 && (H + 2 * pp - pk) / ps + 1 == Ho &&
                          (W + 2 * pp - pk) / ps + 1 == Wo;
-  if (idx_cl && Ci == 1 && K == 3 && window_ok) {
+  const bool wgrad_done = idx_cl && Ci == 1 && K == 3 && window_ok;
+  if (wgrad_done) {
     const at::Tensor gyc = grad_y.contiguous(at::MemoryFormat::ChannelsLast);
     wgrad_cl_c1k3(gyc.data_ptr<float>(), idx.data_ptr<int32_t>(), N, G, Co, Ho, Wo, pk, ps, pp, H,
                   W, xpd, sample, Wp, jmax, gwd, gbd);
     if (!need_x) return {gx, gw, gb};
   }
-  const bool wgrad_done = idx_cl && Ci == 1 && K == 3 && window_ok;
   const at::Tensor gy_t = grad_y.contiguous();
   const at::Tensor id_t = idx.contiguous();
   const float* gy = gy_t.data_ptr<float>();

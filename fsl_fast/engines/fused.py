@@ -42,6 +42,17 @@ def _backend_name(op: str, device) -> str:
     return _backend.resolve(op, device)[0]
 
 
+def _write_rows(buffer: torch.Tensor, e, rows, t: torch.Tensor) -> None:
+    """Entry ``e`` of the flat [K, P] ``buffer`` for the active clients: all rows (``rows`` is
+    None) or rows ``rows`` (a LongTensor), from ``t`` holding one [e.numel] slice per client."""
+    dst = buffer[:, e.offset:e.offset + e.numel]
+    src = t.reshape(-1, e.numel)
+    if rows is None:
+        dst.copy_(src)
+    else:
+        dst.index_copy_(0, rows, src)
+
+
 def _has_batchnorm(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
@@ -224,13 +235,9 @@ class FusedEngine(Engine):
                 continue
             ew, eb, idx, xp, w, pool, x_cl = t
             gx, gw, gb = _ops().conv_pool_relu_bwd(gy, idx, xp, w, i > first, *pool, x_cl)
-            for e, g in ((ew, gw), (eb, gb)):
-                if e is None:
-                    continue
-                if idx_rows is None:
-                    gbuf[:, e.offset:e.offset + e.numel].copy_(g.view(G, e.numel))
-                else:
-                    gbuf[:, e.offset:e.offset + e.numel].index_copy_(0, idx_rows, g.view(G, e.numel))
+            _write_rows(gbuf, ew, idx_rows, gw)
+            if eb is not None:
+                _write_rows(gbuf, eb, idx_rows, gb)
             gy = gx
 
     def _client_grouped(self, ks, xs):
@@ -294,19 +301,16 @@ class FusedEngine(Engine):
             gb.index_copy_(0, idx, g.index_select(0, idx))
 
     def client_backward(self, ks, zs, grads):
-        if self._vmap_out is not None and self._tape is not None:
-            full = self._est[1] if self._est is not None and grads is self._est[0] else torch.stack(grads)
-            self._est = None
-            self._backward_taped(full)
-            self._vmap_out = None
-        elif self._vmap_out is not None:
-            vks, z = self._vmap_out
-            self._leaf.grad = None
+        if self._vmap_out is not None:
             # the estimate's own [K, ...] tensor when these are its rows (no 2 MB re-stack)
             full = self._est[1] if self._est is not None and grads is self._est[0] else torch.stack(grads)
             self._est = None
-            z.backward(full)
-            self._leaf_grads_to_buffer(ks)
+            if self._tape is not None:
+                self._backward_taped(full)
+            else:
+                self._leaf.grad = None
+                self._vmap_out[1].backward(full)
+                self._leaf_grads_to_buffer(ks)
             self._vmap_out = None
         else:
             for z, g in zip(zs, grads):
@@ -426,14 +430,9 @@ class FusedEngine(Engine):
             if kind == "relu":
                 g = torch.ops.aten.threshold_backward(g, acts[i + 1], 0)
                 continue
-            parts = [(ew, torch.bmm(g.transpose(1, 2), acts[i]))]
+            _write_rows(grads, ew, idx, torch.bmm(g.transpose(1, 2), acts[i]))
             if eb is not None:
-                parts.append((eb, g.sum(1)))
-            for e, t in parts:
-                if idx is None:
-                    grads[:, e.offset:e.offset + e.numel].copy_(t.reshape(G, e.numel))
-                else:
-                    grads[:, e.offset:e.offset + e.numel].index_copy_(0, idx, t.reshape(G, e.numel))
+                _write_rows(grads, eb, idx, g.sum(1))
             g = torch.bmm(g, view(ew))
         self._backward_taped(g.view(z.shape))
 
@@ -462,14 +461,8 @@ class FusedEngine(Engine):
         self._leaf.grad = None
         loss.view(G, B).mean(1).sum().backward()
         self._leaf_grads_to_buffer(ks)
-        sg = self.servers.flat.grad_buffer
         for e in ents:
-            g = params[e.name].grad.reshape(G, e.numel)
-            if G == self.m:
-                sg[:, e.offset:e.offset + e.numel].copy_(g)
-            else:
-                for i, k in enumerate(ks):
-                    sg[k, e.offset:e.offset + e.numel].copy_(g[i])
+            _write_rows(self.servers.flat.grad_buffer, e, None if G == self.m else idx, params[e.name].grad)
 
     # -- server side ---------------------------------------------------------------------------
     @staticmethod
@@ -514,11 +507,10 @@ class FusedEngine(Engine):
         g = torch.ops.aten._log_softmax_backward_data(g, logp, 1, logp.dtype)
         for i in range(len(self._srv_plan) - 1, -1, -1):
             kind, ew, eb = self._srv_plan[i]
-            a = acts[i]
-            if kind == "relu":
-                g = torch.ops.aten.threshold_backward(g, acts[i + 1] if i + 1 < len(acts) else h, 0)
+            if kind == "relu":  # never last (the plan ends in a Linear): its output is acts[i + 1]
+                g = torch.ops.aten.threshold_backward(g, acts[i + 1], 0)
                 continue
-            torch.mm(g.t(), a, out=view(gbuf, ew))
+            torch.mm(g.t(), acts[i], out=view(gbuf, ew))
             if eb is not None:
                 torch.sum(g, 0, out=view(gbuf, eb))
             if i > 0 or want_grad:
