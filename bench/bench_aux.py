@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+from bench.common import pick
 from fsl_fast import aux_fast as X
 from fsl_fast.ops import _backend
 from fsl_fast.ops import aux as A
@@ -79,7 +80,7 @@ def _kernel_backends(device):
     return out
 
 
-LINEAR_SHAPES = [(256, 2048), (256, 16384), (1000, 2048)]
+LINEAR_SHAPES = pick([(256, 2048), (256, 16384), (1000, 2048)], [(256, 2048), (64, 4096)])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -110,7 +111,7 @@ def test_linear_align(benchmark, device, B, D):
         err = max(rel(loss, l_ref), rel(dW, dW_ref), rel(db, db_ref))
         assert err < 1e-5, (n, err)
         fns[n] = (lambda n: lambda: A.aux_align(feat, w, b, y, t, backend=n))(n)
-    rounds = 30 if D * B <= 256 * 2048 else 12
+    rounds = pick(30 if D * B <= 256 * 2048 else 12, 5)
     med = interleaved(fns, device, rounds)
     fast = "cpp" if "cpp" in fns else next((k for k in ("cuda", "triton") if k in fns), "closed_eager")
     benchmark.extra_info.update({f"median_ms_{k}": round(v * 1e3, 4) for k, v in med.items()})
@@ -148,7 +149,7 @@ def test_linear_estimate(benchmark, device, B, D):
     for n in _kernel_backends(device):
         assert rel(A.aux_estimate(feat, w, b, y, backend=n), g_ref) < 1e-5, n
         fns[n] = (lambda n: lambda: A.aux_estimate(feat, w, b, y, backend=n))(n)
-    rounds = 30 if D * B <= 256 * 2048 else 12
+    rounds = pick(30 if D * B <= 256 * 2048 else 12, 5)
     med = interleaved(fns, device, rounds)
     fast = "cpp" if "cpp" in fns else next((k for k in ("cuda", "triton") if k in fns), "closed_eager")
     benchmark.extra_info.update({f"median_ms_{k}": round(v * 1e3, 4) for k, v in med.items()})
@@ -161,7 +162,7 @@ def test_linear_estimate(benchmark, device, B, D):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("B,rounds", [(256, 5), (1000, 3)])
+@pytest.mark.parametrize("B,rounds", pick([(256, 5), (1000, 3)], [(64, 1)]))
 def test_layer3_align(benchmark, device, B, rounds):
     """The paper's layer3 auxiliary: reverse-over-reverse reference vs the lowered fast path,
     and the share of the fast path that a fused linear head (pool + fc) would cover."""
@@ -212,7 +213,7 @@ def test_layer3_align(benchmark, device, B, rounds):
 def test_layer3_align_batched_clients(benchmark, device):
     """K=4 clients' layer3 alignments: K separate fast calls vs one batched computation (the
     fused engine's form). On one CPU thread the two should be equal; the lever is the GPU."""
-    K, B, C = 4, 256, 10
+    K, B, C = pick(4, 2), pick(256, 64), 10
     torch.manual_seed(0)
     models = [X.Layer3Aux(C).to(device) for _ in range(K)]
     g = torch.Generator().manual_seed(2)

@@ -21,9 +21,11 @@ from pathlib import Path
 
 import pytest
 
+from bench.common import pick
+
 ROOT = Path(__file__).resolve().parents[1]
-ROUNDS = 4  # round 0 aligns (align interval 10); rounds 1-3 are the steady state
-BASE = ["--schedule", "parallel", "--threads", "1", "--no-progress"]
+ROUNDS = pick(4, 2)  # round 0 aligns (align interval 10); the later rounds are the steady state
+BASE = ["--schedule", "parallel", "--threads", "1", "--no-progress"] + pick([], ["--align-epochs", "5"])
 
 
 def _free_port() -> int:

@@ -23,6 +23,7 @@ import pytest
 import torch
 from torch import nn
 
+from bench.common import pick
 from fsl_fast.flat import FlatClients
 from fsl_fast.ops import available
 from fsl_fast.ops.fedavg import fedavg
@@ -64,9 +65,9 @@ class SimpleConvClient(nn.Module):
         self.conv2 = nn.Conv2d(64, 64, 5)
 
 
-CASES = {
-    "resnet18": (ResNet18Shapes, 10, 11_181_642),
-    "simple_conv": (SimpleConvClient, 100, 107_328),
+CASES = {  # quick mode: the same models, fewer clients
+    "resnet18": (ResNet18Shapes, pick(10, 2), 11_181_642),
+    "simple_conv": (SimpleConvClient, pick(100, 10), 107_328),
 }
 
 
@@ -181,11 +182,11 @@ def test_cpu(benchmark, setup, variant):
     else:
         torch.testing.assert_close(got, setup.expected, rtol=1e-5, atol=1e-5)
     if variant == "per_key_loop":
-        benchmark.pedantic(authors_per_key, args=(setup.models, setup.weights), rounds=5, iterations=1)
+        benchmark.pedantic(authors_per_key, args=(setup.models, setup.weights), rounds=pick(5, 2), iterations=1)
     elif variant == "foreach":
-        benchmark.pedantic(foreach_average, args=(setup.lists, setup.weights), rounds=10, iterations=1)
+        benchmark.pedantic(foreach_average, args=(setup.lists, setup.weights), rounds=pick(10, 2), iterations=1)
     else:
-        benchmark.pedantic(fn, rounds=15, iterations=1, warmup_rounds=1)
+        benchmark.pedantic(fn, rounds=pick(15, 3), iterations=1, warmup_rounds=1)
     benchmark.extra_info.update(case=setup.case, K=setup.k, P=setup.p, variant=variant)
     _gbps(benchmark, setup.min_bytes)
 
@@ -212,7 +213,7 @@ def test_ratios(benchmark, setup):
         "flat_mv": lambda: fedavg(s.stack.buffer, s.weights, out=s.out, backend="reference"),
         "cpp": lambda: fedavg(s.stack.buffer, s.weights, out=s.out, backend="cpp"),
     }
-    med = _interleaved(fns, rounds=7)
+    med = _interleaved(fns, rounds=pick(7, 2))
     # Broadcast variants write the average into every client; they overwrite the clients, so
     # they run on copies and are checked afterwards.
     buf_copy = s.stack.buffer.clone()
@@ -223,7 +224,7 @@ def test_ratios(benchmark, setup):
                                             backend="reference"),
         "cpp_broadcast": lambda: fedavg(buf_copy, s.weights, out=s.out, broadcast=True, backend="cpp"),
     }
-    bmed = _interleaved(bfns, rounds=5)
+    bmed = _interleaved(bfns, rounds=pick(5, 2))
     assert torch.equal(buf_copy, buf_copy[0].expand_as(buf_copy))
     assert torch.equal(models_copy[-1].conv1.weight, models_copy[0].conv1.weight)
     benchmark.pedantic(fns["cpp"], rounds=5, iterations=1)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.common import pick
 from fsl_fast import models
 from fsl_fast.ops import _backend
 from fsl_fast.ops import layers as L
@@ -59,8 +60,9 @@ def _record(benchmark, fast, slow, rounds, **info):
           f"min torch {m_slow:.2f} ms, cpp {m_fast:.2f} ms, x{m_slow / m_fast:.1f}")
 
 
-POOL_CASES = [((32, 16, 28, 28), 2, 2, 0, 20), ((64, 64, 32, 32), 3, 2, 1, 5),
-              ((64, 64, 16, 16), 3, 2, 1, 10)]
+POOL_CASES = pick([((32, 16, 28, 28), 2, 2, 0, 20), ((64, 64, 32, 32), 3, 2, 1, 5),
+                   ((64, 64, 16, 16), 3, 2, 1, 10)],
+                  [((32, 16, 28, 28), 2, 2, 0, 3), ((16, 64, 16, 16), 3, 2, 1, 3)])
 
 
 @pytest.mark.parametrize("shape,k,s,p,rounds", POOL_CASES,
@@ -78,7 +80,7 @@ def test_pool_relu_fwd_bwd(benchmark, shape, k, s, p, rounds):
             op="pool_relu", shape=list(shape), kernel=k, stride=s, padding=p, what="fwd+bwd")
 
 
-LRN_CASES = [((64, 64, 32, 32), 3), ((64, 64, 16, 16), 8)]
+LRN_CASES = pick([((64, 64, 32, 32), 3), ((64, 64, 16, 16), 8)], [((16, 64, 16, 16), 3)])
 
 
 @pytest.mark.parametrize("shape,rounds", LRN_CASES, ids=["x".join(map(str, c[0])) for c in LRN_CASES])
@@ -97,7 +99,8 @@ def test_lrn_fwd_bwd(benchmark, shape, rounds):
             op="lrn", shape=list(shape), what="fwd+bwd")
 
 
-CLIENTS = [("cnn", (1, 28, 28), 32, 20), ("simple_conv", (3, 32, 32), 64, 5)]
+CLIENTS = pick([("cnn", (1, 28, 28), 32, 20), ("simple_conv", (3, 32, 32), 64, 5)],
+               [("cnn", (1, 28, 28), 32, 3), ("simple_conv", (3, 32, 32), 8, 2)])
 
 
 @pytest.mark.parametrize("name,in_shape,batch,rounds", CLIENTS, ids=[c[0] for c in CLIENTS])

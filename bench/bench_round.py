@@ -6,8 +6,11 @@ so two local iterations per client). Timed rounds are ordinary rounds (no alignm
 alignment round is timed separately. Both engines run interleaved in one process; the ratio
 reference/fused is in extra_info and printed, with where the fused round spends its time.
 
+Quick mode (``FSL_FAST_BENCH_QUICK=1``): the same cases and checks with one timed round per engine,
+four clients on the 32x32 sets and two alignment epochs in the warm-up round.
+
 Peak memory (RSS of a fresh process running one round) for 10 and 100 clients:
-``python bench/bench_round.py --memory``.
+``python -m bench.bench_round --memory``.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import time
 
 import pytest
 
+from bench.common import QUICK, pick
 from fsl_fast.config import Config
 from fsl_fast.runner import Run
 
@@ -33,6 +37,8 @@ CASES = {
 def _cfg(case, algorithm="fsl_sage", **kw):
     base = dict(algorithm=algorithm, clients=10, schedule="parallel", threads=1, align_interval=1000,
                 seed=0)
+    if QUICK:  # round 0 (warm-up) aligns: keep it short; fewer clients on the slow 32x32 cases
+        base.update(align_epochs=2, clients=10 if case == "mnist5k-cnn" else 4)
     base.update(CASES[case])
     base.update(kw)
     return Config(**base).resolved()
@@ -72,7 +78,7 @@ def test_round_seconds(benchmark, case, algorithm):
     if case == "resnet18-32x32" and algorithm != "fsl_sage":
         pytest.skip("resnet18 timed for fsl_sage only (keeps the suite short)")
     cfg = _cfg(case, algorithm)
-    reps = 2 if case != "mnist5k-cnn" else 5
+    reps = pick(2 if case != "mnist5k-cnn" else 5, 1)
     ref, fused, t_ref, t_fused = _interleaved(cfg, reps)
     benchmark.pedantic(fused.step, rounds=1, iterations=1)
     ratio = t_ref / t_fused
@@ -85,7 +91,7 @@ def test_round_seconds(benchmark, case, algorithm):
 @pytest.mark.parametrize("case", ["mnist5k-cnn", "resnet18-32x32"])
 def test_alignment_round_seconds(benchmark, case):
     """Round 0 of fsl_sage aligns every client's auxiliary (100 epochs on its buffer)."""
-    cfg = _cfg(case, align_interval=1, align_epochs=100 if case == "mnist5k-cnn" else 5)
+    cfg = _cfg(case, align_interval=1, align_epochs=pick(100 if case == "mnist5k-cnn" else 5, 2))
     out = {}
     for fused in (False, True):
         run = Run(dataclasses.replace(cfg, fused=fused))
