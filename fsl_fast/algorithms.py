@@ -18,6 +18,7 @@ from contextlib import contextmanager
 
 import torch
 
+from fsl_fast.faults import FiniteGuard
 from fsl_fast.ledger import Ledger, tensor_bytes
 
 
@@ -99,6 +100,8 @@ class Algorithm:
         self._round = 0
         self._upload_counter = 0
         self._quant = None
+        # non-finite numbers end the run at the end of the phase where they appear (faults.py)
+        self.guard = FiniteGuard()
         if cfg.quantize != "none":
             from fsl_fast.ops import quantize as Q
 
@@ -114,6 +117,35 @@ class Algorithm:
         finally:
             self.engine.sync()
             self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
+
+    # -- divergence checks (fsl_fast.faults) ------------------------------------------------------
+    def watch(self, what: str, ks, tensors, side: str = "client") -> None:
+        """Queue per-client tensors (None for clients computed elsewhere) for the phase's check."""
+        if not self.guard.enabled:
+            return
+        batched = self.engine.batched_view(tensors)
+        if batched is not None:
+            self.guard.add_many(what, ks, tensors, batched=batched)
+            return
+        pairs = [(k, t) for k, t in zip(ks, tensors)
+                 if isinstance(t, torch.Tensor) and self.engine.computes(side, k)]
+        if pairs:
+            self.guard.add_many(what, [k for k, _ in pairs], [t for _, t in pairs])
+
+    _MODEL_NAMES = {"aux": "auxiliary model", "client": "client model", "server": "server model"}
+
+    def watch_models(self, part: str, ks, side: str) -> None:
+        """Queue the parameters of model ``part`` of each client in ``ks`` (None: the global one)."""
+        if not self.guard.enabled:
+            return
+        what = f"{self._MODEL_NAMES[part]} parameters"
+        ks = [k for k in ks if self.engine.computes(side, k)]
+        state = [self.engine.state_tensors(part, k) for k in ks]
+        if ks and all(len(s) == 1 for s in state):  # flat engines: one row per client
+            self.guard.add_many(what, ks, [s[0] for s in state])
+        else:
+            for k, s in zip(ks, state):
+                self.guard.add(k, what, s)
 
     # -- messages ------------------------------------------------------------------------------
     def send_smashed(self, k: int, z: torch.Tensor, y: torch.Tensor):
@@ -170,6 +202,9 @@ class Algorithm:
         self.times = {}
         self._round = t
         self._upload_counter = 0
+        self.guard.round = t
+        self.guard.seconds = 0.0
+        self.guard.discard()
         self.engine.begin_round(t)
         iters = [self.cfg.local_epochs * len(ld) for ld in self.loaders]
         streams = [self._batches(k) for k in range(self.m)]
@@ -185,6 +220,8 @@ class Algorithm:
                 self.local_iteration(t, it, ks, [b[0] for b in batches], [b[1] for b in batches])
         with self.phase("aggregate"):
             self.end_of_round(t)
+        if self.guard.enabled:
+            self.times["checks"] = self.guard.seconds  # overlaps the phases above
         return dict(self.times)
 
     def _batches(self, k: int):
@@ -195,6 +232,33 @@ class Algorithm:
 
     def local_iteration(self, t, it, ks, xs, ys):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def client_forward(self, ks, xs):
+        """The clients' forward pass, its smashed data checked."""
+        with self.phase("client"):
+            zs = self.engine.client_forward(ks, xs)
+        self.watch("smashed data", ks, zs)
+        self.guard.verify("client forward")
+        return zs
+
+    def client_update(self, ks, zs, grads, what: str) -> None:
+        """Backpropagate ``grads`` (the gradient estimate, a local loss's or the server's
+        gradient) through the clients and step; the gradients are checked. The clients'
+        parameters are checked at the end of local training (``check_local_models``): Adam moves a
+        parameter by about lr per step, so finite gradients keep them finite, and a parameter that
+        overflowed anyway makes the next forward's smashed data non-finite."""
+        if what is not None:
+            self.watch(what, ks, grads)
+            self.guard.verify("client step")
+        with self.phase("client"):
+            self.engine.client_backward(ks, zs, grads)
+
+    def check_local_models(self, parts=("client",)) -> None:
+        """Every client's local models after its last local step, before they are averaged."""
+        ks = list(range(self.m))
+        for part in parts:
+            self.watch_models(part, ks, "client")
+        self.guard.verify("local training")
 
     def end_of_round(self, t):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -212,12 +276,30 @@ class Algorithm:
                 self.engine.server_step(k, z_srv, y)
                 if keep:
                     self.buffers[k].append(payload, y)
+        self.check_servers(ks)
+
+    def check_servers(self, ks) -> None:
+        """After a server phase: each client's server copy, or the shared server once (named by
+        its client when the phase served one client, as in the sequential schedule)."""
+        if self.server_copies:
+            self.watch_models("server", ks, "server")
+        else:
+            self.watch_models("server", [ks[0] if len(ks) == 1 else None], "server")
+        self.guard.verify("server step")
 
     def fedavg_clients(self, with_aux: bool = False) -> None:
+        self.check_local_models(("client", "aux") if self.uses_aux else ("client",))
         self.engine.aggregate(self.weights, clients=True, aux=with_aux, servers=self.server_copies)
         self.count_model_exchange("client_model", self.engine.client_bytes(), self.m)
         if with_aux:
             self.count_model_exchange("aux_model", self.engine.aux_bytes(), self.m)
+        self.check_aggregate()
+
+    def check_aggregate(self) -> None:
+        """The averaged models and the server (what evaluation and the next round start from)."""
+        self.watch_models("client", [None], "server")
+        self.watch_models("server", [None], "server")
+        self.guard.verify("aggregation")
 
     def state_dict(self) -> dict:
         return {"buffers": [b.state_dict() for b in self.buffers]}
@@ -239,27 +321,33 @@ class FedAvg(Algorithm):
             self.engine.full_step(ks, xs, ys)
 
     def end_of_round(self, t):
+        self.check_local_models(("client", "server"))
         self.engine.aggregate(self.weights, clients=True, servers=True)
         self.ledger.add("up", "client_model", self.engine.client_bytes(), count=self.m)
         self.ledger.add("down", "client_model", self.engine.client_bytes(), count=self.m)
         self.ledger.add("up", "server_model", self.engine.server_bytes(), count=self.m)
         self.ledger.add("down", "server_model", self.engine.server_bytes(), count=self.m)
+        self.check_aggregate()
 
 
 class SplitFed(Algorithm):
     """SplitFed: every iteration uploads z, the server steps and returns dL/dz, the client steps."""
 
     def local_iteration(self, t, it, ks, xs, ys):
-        with self.phase("client"):
-            zs = self.engine.client_forward(ks, xs)
-        grads = []
+        zs = self.client_forward(ks, xs)
+        grads, computed = [], []
         with self.phase("server"):
             for k, z, y in zip(ks, zs, ys):
                 z_srv, _ = self.send_smashed(k, z, y)
                 g = self.engine.server_step(k, z_srv, y, want_grad=True)
+                computed.append(g)
                 grads.append(self.send_gradient(k, g))
-        with self.phase("client"):
-            self.engine.client_backward(ks, zs, grads)
+        # the input gradient is non-finite whenever the server's loss is; the server's parameters
+        # are checked at the end of the round (check_aggregate)
+        self.watch("server gradient", ks, computed, "server")
+        self.guard.verify("server step")
+        # checked above where it was computed (a client rank's copy is checked on receipt)
+        self.client_update(ks, zs, grads, None)
 
     def end_of_round(self, t):
         self.fedavg_clients()
@@ -286,12 +374,11 @@ class CSEFSL(Algorithm):
     uses_aux = True
 
     def local_iteration(self, t, it, ks, xs, ys):
-        with self.phase("client"):
-            zs = self.engine.client_forward(ks, xs)
+        zs = self.client_forward(ks, xs)
         self.periodic_upload(it, ks, zs, ys)
         with self.phase("client"):
             grads = self.engine.aux_local_step(ks, zs, ys)
-            self.engine.client_backward(ks, zs, grads)
+        self.client_update(ks, zs, grads, "local auxiliary gradient")
 
     def end_of_round(self, t):
         self.fedavg_clients(with_aux=True)
@@ -306,15 +393,16 @@ class FSLSAGE(Algorithm):
     uses_aux = True
 
     def local_iteration(self, t, it, ks, xs, ys):
-        with self.phase("client"):
-            zs = self.engine.client_forward(ks, xs)
+        zs = self.client_forward(ks, xs)
         self.periodic_upload(it, ks, zs, ys, keep=True)
         if t % self.cfg.align_interval == 0 and it == 0:
             with self.phase("align"):
                 self.align(ks)
+            self.watch_models("aux", ks, "server")
+            self.guard.verify("alignment")
         with self.phase("client"):
             grads = self.engine.aux_estimate(ks, zs, ys)
-            self.engine.client_backward(ks, zs, grads)
+        self.client_update(ks, zs, grads, "gradient estimate")
 
     def align(self, ks):
         """Server refreshes the true-gradient targets on each buffer, fits the auxiliaries to them,

@@ -141,7 +141,7 @@ def config_differences(stored: dict, cfg: Config) -> list[str]:
     from fsl_fast.train import RESUME_OVERRIDABLE
 
     want = cfg.to_dict()
-    keys = sorted(set(stored) | set(want))
+    keys = sorted((set(stored) | set(want)) - {"format_version"})
     return [k for k in keys if k not in RESUME_OVERRIDABLE and stored.get(k) != want.get(k)]
 
 

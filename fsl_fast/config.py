@@ -129,6 +129,23 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def to_file_dict(self) -> dict:
+        """config.json's content: the fields plus the file format version."""
+        from fsl_fast.faults import FORMAT_VERSION
+
+        return {"format_version": FORMAT_VERSION, **self.to_dict()}
+
+    @classmethod
+    def from_file_dict(cls, d: dict, where: str = "config.json") -> "Config":
+        """Read config.json's content (ConfigError, exit 2, for a format this version cannot read)."""
+        from fsl_fast.faults import check_version
+
+        if not isinstance(d, dict):
+            raise ConfigError(f"{where}: expected a JSON object")
+        d = dict(d)
+        check_version("run configuration", d.pop("format_version", None), where)
+        return cls.from_dict(d)
+
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
         names = {f.name for f in dataclasses.fields(cls)}

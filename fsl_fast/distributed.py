@@ -60,7 +60,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from fsl_fast import faults
 from fsl_fast.config import ConfigError
+from fsl_fast.faults import EXIT_DIVERGED, EXIT_IO, Divergence, RunIOError
 
 __all__ = [
     "DistributedError",
@@ -316,7 +318,26 @@ class Transport:
         silent = self.silent_peers() if (cause is not None or probe) else []
         if silent:
             msg += f" [no heartbeat from rank {', '.join(silent)}: it stopped or died]"
+        for r, why in (self.exited_peers() if (cause is not None or probe) else []):
+            msg += f" [rank {r} exited: {why}]"
         return DistributedError(msg)
+
+    def exited_peers(self) -> list[tuple[int, str]]:
+        """Peers that ended on purpose, with the line they printed (left in the store by _die)."""
+        if self.store is None:
+            return []
+        out = []
+        try:
+            with self.store_lock:
+                for r in range(self.topo.world_size):
+                    key = f"fsl_fast/exit/{r}"
+                    if r != self.rank and self.store.check([key]):
+                        code, _, why = self.store.get(key).decode(errors="replace").partition("|")
+                        if code != "143":  # stopped by the launcher: not the cause
+                            out.append((r, why))
+        except Exception:  # noqa: BLE001 - no store: no diagnosis
+            return []
+        return out
 
     def _wait(self, work, what: str) -> None:
         self.blocked = (time.monotonic(), what)
@@ -558,13 +579,14 @@ class Transport:
 _ACTIVE: list = []  # the Transport of this process, so that _die can leave word in the store
 
 
-def _die(msg: str, code: int) -> None:
+def _die(msg: str, code: int, reason: str | None = None) -> None:
     """Print one line and end the process now (threads and gloo teardown could otherwise hang);
-    first tell the peers, through the store, that this rank exited on purpose."""
+    first tell the peers, through the store, that this rank exited on purpose and why (``reason``,
+    default ``msg``; the peers' error lines quote it)."""
     try:
         for tr in _ACTIVE:
             if tr.store is not None and tr.store_lock.acquire(timeout=2.0):
-                tr.store.set(f"fsl_fast/exit/{tr.rank}", "1")
+                tr.store.set(f"fsl_fast/exit/{tr.rank}", f"{code}|{(reason or msg)[:1000]}")
     except Exception:  # noqa: BLE001 - best effort
         pass
     try:
@@ -612,6 +634,11 @@ class DistributedEngine:
     def begin_round(self, t: int) -> None:
         self.t.round = t
         self.inner.begin_round(t)
+
+    def computes(self, side: str, k: int | None = None) -> bool:
+        if side == "server":
+            return self.topo.is_server
+        return k is not None and self.topo.hosts(k)
 
     # -- client side ---------------------------------------------------------------------------
     def client_forward(self, ks, xs):
@@ -938,7 +965,7 @@ def _store_client():
         return None
 
 
-def train_distributed(cfg, out: Path, resume: bool = False, progress: bool = True):
+def train_distributed(cfg, out: Path, resume: bool = False, progress: bool = True, changes=None):
     """This rank's part of a distributed run (see the module doc). Returns the results dict on
     rank 0 and None elsewhere. Peer failures print one line naming the rank and round and end the
     process with status 1 (also on the ranks that are still healthy)."""
@@ -950,6 +977,8 @@ def train_distributed(cfg, out: Path, resume: bool = False, progress: bool = Tru
         waiting = f" while {transport.blocked[1]}" if transport is not None and transport.blocked else ""
         silent = transport.silent_peers() if transport is not None else []
         extra = f" [no heartbeat from rank {', '.join(silent)}: it stopped or died]" if silent else ""
+        for r, why in (transport.exited_peers() if transport is not None else []):
+            extra += f" [rank {r} exited: {why}]"
         _die(f"rank {rank}: stopped by the launcher (SIGTERM) in {where}{waiting}{extra}", 143)
 
     signal.signal(signal.SIGTERM, on_sigterm)
@@ -967,18 +996,29 @@ def train_distributed(cfg, out: Path, resume: bool = False, progress: bool = Tru
         transport = Transport(topo, device, cfg.dist_timeout, store=_store_client())
         _ACTIVE.append(transport)
         transport.start_liveness()
-        return _train(cfg, out, resume, progress, transport, device)
+        return _train(cfg, out, resume, progress, transport, device, changes)
     except DistributedError as e:
         _die(str(e), 1)
+    except Divergence as e:  # this rank saw it; the others fail naming this rank (see _die)
+        _die(f"rank {rank}: {e}; {_kept(out)}: continue with --resume {out} and e.g. a lower --lr",
+             EXIT_DIVERGED, reason=str(e))
+    except RunIOError as e:
+        _die(f"rank {rank}: {e}; {_kept(out)}: continue with --resume {out}", EXIT_IO)
     finally:
         if transport is not None:
             transport.stop_liveness()
 
 
-def _train(cfg, out: Path, resume: bool, progress: bool, transport: Transport, device):
+def _kept(out: Path) -> str:
+    return ("the last committed round's checkpoint is intact" if (Path(out) / MANIFEST).is_file()
+            else "no round was committed")
+
+
+def _train(cfg, out: Path, resume: bool, progress: bool, transport: Transport, device, changes=None):
     import dataclasses
 
-    from fsl_fast.runner import (CHECKPOINT, RoundLoop, Run, _atomic_torch_save, _atomic_write, plot_run,
+    from fsl_fast.runner import (CHECKPOINT, RoundLoop, Run, _atomic_torch_save, _atomic_write,
+                                  apply_resume_changes, jsonl, partition_record, plot_run, prepare_out,
                                   summarize)
 
     topo = transport.topo
@@ -990,19 +1030,18 @@ def _train(cfg, out: Path, resume: bool, progress: bool, transport: Transport, d
                                "data on every machine are required)")
     run = Run(dataclasses.replace(cfg, device=str(device)))
     attach(run, transport)
-    ck_dir = out / "checkpoints"
     if resume:
         _resume(run, out, transport)
+        apply_resume_changes(run, changes)
+        if rank == 0 and changes:
+            _atomic_write(out / "config.json", faults.dumps(cfg.to_file_dict(), indent=2) + "\n")
     elif rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
-        part = {"scheme": cfg.partition, "alpha": cfg.alpha, "seed": cfg.seed,
-                "num_classes": run.data.num_classes,
-                "clients": [{"client": k, "samples": int(len(p)), "class_counts": run.class_counts[k],
-                             "rank": topo.owner(k)} for k, p in enumerate(run.parts)]}
-        _atomic_write(out / "partition.json", json.dumps(part, indent=1) + "\n")
+        prepare_out(out)
+        _atomic_write(out / "config.json", faults.dumps(cfg.to_file_dict(), indent=2) + "\n")
+        _atomic_write(out / "partition.json",
+                      faults.dumps(partition_record(cfg, run, topo.owner), indent=1) + "\n")
     if rank == 0:
-        _atomic_write(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in run.metrics))
+        _atomic_write(out / "metrics.jsonl", jsonl(run.metrics))
         if (out / CHECKPOINT).exists():
             (out / CHECKPOINT).unlink()  # never leave an in-process checkpoint next to shards
     transport.barrier("setting up the run directory")
@@ -1017,15 +1056,14 @@ def _train(cfg, out: Path, resume: bool, progress: bool, transport: Transport, d
             rec.update(wire)
         rec = transport.broadcast_object(rec, "sharing the round's metrics")
         run.metrics[-1] = rec
-        if rank == 0:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
-        # Commit: every rank writes its shard, then rank 0 names the round in the manifest.
-        ck_dir.mkdir(parents=True, exist_ok=True)
+        # Commit: every rank writes its shard, then rank 0 names the round in the manifest, then
+        # appends the round's metrics (never a metrics row past the committed checkpoint).
         _atomic_torch_save(run.state_dict(), _shard(out, rank, t))
         transport.barrier("committing the checkpoint")
         if rank == 0:
-            _atomic_write(out / MANIFEST, json.dumps({"world_size": topo.world_size, "round": t}) + "\n")
+            _atomic_write(out / MANIFEST, faults.dumps({"format_version": faults.FORMAT_VERSION,
+                                                        "world_size": topo.world_size, "round": t}) + "\n")
+            faults.append_line(out / "metrics.jsonl", faults.dumps(rec) + "\n")
             _shard(out, 0, t - 1).unlink(missing_ok=True)
         else:
             # The manifest of round t-1 was written before rank 0 entered round t.
@@ -1037,7 +1075,9 @@ def _train(cfg, out: Path, resume: bool, progress: bool, transport: Transport, d
     results = summarize(cfg, run.metrics, loop.stopped, time.perf_counter() - t_start)
     if rank == 0:
         results["world_size"] = topo.world_size
-        _atomic_write(out / "results.json", json.dumps(results, indent=2) + "\n")
+        if run.config_changes:
+            results["config_changes"] = run.config_changes
+        _atomic_write(out / "results.json", faults.dumps(results, indent=2) + "\n")
         if run.metrics:
             plot_run(run.metrics, out, f"{cfg.algorithm} / {cfg.model} / {cfg.dataset} / distributed")
     transport.barrier("finishing")
@@ -1055,7 +1095,11 @@ def _resume(run, out: Path, transport: Transport) -> None:
             info = {"error": f"--resume: no distributed checkpoint manifest at {mf}"}
         else:
             info = json.loads(mf.read_text())
-            if info["world_size"] != topo.world_size:
+            try:
+                faults.check_version("distributed checkpoint manifest", info.get("format_version"), str(mf))
+            except ConfigError as e:
+                info = {"error": str(e)}
+            if "error" not in info and info["world_size"] != topo.world_size:
                 info = {"error": f"--resume: the run was written by {info['world_size']} processes; "
                                  f"relaunch with {info['world_size']} (got {topo.world_size})"}
     info = transport.broadcast_object(info, "agreeing on the checkpoint")
@@ -1065,9 +1109,12 @@ def _resume(run, out: Path, transport: Transport) -> None:
     path = _shard(out, topo.rank, t)
     err = ""
     try:
-        run.load_state_dict(torch.load(path, weights_only=True, map_location=run.engine.device))
+        run.load_state_dict(torch.load(path, weights_only=True, map_location=run.engine.device),
+                            where=str(path))
     except FileNotFoundError:
         err = f"rank {topo.rank}: --resume: checkpoint shard {path} not found"
+    except ConfigError as e:
+        err = f"rank {topo.rank}: {e}"
     flags = torch.zeros(topo.world_size, device=transport.device)
     flags[topo.rank] = 1.0 if err else 0.0
     transport.all_reduce_sum(flags, "loading the checkpoint shards")

@@ -1,7 +1,6 @@
 """One training run: data, models, engine, algorithm, the round loop, run directory, resume."""
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -9,9 +8,11 @@ from pathlib import Path
 
 import torch
 
+from fsl_fast import faults
 from fsl_fast.algorithms import ALGORITHM_CLASSES
 from fsl_fast.config import Config, ConfigError
 from fsl_fast.engines import build_engine
+from fsl_fast.faults import RunIOError, check_value
 from fsl_fast.ledger import GIB, Ledger
 
 CHECKPOINT = "checkpoints/last.pt"
@@ -57,10 +58,12 @@ class Run:
         self.algo = cls(cfg, self.engine, self.loaders, self.weights, self.ledger)
         self.metrics: list[dict] = []
         self.next_round = 0
+        self.config_changes: list[dict] = []  # settings changed by --resume (round, old, new)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
+            "format_version": faults.FORMAT_VERSION,
             "next_round": self.next_round,
             "engine": self.engine.state_dict(),
             "algorithm": self.algo.state_dict(),
@@ -68,9 +71,14 @@ class Run:
             "data_gens": [g.get_state() for g in self.gens],
             "torch_rng": torch.get_rng_state(),
             "metrics": self.metrics,
+            "config_changes": self.config_changes,
         }
 
-    def load_state_dict(self, sd: dict) -> None:
+    def load_state_dict(self, sd: dict, where: str = "checkpoint") -> None:
+        if not isinstance(sd, dict) or "next_round" not in sd:
+            raise ConfigError(f"--resume: {where} is not an fsl_fast checkpoint")
+        faults.check_version("checkpoint", sd.get("format_version"), where)
+        self.config_changes = list(sd.get("config_changes", []))
         self.next_round = int(sd["next_round"])
         self.engine.load_state_dict(sd["engine"])
         self.algo.load_state_dict(sd["algorithm"])
@@ -89,6 +97,8 @@ class Run:
         times = self.algo.run_round(t)
         with self.algo.phase("eval"):
             acc, loss = self.engine.evaluate(self.data.x_test, self.data.y_test, self.cfg.eval_batch_size)
+        if self.engine.computes("server"):
+            check_value(t, "evaluation", "test loss", loss)
         times["eval"] = self.algo.times["eval"]
         rec = {"round": t, "test_accuracy": acc, "test_loss": loss}
         rec.update(self.ledger.end_round())
@@ -100,17 +110,34 @@ class Run:
         return rec
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+_atomic_torch_save = faults.atomic_torch_save
+_atomic_write = faults.atomic_write_text
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def jsonl(rows) -> str:
+    return "".join(faults.dumps(m) + "\n" for m in rows)
+
+
+def prepare_out(out: Path) -> None:
+    """Create the run directory at start; a path that cannot be one is a ConfigError (exit 2)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".fsl_fast-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--out: cannot use {out} as the run directory: {e.strerror or e}") from None
+
+
+def apply_resume_changes(run: "Run", changes: dict) -> None:
+    """Settings changed on --resume (learning rates, weight decay) reach the optimizers loaded from
+    the checkpoint, and the change is recorded (results.json, the checkpoint)."""
+    if not changes:
+        return
+    cfg = run.cfg
+    run.engine.set_hyperparameters(cfg.lr, cfg.weight_decay, cfg.aux_lr)
+    run.config_changes.append({"round": run.next_round,
+                               "changes": {k: {"old": o, "new": n} for k, (o, n) in changes.items()}})
 
 
 # Metrics that depend on the wall clock; everything else must match exactly on resume.
@@ -173,37 +200,74 @@ class RoundLoop:
             self.bar.close()
 
 
-def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True) -> dict:
-    """Run (or continue) a training run into ``out``; returns the results dict."""
+def load_checkpoint(run: "Run", path: Path) -> None:
+    try:
+        sd = torch.load(path, weights_only=True, map_location=run.engine.device)
+    except Exception as e:  # noqa: BLE001 - truncated, foreign or corrupt file: one line, exit 2
+        raise ConfigError(f"--resume: cannot read checkpoint {path}: {str(e).splitlines()[0][:200]}") from None
+    run.load_state_dict(sd, where=str(path))
+
+
+def has_rows(path: Path) -> bool:
+    return path.is_file() and any(line.strip() for line in path.read_text().splitlines())
+
+
+def partition_record(cfg: Config, run: "Run", owner=None) -> dict:
+    return {"scheme": cfg.partition, "alpha": cfg.alpha, "seed": cfg.seed,
+            "num_classes": run.data.num_classes,
+            "clients": [{"client": k, "samples": int(len(p)), "class_counts": run.class_counts[k],
+                         **({"rank": owner(k)} if owner else {})} for k, p in enumerate(run.parts)]}
+
+
+def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
+          changes: dict | None = None) -> dict:
+    """Run (or continue) a training run into ``out``; returns the results dict.
+
+    Files: after each round the checkpoint is replaced atomically first, then the round's line is
+    appended to metrics.jsonl (cut back on a failed write), so metrics.jsonl never holds a round
+    past the checkpoint; after a failed write it may lack the checkpoint's last round, and
+    ``--resume`` rewrites it from the checkpoint's own copy of the metrics. ``changes``: settings
+    that ``--resume`` changed, {name: (old, new)}. Raises Divergence (exit 3) and RunIOError
+    (exit 4) from inside the loop, ConfigError (exit 2) before it."""
     run = Run(cfg)
     ckpt = out / CHECKPOINT
-    if resume:
-        if not ckpt.is_file():
-            raise ConfigError(f"--resume: no checkpoint at {ckpt}")
-        run.load_state_dict(torch.load(ckpt, weights_only=True, map_location=run.engine.device))
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
-        part = {"scheme": cfg.partition, "alpha": cfg.alpha, "seed": cfg.seed,
-                "num_classes": run.data.num_classes,
-                "clients": [{"client": k, "samples": int(len(p)), "class_counts": run.class_counts[k]}
-                            for k, p in enumerate(run.parts)]}
-        _atomic_write(out / "partition.json", json.dumps(part, indent=1) + "\n")
-    # metrics.jsonl always mirrors the checkpoint's rounds, then grows a line per round.
-    _atomic_write(out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in run.metrics))
+    try:
+        if resume:
+            if ckpt.is_file():
+                load_checkpoint(run, ckpt)
+            elif has_rows(out / "metrics.jsonl"):
+                raise ConfigError(f"--resume: no checkpoint at {ckpt}")
+            # else no round was ever completed (a run that diverged in round 0): start it again
+            apply_resume_changes(run, changes)
+            if changes:
+                _atomic_write(out / "config.json", faults.dumps(cfg.to_file_dict(), indent=2) + "\n")
+        else:
+            prepare_out(out)
+            _atomic_write(out / "config.json", faults.dumps(cfg.to_file_dict(), indent=2) + "\n")
+            _atomic_write(out / "partition.json", faults.dumps(partition_record(cfg, run), indent=1) + "\n")
+        # metrics.jsonl always mirrors the checkpoint's rounds, then grows a line per round.
+        _atomic_write(out / "metrics.jsonl", jsonl(run.metrics))
+    except RunIOError as e:
+        raise ConfigError(f"--out: {e}") from None
     loop = RoundLoop(run, progress, f"{cfg.algorithm}{' fused' if cfg.fused else ''}")
     t_start = time.perf_counter()
-    while loop.more():
-        rec = run.step()
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        _atomic_torch_save(run.state_dict(), ckpt)
-        loop.round_done(rec)
-    loop.close()
+    try:
+        while loop.more():
+            rec = run.step()
+            _atomic_torch_save(run.state_dict(), ckpt)
+            faults.append_line(out / "metrics.jsonl", faults.dumps(rec) + "\n")
+            loop.round_done(rec)
+    finally:
+        loop.close()
     results = summarize(cfg, run.metrics, loop.stopped, time.perf_counter() - t_start)
-    _atomic_write(out / "results.json", json.dumps(results, indent=2) + "\n")
+    if run.config_changes:
+        results["config_changes"] = run.config_changes
+    _atomic_write(out / "results.json", faults.dumps(results, indent=2) + "\n")
     if run.metrics:
-        plot_run(run.metrics, out, f"{cfg.algorithm} / {cfg.model} / {cfg.dataset} / {cfg.partition}")
+        try:
+            plot_run(run.metrics, out, f"{cfg.algorithm} / {cfg.model} / {cfg.dataset} / {cfg.partition}")
+        except OSError as e:
+            raise RunIOError(out / "accuracy_vs_comm.png", e) from None
     return results
 
 

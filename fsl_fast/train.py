@@ -63,25 +63,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Options --resume may change: these leave the results as an uninterrupted run's ...
 RESUME_OVERRIDABLE = ("rounds", "comm_budget_gib", "threads", "device", "dist_timeout")
+# ... and these change training from the resumed round on (e.g. a lower --lr after a divergence);
+# config.json takes the new values and results.json lists the change.
+RESUME_CHANGEABLE = ("lr", "weight_decay", "aux_lr")
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from fsl_fast.data import DataError
+    from fsl_fast.faults import EXIT_DIVERGED, EXIT_IO, Divergence, RunIOError
     given = {k: v for k, v in vars(args).items()
              if v is not None and k not in ("out", "resume", "no_progress")}
+    changes = {}
+    out = None
     try:
         if args.resume:
             out = Path(args.resume)
             cfg_file = out / "config.json"
             if not cfg_file.is_file():
                 raise ConfigError(f"--resume: {cfg_file} not found")
-            cfg = Config.from_dict(json.loads(cfg_file.read_text()))
-            bad = sorted(k for k in given if k not in RESUME_OVERRIDABLE and given[k] != getattr(cfg, k))
+            try:
+                stored = json.loads(cfg_file.read_text())
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"--resume: cannot read {cfg_file}: {e}") from None
+            cfg = Config.from_file_dict(stored, where=str(cfg_file))
+            allowed = RESUME_OVERRIDABLE + RESUME_CHANGEABLE
+            bad = sorted(k for k in given if k not in allowed and given[k] != getattr(cfg, k))
             if bad:
-                raise ConfigError(f"--resume: cannot change {', '.join(bad)} of an existing run")
-            for k in RESUME_OVERRIDABLE:
+                raise ConfigError(f"--resume: cannot change {', '.join(bad)} of an existing run "
+                                  f"(may change: {', '.join('--' + k.replace('_', '-') for k in allowed)})")
+            changes = {k: (getattr(cfg, k), given[k]) for k in RESUME_CHANGEABLE
+                       if k in given and given[k] != getattr(cfg, k)}
+            for k in allowed:
                 if k in given:
                     setattr(cfg, k, given[k])
             cfg = cfg.resolved()
@@ -97,7 +112,7 @@ def main(argv=None) -> int:
         else:
             from fsl_fast.runner import train
 
-        results = train(cfg, out, resume=bool(args.resume), progress=not args.no_progress)
+        results = train(cfg, out, resume=bool(args.resume), progress=not args.no_progress, changes=changes)
         if cfg.distributed:
             _DIST_DONE.append(True)
         if results is None:
@@ -105,6 +120,21 @@ def main(argv=None) -> int:
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Divergence as e:
+        from fsl_fast.runner import CHECKPOINT
+
+        kept = ("the last completed round's checkpoint is intact" if (out / CHECKPOINT).is_file()
+                else "no round was completed")
+        print(f"error: {e}; {kept}: continue with --resume {out} and e.g. a lower --lr",
+              file=sys.stderr)
+        return EXIT_DIVERGED
+    except RunIOError as e:
+        from fsl_fast.runner import CHECKPOINT
+
+        kept = ("the checkpoint in it holds the last completed round" if (out / CHECKPOINT).is_file()
+                else "no round was checkpointed")
+        print(f"error: {e}; {kept}: continue with --resume {out}", file=sys.stderr)
+        return EXIT_IO
     except KeyboardInterrupt:
         print("interrupted: the last completed round is checkpointed; continue with --resume", file=sys.stderr)
         return 130

@@ -79,6 +79,6 @@ def test_refuses_to_overwrite_and_to_change_a_resumed_run(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["--rounds", "1", "--out", str(out)] + TINY) == 0
     assert main(["--rounds", "1", "--out", str(out)] + TINY) == 2
-    assert main(["--resume", str(out), "--lr", "0.5"]) == 2
+    assert main(["--resume", str(out), "--seed", "5"]) == 2
     err = capsys.readouterr().err
-    assert "already holds a run" in err and "cannot change lr" in err
+    assert "already holds a run" in err and "cannot change seed" in err

@@ -115,7 +115,7 @@ def test_distributed_equals_in_process(tmp_path, case):
     _same_metrics(dm, _local(tmp_path, args))
     res = json.loads((out / "results.json").read_text())
     assert res["world_size"] == 3 and res["rounds_completed"] == 2
-    assert json.loads((out / "checkpoints/dist.json").read_text()) == {"world_size": 3, "round": 1}
+    assert json.loads((out / "checkpoints/dist.json").read_text()) == {"format_version": 1, "world_size": 3, "round": 1}
     part = json.loads((out / "partition.json").read_text())
     assert [c["rank"] for c in part["clients"]] == [1, 1, 2, 2]
     # The wire: every payload sent was received, and per-client messages are the ledger's bytes.
@@ -453,4 +453,20 @@ def test_stalled_client_rank_times_out_naming_it(tmp_path):
     line0 = next((x for x in ours if x.startswith("error: rank 0:")), None)
     assert line0 is not None, err[-3000:]
     assert " round " in line0 and "no heartbeat from rank 2 " in line0, line0
+    print("\n".join(ours))
+
+
+def test_divergence_ends_every_rank_naming_the_rank_that_saw_it(tmp_path):
+    out = tmp_path / "dist"
+    rc, _, err = _run(["--algorithm", "splitfed_v2", "--lr", "1e30", "--rounds", "2", "--dist-timeout", "60",
+                       "--out", str(out)] + TINY)
+    assert rc != 0, err[-3000:]
+    ours = [line for line in err.splitlines() if line.startswith("error: rank ")]
+    saw = {int(line.split()[2].rstrip(":")) for line in ours
+           if line.split(": ", 2)[-1].startswith("round 0, client ")}
+    assert saw, err[-3000:]
+    for r in range(3):
+        line = next((x for x in ours if x.startswith(f"error: rank {r}:")), None)
+        assert line is not None, err[-3000:]
+        assert r in saw or any(f"[rank {s} exited: round 0, client " in line for s in saw), line
     print("\n".join(ours))

@@ -42,6 +42,26 @@ class Engine:
     def begin_round(self, t: int) -> None:
         pass
 
+    # -- for the divergence checks (fsl_fast.faults) ---------------------------------------------
+    def computes(self, side: str, k: int | None = None) -> bool:
+        """Whether this process computes ``side`` ("client" or "server") for client k (None: the
+        shared/global models). Always true in process; the distributed wrapper narrows it."""
+        return True
+
+    def batched_view(self, tensors):
+        """The one tensor whose rows are ``tensors`` (a list this engine returned for all of its
+        clients in one batched computation), or None."""
+        return None
+
+    def state_tensors(self, part: str, k: int | None = None) -> list:
+        """The float tensors (parameters and buffers) of model ``part`` ("client", "server",
+        "aux") of client k; k None: the global client, the shared or global server."""
+        raise NotImplementedError
+
+    def set_hyperparameters(self, lr: float, weight_decay: float, aux_lr: float) -> None:
+        """Apply learning rates / weight decay after a checkpoint load (``--resume --lr ...``)."""
+        raise NotImplementedError
+
     # The operations (see ReferenceEngine for their exact semantics).
     def client_forward(self, ks, xs): raise NotImplementedError
     def client_backward(self, ks, zs, grads): raise NotImplementedError

@@ -159,6 +159,7 @@ class FusedEngine(Engine):
         self._vmap_fn = None
         self._leaf = None
         self._server_fn = None
+        self._vmap_out = None  # (ks, [K, ...] output) of the last batched client forward
         self._z_list = None  # the grouped forward's per-client outputs (rows of _vmap_out)
         self._est = None  # (list returned by aux_estimate, the [K, ...] tensor it unbinds)
 
@@ -633,6 +634,36 @@ class FusedEngine(Engine):
 
     def eval_models(self):
         return self.clients.global_mod, self.server_global
+
+    # -- divergence checks, hyperparameters -----------------------------------------------------
+    def batched_view(self, tensors):
+        if self._vmap_out is not None and tensors is self._z_list:
+            return self._vmap_out[1]
+        if self._est is not None and tensors is self._est[0]:
+            return self._est[1]
+        return None
+
+    def state_tensors(self, part, k=None):
+        if part == "client":
+            return [self.clients.flat.global_buffer if k is None else self.clients.flat.buffer[k]]
+        if part == "aux":
+            return [self.aux.flat.buffer[k]]
+        if self.servers is not None:
+            return [self.servers.flat.global_buffer if k is None else self.servers.flat.buffer[k]]
+        if self.server_stack is not None:
+            return [self.server_stack.flat.buffer[0]]
+        m = self.server_global
+        return [t for t in list(m.parameters()) + list(m.buffers()) if t.is_floating_point()]
+
+    def set_hyperparameters(self, lr, weight_decay, aux_lr):
+        for st in (self.clients, self.servers, self.server_stack):
+            if st is not None:
+                st.opt.lr, st.opt.wd = lr, weight_decay
+        if self.servers is None and self.server_stack is None:
+            for g in self.server_opt.param_groups:
+                g["lr"], g["weight_decay"] = lr, weight_decay
+        if self.aux is not None:
+            self.aux.opt.lr = aux_lr
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self):

@@ -133,6 +133,24 @@ class ReferenceEngine(Engine):
     def eval_models(self):
         return self.client_global, self.server_global
 
+    # -- divergence checks, hyperparameters -----------------------------------------------------
+    def state_tensors(self, part, k=None):
+        if part == "client":
+            m = self.client_global if k is None else self.clients[k]
+        elif part == "server":
+            m = self.server_global if k is None else self._server(k)[0]
+        else:
+            m = self.auxes[k]
+        return [t for t in list(m.parameters()) + list(m.buffers()) if t.is_floating_point()]
+
+    def set_hyperparameters(self, lr, weight_decay, aux_lr):
+        for opt in self.client_opts + self.server_opts:
+            for g in opt.param_groups:
+                g["lr"], g["weight_decay"] = lr, weight_decay
+        for opt in self.aux_opts:
+            for g in opt.param_groups:
+                g["lr"] = aux_lr
+
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self):
         return {
