@@ -139,3 +139,46 @@ if __name__ == "__main__":
     if "--memory" in sys.argv:
         print("| case | clients | engine | peak RSS (MiB) |\n|---|---|---|---|")
         peak_memory_table()
+
+
+PRECISION_CASES = {  # --precision: the fp32 reference engine vs the fused engine in fp32 and bf16
+    "resnet18-32x32-b64": dict(dataset="synthetic:3x32x32", model="resnet18", aux="layer3", batch_size=64),
+    "simple_conv-32x32": dict(dataset="synthetic:3x32x32", model="simple_conv", batch_size=32),
+    "mnist5k-cnn": dict(dataset="mnist5k"),
+}
+
+
+@pytest.mark.parametrize("case", list(PRECISION_CASES))
+def test_round_seconds_fp32_vs_bf16(benchmark, case):
+    """Ordinary fsl_sage rounds: reference (fp32), fused fp32, fused bf16, interleaved; seconds
+    per round, speedups over the reference and training images per second. The embedded cnn runs
+    on the fused engine's fp32 C++ kernels in either precision (README: what bf16 changes)."""
+    import torch
+
+    kw = dict(algorithm="fsl_sage", clients=pick(10 if case == "mnist5k-cnn" else 4, 4), schedule="parallel",
+              threads=torch.get_num_threads(), align_interval=1000, align_epochs=pick(5, 1), seed=0)
+    kw.update(PRECISION_CASES[case])
+    cfg = Config(**kw).resolved()
+    runs = {"reference_fp32": Run(cfg), "fused_fp32": Run(dataclasses.replace(cfg, fused=True)),
+            "fused_bf16": Run(dataclasses.replace(cfg, fused=True, precision="bf16"))}
+    for r in runs.values():
+        r.step()  # round 0 (aligns): warm-up
+    assert len({r.metrics[0]["comm_bytes"] for r in runs.values()}) == 1  # bf16 leaves the wire as is
+    times = {k: [] for k in runs}
+    for _ in range(pick(3, 1)):
+        for k, r in runs.items():
+            t0 = time.perf_counter()
+            r.step()
+            times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    images = sum(len(p) for p in runs["reference_fp32"].parts) * cfg.local_epochs
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    info = {f"{k}_s": v for k, v in med.items()}
+    info.update({f"{k}_speedup": med["reference_fp32"] / v for k, v in med.items()},
+                **{f"{k}_images_per_s": images / v for k, v in med.items()},
+                fused_bf16_phases=_phases(runs["fused_bf16"]), fused_fp32_phases=_phases(runs["fused_fp32"]),
+                threads=torch.get_num_threads())
+    benchmark.extra_info.update(info)
+    print(f"\n[{case}, {torch.get_num_threads()} thread(s)] " + ", ".join(
+        f"{k} {v:.3f} s ({med['reference_fp32'] / v:.2f}x, {images / v:.0f} img/s)" for k, v in med.items())
+        + f"\n  fused bf16 phases {_phases(runs['fused_bf16'])}")

@@ -15,6 +15,7 @@ SCHEDULES = ("sequential", "parallel")
 DATASETS = ("mnist5k", "cifar10", "cifar100", "synthetic")
 PARTITIONS = ("iid", "dirichlet")
 QUANTIZE = ("none", "int8", "int4")
+PRECISIONS = ("fp32", "bf16")
 DIST_FEDAVG = ("ordered", "allreduce")  # distributed FedAvg: chain in client order | one all-reduce
 
 
@@ -51,6 +52,7 @@ class Config:
     stochastic_rounding: bool = False
     fused: bool = False
     client_batching: str = "auto"
+    precision: str = "fp32"
     device: str = "cpu"
     threads: int = 0
     eval_batch_size: int = 1000
@@ -86,6 +88,7 @@ class Config:
         choice("partition", PARTITIONS)
         choice("quantize", QUANTIZE)
         choice("client_batching", ("auto", "loop", "vmap"))
+        choice("precision", PRECISIONS)
         choice("dist_fedavg", DIST_FEDAVG)
         from fsl_fast.models import AUX_NAMES, MODEL_NAMES
 

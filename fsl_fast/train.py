@@ -8,8 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from fsl_fast.config import (ALGORITHMS, DATASETS, DIST_FEDAVG, PARTITIONS, QUANTIZE, SCHEDULES, Config,
-                             ConfigError)
+from fsl_fast.config import (ALGORITHMS, DATASETS, DIST_FEDAVG, PARTITIONS, PRECISIONS, QUANTIZE, SCHEDULES,
+                             Config, ConfigError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--fused", action="store_true", default=None, help="use the fused engine (fast path)")
     a("--client-batching", choices=("auto", "loop", "vmap"), default=None,
       help="fused engine: run clients one by one (loop) or as one vmapped computation (auto: vmap on CUDA)")
+    a("--precision", choices=PRECISIONS, default=None,
+      help="fp32 (default) | bf16: torch convolutions and matrix products of client, server and "
+           "auxiliary models in bfloat16 (AMX / tensor cores); weights, optimizer states, FedAvg, "
+           "the loss, the alignment targets and the wire stay fp32")
     a("--device", default=None, help="cpu (default) | cuda[:N]")
     a("--threads", type=int, default=None, help="torch intra-op threads (0 = torch default)")
     a("--distributed", action="store_true", default=None,

@@ -58,12 +58,13 @@ def test_parameters_after_two_rounds(algorithm, schedule):
     assert [m["comm_bytes"] for m in ref.metrics] == [m["comm_bytes"] for m in fused.metrics]
 
 
+@pytest.mark.parametrize("rewrites", ["1", "0"])
 @pytest.mark.parametrize("algorithm,model,aux", [("splitfed_v2", "simple_conv", "default"),
                                                    ("fsl_sage", "simple_conv", "default"),
                                                    ("fsl_sage", "resnet18", "layer3"),
                                                    ("cse_fsl", "resnet18", "layer3"),
                                                    ("fsl_sage", "resnet18", "linear")])
-def test_conv_models_one_round(algorithm, model, aux):
+def test_conv_models_one_round(algorithm, model, aux, rewrites, monkeypatch):
     """LRN/max-pool kernels (simple_conv), BatchNorm and the layer3 auxiliary (resnet18), one
     round of one iteration per client (alignment included).
 
@@ -71,11 +72,31 @@ def test_conv_models_one_round(algorithm, model, aux):
     about lr * sign(g) where |g| is tiny, so a last-bit difference in such a gradient (the LRN
     kernel sums in another order than torch) moves that weight by up to 2 * lr. So: nearly all
     elements agree to 1e-4, and no element differs by more than 2 * lr."""
+    monkeypatch.setenv("FSL_FAST_BITWISE", "0" if rewrites == "1" else "1")
     cfg = Config(algorithm=algorithm, model=model, aux=aux, schedule="parallel",
                  **{**BASE, "dataset": "synthetic:3x32x32", "clients": 2, "batch_size": 320,
                     "align_epochs": 2}).resolved()
     ref = _run(cfg, 1)
     fused = _run(dataclasses.replace(cfg, fused=True), 1)
+    if rewrites == "1" and model == "resnet18":
+        # The small-map rewrite (1x1 / 2x2 maps as matrix products) gives gradients equal to the
+        # convolution's to ~1e-6 relative, not bit for bit. Adam's first steps are lr * sign(g), so
+        # on the many near-zero gradients of this tiny round a last-bit difference flips a step,
+        # and the server's differing steps change the alignment targets: each weight may differ
+        # by about 2 lr per Adam step it took (the auxiliary took the most, align_epochs x 2
+        # batches; 1.5x margin for Adam steps slightly above lr), and BatchNorm running
+        # statistics follow the weights. The rewrite itself is checked in float64 in
+        # tests/test_rewrites.py; here: the step bound on parameters and the loss.
+        steps = max(fused.engine.aux.opt.steps)
+        for name, ta, tb in _float_pairs(ref.engine.named_state(), fused.engine.named_state()):
+            if name.endswith(("running_mean", "running_var")):
+                continue
+            d = float((ta - tb).abs().max())
+            assert d <= 1.5 * 2 * steps * cfg.lr + 1e-6, f"{name}: {d:.2e}"
+        rel = abs(ref.metrics[0]["test_loss"] - fused.metrics[0]["test_loss"]) / ref.metrics[0]["test_loss"]
+        print(f"{algorithm}/{model}/{aux} with the small-map rewrite: test loss {rel:.2e} relative apart")
+        assert rel <= 1e-3
+        return
     total = close = 0
     for name, ta, tb in _float_pairs(ref.engine.named_state(), fused.engine.named_state()):
         d = (ta - tb).abs()

@@ -6,10 +6,17 @@ algorithms only pass them back to ``client_backward`` or detach them to send the
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
 from fsl_fast.ledger import state_bytes
+
+
+def wide(t: torch.Tensor) -> torch.Tensor:
+    """A bf16/fp16 result of the precision context as fp32 (losses, the wire); others unchanged."""
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
 
 
 class Engine:
@@ -24,6 +31,15 @@ class Engine:
         self._client_bytes = state_bytes(split.client)
         self._server_bytes = state_bytes(split.server)
         self._aux_bytes = state_bytes(split.aux)
+        self.bf16 = getattr(cfg, "precision", "fp32") == "bf16"
+
+    def compute(self):
+        """Context for the models' torch computations: autocast to bfloat16 with --precision
+        bf16 (parameters stay fp32 masters; convolutions and matrix products run in bf16), a
+        no-op in fp32. Losses are taken on ``wide()`` (fp32) logits outside it."""
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     # sizes of the models as sent (fp32 parameters and buffers)
     def client_bytes(self) -> int:
@@ -85,7 +101,9 @@ class Engine:
         for i in range(0, x.shape[0], batch_size):
             xb = x[i:i + batch_size].to(self.device)
             yb = y[i:i + batch_size].to(self.device)
-            out = server(client(xb))
+            with self.compute():
+                out = server(wide(client(xb)))
+            out = wide(out)
             loss_sum += float(F.cross_entropy(out, yb, reduction="sum"))
             correct += int((out.argmax(1) == yb).sum())
         client.train()
@@ -94,14 +112,17 @@ class Engine:
         return correct / n, loss_sum / n
 
 
-def buffer_targets(server, data) -> list:
+def buffer_targets(server, data, compute=contextlib.nullcontext) -> list:
     """True cut-layer gradients d CE_mean(s(Z), Y)/dZ of each buffer (Z, Y) in ``data`` with the
-    current server, in train mode (as the authors), its BatchNorm running stats left untouched."""
+    current server, in train mode (as the authors), its BatchNorm running stats left untouched.
+    ``compute``: the engine's precision context (the targets are fp32 either way)."""
     saved = [b.clone() for b in server.buffers()]
     out = []
     for Z, Y in data:
         Zr = Z.detach().requires_grad_(True)
-        (T,) = torch.autograd.grad(F.cross_entropy(server(Zr), Y), Zr)
+        with compute():
+            logits = server(Zr)
+        (T,) = torch.autograd.grad(F.cross_entropy(wide(logits), Y), Zr)
         out.append(T)
     with torch.no_grad():
         for b, s in zip(server.buffers(), saved):

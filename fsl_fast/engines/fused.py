@@ -25,15 +25,17 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fsl_fast.engines.base import Engine, align_seed, buffer_targets
+from fsl_fast.engines.base import Engine, align_seed, buffer_targets, wide
 from fsl_fast.flat import FlatClients
 from fsl_fast.models import ConvAux, LinearAux
 from fsl_fast.optim import FlatAdam
+from fsl_fast.rewrites import enable_small_map_convs
 
 
 def _backend_name(op: str, device) -> str:
@@ -109,7 +111,18 @@ class FusedEngine(Engine):
         super().__init__(cfg, split, num_clients, algorithm_cls, device)
         dev = self.device
         lr, wd, K = cfg.lr, cfg.weight_decay, num_clients
-        self.clients = _Stack(_fuse(split.client).to(dev), K, dev, lr, wd)
+        # (the C++ layer kernels are fp32 in any precision; under bf16 they widen their input)
+        client = _fuse(split.client).to(dev)
+        # FSL_FAST_BITWISE=1: keep the results bit-identical to the reference engine wherever the
+        # fused kernels allow it (no small-map rewrite; a BatchNorm server keeps torch's Adam);
+        # the parity tests use it to compare elementwise.
+        self.bitwise = os.environ.get("FSL_FAST_BITWISE", "0") == "1"
+        # exact rewrite of the torch convolutions left after fusing: those of 1x1 / 2x2 maps run
+        # as one matrix product (fsl_fast.rewrites; other maps keep the convolution at run time)
+        self.small_map_convs = 0
+        if not self.bitwise:
+            self.small_map_convs = sum(enable_small_map_convs(m) for m in (client, split.server, split.aux))
+        self.clients = _Stack(client, K, dev, lr, wd)
         # vmap runs the unfused modules (the fused-layer autograd Functions are CPU kernels
         # without vmap rules; on CUDA the layer ops are torch's own anyway). Same state keys.
         self._plain_client = copy.deepcopy(split.client).to(dev)
@@ -130,11 +143,12 @@ class FusedEngine(Engine):
             self.server_global = self.servers.global_mod
         self.server_has_bn = _has_batchnorm(self.server_global)
         self.server_stack = None
-        if self.servers is None and not self.server_has_bn:
-            # one server without BatchNorm: flat too, one fused Adam pass per step (0.16 ms
-            # instead of torch's 0.7 ms for the cnn server's 0.2M parameters). A BatchNorm server
-            # (resnet18) keeps torch's Adam, bit-identical to the reference engine's: there a
-            # last-bit difference is amplified through BatchNorm and Adam into visible drift
+        if self.servers is None and not (self.server_has_bn and self.bitwise):
+            # one server: flat too, one fused Adam pass per step (0.16 ms instead of torch's
+            # 0.7 ms for the cnn server's 0.2M parameters; resnet18's 10.5M-parameter server:
+            # torch's Adam allocated ~15 ms of temporaries per step). In FSL_FAST_BITWISE mode a
+            # BatchNorm server keeps torch's Adam, bit-identical to the reference engine's: there
+            # a last-bit difference is amplified through BatchNorm and Adam into visible drift
             # within one round (tests/test_fused_parity.py compares elementwise).
             self.server_stack = _Stack(self.server_global, 1, dev, lr, wd)
             self.server_global = self.server_stack.mods[0]
@@ -274,8 +288,9 @@ class FusedEngine(Engine):
         rows = leaf if len(ks) == self.m else leaf.index_select(0, idx)
         params = {e.name: rows[:, e.offset:e.offset + e.numel].view(len(ks), *e.shape)
                   for e in flat.layout.entries}
-        z = torch.func.vmap(self._vmap_fn)(params, torch.stack(xs))
-        return z
+        with self.compute():
+            z = torch.func.vmap(self._vmap_fn)(params, torch.stack(xs))
+        return wide(z)
 
     def client_forward(self, ks, xs):
         self.clients.zero_grad(ks)
@@ -290,7 +305,9 @@ class FusedEngine(Engine):
             self._z_list = list(z.unbind(0))
             return self._z_list
         self._vmap_out = self._z_list = None
-        return [self.clients.mods[k](x) for k, x in zip(ks, xs)]
+        with self.compute():
+            zs = [self.clients.mods[k](x) for k, x in zip(ks, xs)]
+        return [wide(z) for z in zs]  # the wire carries fp32 smashed data in any precision
 
     def _leaf_grads_to_buffer(self, ks):
         """Rows ``ks`` of the batched clients' leaf gradient into the flat gradient buffer."""
@@ -343,7 +360,9 @@ class FusedEngine(Engine):
         out = []
         for k, z, y in zip(ks, zs, ys):
             zd = z.detach().requires_grad_(True)
-            (g,) = torch.autograd.grad(F.cross_entropy(self.aux.mods[k](zd), y), zd)
+            with self.compute():
+                logits = self.aux.mods[k](zd)
+            (g,) = torch.autograd.grad(F.cross_entropy(wide(logits), y), zd)
             out.append(g)
         return out
 
@@ -379,7 +398,9 @@ class FusedEngine(Engine):
         out = []
         for k, z, y in zip(ks, zs, ys):
             zd = z.detach().requires_grad_(True)
-            F.cross_entropy(self.aux.mods[k](zd), y).backward()
+            with self.compute():
+                logits = self.aux.mods[k](zd)
+            F.cross_entropy(wide(logits), y).backward()
             out.append(zd.grad)
         self.aux.opt.step(ks)
         return out
@@ -393,7 +414,9 @@ class FusedEngine(Engine):
             self.clients.zero_grad(ks)
             self.servers.zero_grad(ks)
             for k, x, y in zip(ks, xs, ys):
-                F.cross_entropy(self.servers.mods[k](self.clients.mods[k](x)), y).backward()
+                with self.compute():
+                    logits = self.servers.mods[k](wide(self.clients.mods[k](x)))
+                F.cross_entropy(wide(logits), y).backward()
         self.clients.opt.step(ks)
         self.servers.opt.step(ks)
 
@@ -525,17 +548,21 @@ class FusedEngine(Engine):
             stack.opt.step([row])
             return gz
         zr = z.detach().requires_grad_(want_grad)
+        server = self.servers.mods[k] if self.servers is not None else self.server_global
         if self.servers is not None:
             self.servers.zero_grad([k])
-            F.cross_entropy(self.servers.mods[k](zr), y).backward()
-            self.servers.opt.step([k])
         elif self.server_stack is not None:
             self.server_stack.zero_grad([0])
-            F.cross_entropy(self.server_global(zr), y).backward()
-            self.server_stack.opt.step([0])
         else:
             self.server_opt.zero_grad(set_to_none=True)
-            F.cross_entropy(self.server_global(zr), y).backward()
+        with self.compute():
+            logits = server(zr)
+        F.cross_entropy(wide(logits), y).backward()
+        if self.servers is not None:
+            self.servers.opt.step([k])
+        elif self.server_stack is not None:
+            self.server_stack.opt.step([0])
+        else:
             self.server_opt.step()
         return zr.grad if want_grad else None
 
@@ -550,10 +577,12 @@ class FusedEngine(Engine):
             # each client's rows scaled by 1/n_k (its own batch mean)
             scale = torch.cat([torch.full((d[0].shape[0],), 1.0 / d[0].shape[0], device=Z.device)
                                for d in data])
-            loss = (F.cross_entropy(server(Z), Y, reduction="none") * scale).sum()
+            with self.compute():
+                logits = server(Z)
+            loss = (F.cross_entropy(wide(logits), Y, reduction="none") * scale).sum()
             (T,) = torch.autograd.grad(loss, Z)
             return list(T.split([d[0].shape[0] for d in data]))
-        return buffer_targets(server, data)
+        return buffer_targets(server, data, self.compute)
 
     def align(self, ks, data):
         targets = self._targets(data)
@@ -617,7 +646,9 @@ class FusedEngine(Engine):
                         p.grad.copy_(g)
                 else:
                     Zb = Z[idx].detach().requires_grad_(True)
-                    est = F.cross_entropy(aux(Zb), Y[idx], reduction="sum") / n
+                    with self.compute():
+                        logits = aux(Zb)
+                    est = F.cross_entropy(wide(logits), Y[idx], reduction="sum") / n
                     (g,) = torch.autograd.grad(est, Zb, create_graph=True)
                     F.mse_loss(g, T[idx], reduction="sum").backward()
                 self.aux.opt.step([k])
@@ -686,8 +717,18 @@ class FusedEngine(Engine):
             if self.servers is not None:
                 self.servers.load_state_dict(sd["servers"])
             elif self.server_stack is not None:
+                if "server_flat" not in sd:
+                    from fsl_fast.config import ConfigError
+
+                    raise ConfigError("--resume: this checkpoint keeps the server with torch's Adam "
+                                      "(written in FSL_FAST_BITWISE mode); resume with FSL_FAST_BITWISE=1")
                 self.server_stack.load_state_dict(sd["server_flat"])
             else:
+                if "server" not in sd:
+                    from fsl_fast.config import ConfigError
+
+                    raise ConfigError("--resume: this checkpoint keeps the server flat (written without "
+                                      "FSL_FAST_BITWISE); resume without FSL_FAST_BITWISE=1")
                 self.server_global.load_state_dict(sd["server"])
                 self.server_opt.load_state_dict(sd["server_opt"])
             if self.aux is not None:

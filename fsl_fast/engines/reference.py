@@ -8,7 +8,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from fsl_fast.engines.base import Engine, align_seed, buffer_targets
+from fsl_fast.engines.base import Engine, align_seed, buffer_targets, wide
 from fsl_fast.ops.fedavg import fedavg_state_dicts as average_state_dicts
 
 
@@ -44,7 +44,9 @@ class ReferenceEngine(Engine):
 
     # -- client side ---------------------------------------------------------------------------
     def client_forward(self, ks, xs):
-        return [self.clients[k](x) for k, x in zip(ks, xs)]
+        with self.compute():
+            zs = [self.clients[k](x) for k, x in zip(ks, xs)]
+        return [wide(z) for z in zs]  # the wire carries fp32 smashed data in any precision
 
     def client_backward(self, ks, zs, grads):
         for k, z, g in zip(ks, zs, grads):
@@ -57,7 +59,9 @@ class ReferenceEngine(Engine):
         out = []
         for k, z, y in zip(ks, zs, ys):
             zd = z.detach().requires_grad_(True)
-            loss = F.cross_entropy(self.auxes[k](zd), y)
+            with self.compute():
+                logits = self.auxes[k](zd)
+            loss = F.cross_entropy(wide(logits), y)
             (g,) = torch.autograd.grad(loss, zd)
             out.append(g)
         return out
@@ -68,7 +72,9 @@ class ReferenceEngine(Engine):
             zd = z.detach().requires_grad_(True)
             opt = self.aux_opts[k]
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(self.auxes[k](zd), y).backward()
+            with self.compute():
+                logits = self.auxes[k](zd)
+            F.cross_entropy(wide(logits), y).backward()
             opt.step()
             out.append(zd.grad)
         return out
@@ -79,7 +85,9 @@ class ReferenceEngine(Engine):
             copt = self.client_opts[k]
             copt.zero_grad(set_to_none=True)
             sopt.zero_grad(set_to_none=True)
-            F.cross_entropy(server(self.clients[k](x)), y).backward()
+            with self.compute():
+                logits = server(wide(self.clients[k](x)))
+            F.cross_entropy(wide(logits), y).backward()
             copt.step()
             sopt.step()
 
@@ -88,14 +96,16 @@ class ReferenceEngine(Engine):
         server, opt = self._server(k)
         zr = z.detach().requires_grad_(want_grad)
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(server(zr), y).backward()
+        with self.compute():
+            logits = server(zr)
+        F.cross_entropy(wide(logits), y).backward()
         opt.step()
         return zr.grad if want_grad else None
 
     def align(self, ks, data):
         cfg = self.cfg
         for k, (Z, Y) in zip(ks, data):
-            (T,) = buffer_targets(self.servers[0], [(Z, Y)])
+            (T,) = buffer_targets(self.servers[0], [(Z, Y)], self.compute)
             aux, opt, gen = self.auxes[k], self.aux_opts[k], self.align_gens[k]
             n = Z.shape[0]
             for _ in range(cfg.align_epochs):
@@ -105,7 +115,9 @@ class ReferenceEngine(Engine):
                     Zb = Z[idx].detach().requires_grad_(True)
                     # Both the prediction and the target carry 1/n (n = buffer rows): with one
                     # alignment batch per pass (the paper's 1000/1000) this is the authors' loss.
-                    est = F.cross_entropy(aux(Zb), Y[idx], reduction="sum") / n
+                    with self.compute():
+                        logits = aux(Zb)
+                    est = F.cross_entropy(wide(logits), Y[idx], reduction="sum") / n
                     (g,) = torch.autograd.grad(est, Zb, create_graph=True)
                     loss = F.mse_loss(g, T[idx], reduction="sum")
                     opt.zero_grad(set_to_none=True)

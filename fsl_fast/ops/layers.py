@@ -123,6 +123,11 @@ def _ops():
     return torch.ops.fsl_fast
 
 
+
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    """The C++ layer kernels are fp32: a bf16 input (autocast) is widened, exactly."""
+    return x.float() if x.dtype == torch.bfloat16 else x
+
 class _PoolReLUFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, k, s, p):
@@ -306,7 +311,9 @@ class PoolReLU(nn.Module):
         self.backend = backend
 
     def forward(self, x):
-        return pool_relu(x, self.kernel_size, self.stride, self.padding, backend=self.backend)
+        # fp32 kernel: under --precision bf16 the bf16 activations are widened (exact) and the
+        # next autocast op narrows the fp32 result again
+        return pool_relu(_fp32(x), self.kernel_size, self.stride, self.padding, backend=self.backend)
 
     def extra_repr(self):
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
@@ -322,7 +329,7 @@ class LRN(nn.Module):
         self.backend = backend
 
     def forward(self, x):
-        return lrn(x, self.size, self.alpha, self.beta, self.k, backend=self.backend)
+        return lrn(_fp32(x), self.size, self.alpha, self.beta, self.k, backend=self.backend)
 
     def extra_repr(self):
         return f"{self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}"
@@ -346,7 +353,7 @@ class ConvPoolReLU(nn.Module):
         self.channels_last_out = False  # set by the rewriter when another conv block follows
 
     def forward(self, x):
-        return conv_pool_relu(x, self.weight, self.bias, self.kernel_size, self.stride,
+        return conv_pool_relu(_fp32(x), self.weight, self.bias, self.kernel_size, self.stride,
                               self.padding, backend=self.backend,
                               channels_last_out=self.channels_last_out)
 
