@@ -192,38 +192,43 @@ def _cleanup(tmp) -> None:
         pass
 
 
-def atomic_torch_save(obj, path) -> None:
-    """torch.save through a temporary file and a rename: ``path`` is the old or the new file,
-    never a partial one. Raises :class:`RunIOError` naming ``path`` and the cause."""
+def _atomic(path, write) -> None:
+    """``write(tmp)`` then rename over ``path``: ``path`` is the old or the new file, never a
+    partial one. Raises :class:`RunIOError` naming ``path`` and the cause."""
     path = os.fspath(path)
     tmp = path + ".tmp"
     try:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(tmp, "wb") as raw:
-            f = _RecordingFile(raw)
-            try:
-                torch.save(obj, f)
-            except RuntimeError:
-                if f.error is not None:
-                    raise f.error from None
-                raise
+        write(tmp)
         os.replace(tmp, path)
     except OSError as e:
         _cleanup(tmp)
         raise RunIOError(path, e) from None
+
+
+def _torch_save_to(obj, tmp) -> None:
+    with open(tmp, "wb") as raw:
+        f = _RecordingFile(raw)
+        try:
+            torch.save(obj, f)
+        except RuntimeError:
+            if f.error is not None:
+                raise f.error from None
+            raise
+
+
+def atomic_torch_save(obj, path) -> None:
+    """torch.save through a temporary file and a rename (RunIOError on failure)."""
+    _atomic(path, lambda tmp: _torch_save_to(obj, tmp))
 
 
 def atomic_write_text(path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename (RunIOError on failure)."""
-    path = os.fspath(path)
-    tmp = path + ".tmp"
-    try:
+    def write(tmp):
         with open(tmp, "w") as f:
             f.write(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        _cleanup(tmp)
-        raise RunIOError(path, e) from None
+
+    _atomic(path, write)
 
 
 def append_line(path, line: str) -> None:
