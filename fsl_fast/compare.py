@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fsl_fast.faults import EXIT_DIVERGED, EXIT_IO, Divergence, RunIOError
 from fsl_fast.config import ALGORITHMS, PARTITIONS, Config, ConfigError
 from fsl_fast.ledger import GIB
 
@@ -368,6 +369,13 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Divergence as e:
+        print(f"error: {e}; the run's last completed round is checkpointed", file=sys.stderr)
+        return EXIT_DIVERGED
+    except RunIOError as e:
+        print(f"error: {e}; finished rounds are checkpointed: run the same command to continue",
+              file=sys.stderr)
+        return EXIT_IO
     except KeyboardInterrupt:
         print("interrupted: finished rounds are checkpointed; run the same command to continue",
               file=sys.stderr)
