@@ -202,6 +202,7 @@ class Algorithm:
         self.times = {}
         self._round = t
         self._upload_counter = 0
+        self.round_extra: dict = {}  # extra per-round metrics (estimate_quality)
         self.guard.round = t
         self.guard.seconds = 0.0
         self.guard.discard()
@@ -411,7 +412,17 @@ class FSLSAGE(Algorithm):
         for k in ks:
             Z, Y = self.buffers[k].tensors(self.decode)
             data.append((Z, Y))
+        log = self.cfg.log_estimate_quality and self.engine.computes("server")
+        if log:
+            from fsl_fast.engines.base import estimate_quality
+
+            before = estimate_quality(self.engine, ks, data)
         self.engine.align(ks, data)
+        if log:
+            after = estimate_quality(self.engine, ks, data)
+            self.round_extra.setdefault("estimate_quality", []).extend(
+                {"client": b["client"], "cosine_before": b["cosine"], "norm_ratio_before": b["norm_ratio"],
+                 "cosine_after": a["cosine"], "norm_ratio_after": a["norm_ratio"]} for b, a in zip(before, after))
         for _ in ks:
             self.ledger.add("down", "aux_model", self.engine.aux_bytes())
 

@@ -53,6 +53,7 @@ class Config:
     fused: bool = False
     client_batching: str = "auto"
     precision: str = "fp32"
+    log_estimate_quality: bool = False
     device: str = "cpu"
     threads: int = 0
     eval_batch_size: int = 1000

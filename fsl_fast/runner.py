@@ -100,7 +100,7 @@ class Run:
         if self.engine.computes("server"):
             check_value(t, "evaluation", "test loss", loss)
         times["eval"] = self.algo.times["eval"]
-        rec = {"round": t, "test_accuracy": acc, "test_loss": loss}
+        rec = {"round": t, "test_accuracy": acc, "test_loss": loss, **getattr(self.algo, "round_extra", {})}
         rec.update(self.ledger.end_round())
         rec["comm_gib_paper"] = rec["comm_bytes_paper"] / GIB
         rec.update({f"seconds_{k}": v for k, v in sorted(times.items())})

@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
       help="fp32 (default) | bf16: torch convolutions and matrix products of client, server and "
            "auxiliary models in bfloat16 (AMX / tensor cores); weights, optimizer states, FedAvg, "
            "the loss, the alignment targets and the wire stay fp32")
+    a("--log-estimate-quality", action="store_true", default=None,
+      help="FSL-SAGE: before and after each alignment, log per aligned client the cosine between the "
+           "auxiliary's gradient estimate and the true cut-layer gradient on its buffer, and their "
+           "norm ratio (metrics.jsonl estimate_quality; costs a server pass)")
     a("--device", default=None, help="cpu (default) | cuda[:N]")
     a("--threads", type=int, default=None, help="torch intra-op threads (0 = torch default)")
     a("--distributed", action="store_true", default=None,
@@ -68,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Options --resume may change: these leave the results as an uninterrupted run's ...
-RESUME_OVERRIDABLE = ("rounds", "comm_budget_gib", "threads", "device", "dist_timeout")
+RESUME_OVERRIDABLE = ("rounds", "comm_budget_gib", "threads", "device", "dist_timeout", "log_estimate_quality")
 # ... and these change training from the resumed round on (e.g. a lower --lr after a divergence);
 # config.json takes the new values and results.json lists the change.
 RESUME_CHANGEABLE = ("lr", "weight_decay", "aux_lr")

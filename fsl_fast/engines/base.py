@@ -88,6 +88,7 @@ class Engine:
     def align(self, ks, data): raise NotImplementedError
     def aggregate(self, weights, clients=True, aux=False, servers=False): raise NotImplementedError
     def eval_models(self): raise NotImplementedError
+    def aux_module(self, k): raise NotImplementedError
     def state_dict(self): raise NotImplementedError
     def load_state_dict(self, sd): raise NotImplementedError
 
@@ -110,6 +111,32 @@ class Engine:
         server.train()
         n = x.shape[0]
         return correct / n, loss_sum / n
+
+
+def estimate_quality(engine, ks, data) -> list[dict]:
+    """For each client k in ``ks`` with buffer (Z, Y): cosine between its auxiliary's gradient
+    estimate d CE_mean(aux_k(Z), Y)/dZ and the true cut-layer gradient d CE_mean(s(Z), Y)/dZ of the
+    current server, and the norm ratio |estimate| / |true|. Both in the engine's precision context,
+    both models in train mode (as training uses them), their BatchNorm statistics left untouched;
+    no parameter gradient is touched."""
+    server = engine.eval_models()[1]
+    targets = buffer_targets(server, data, engine.compute)
+    out = []
+    for k, (Z, Y), T in zip(ks, data, targets):
+        aux = engine.aux_module(k)
+        saved = [b.clone() for b in aux.buffers()]
+        Zr = Z.detach().requires_grad_(True)
+        with engine.compute():
+            logits = aux(Zr)
+        (g,) = torch.autograd.grad(F.cross_entropy(wide(logits), Y), Zr)
+        with torch.no_grad():
+            for b, s in zip(aux.buffers(), saved):
+                b.copy_(s)
+        g, T = g.double().flatten(), T.double().flatten()
+        tn, gn = float(T.norm()), float(g.norm())
+        cos = float(g @ T) / (gn * tn) if gn > 0 and tn > 0 else float("nan")
+        out.append({"client": int(k), "cosine": cos, "norm_ratio": gn / tn if tn > 0 else float("nan")})
+    return out
 
 
 def buffer_targets(server, data, compute=contextlib.nullcontext) -> list:

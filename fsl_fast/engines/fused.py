@@ -666,6 +666,9 @@ class FusedEngine(Engine):
     def eval_models(self):
         return self.clients.global_mod, self.server_global
 
+    def aux_module(self, k):
+        return self.aux.mods[k]
+
     # -- divergence checks, hyperparameters -----------------------------------------------------
     def batched_view(self, tensors):
         if self._vmap_out is not None and tensors is self._z_list:

@@ -145,6 +145,9 @@ class ReferenceEngine(Engine):
     def eval_models(self):
         return self.client_global, self.server_global
 
+    def aux_module(self, k):
+        return self.auxes[k]
+
     # -- divergence checks, hyperparameters -----------------------------------------------------
     def state_tensors(self, part, k=None):
         if part == "client":
