@@ -102,6 +102,7 @@ class Algorithm:
         self._quant = None
         # non-finite numbers end the run at the end of the phase where they appear (faults.py)
         self.guard = FiniteGuard()
+        self.round_extra: dict = {}  # extra per-round metrics (estimate_quality)
         if cfg.quantize != "none":
             from fsl_fast.ops import quantize as Q
 
@@ -202,7 +203,7 @@ class Algorithm:
         self.times = {}
         self._round = t
         self._upload_counter = 0
-        self.round_extra: dict = {}  # extra per-round metrics (estimate_quality)
+        self.round_extra = {}
         self.guard.round = t
         self.guard.seconds = 0.0
         self.guard.discard()

@@ -1017,9 +1017,9 @@ def _kept(out: Path) -> str:
 def _train(cfg, out: Path, resume: bool, progress: bool, transport: Transport, device, changes=None):
     import dataclasses
 
-    from fsl_fast.runner import (CHECKPOINT, RoundLoop, Run, _atomic_torch_save, _atomic_write,
+    from fsl_fast.runner import (CHECKPOINT, RoundLoop, Run,
                                   apply_resume_changes, jsonl, partition_record, plot_run, prepare_out,
-                                  summarize)
+                                  summarize, write_config)
 
     topo = transport.topo
     rank = topo.rank
@@ -1034,14 +1034,14 @@ def _train(cfg, out: Path, resume: bool, progress: bool, transport: Transport, d
         _resume(run, out, transport)
         apply_resume_changes(run, changes)
         if rank == 0 and changes:
-            _atomic_write(out / "config.json", faults.dumps(cfg.to_file_dict(), indent=2) + "\n")
+            write_config(out, cfg)
     elif rank == 0:
         prepare_out(out)
-        _atomic_write(out / "config.json", faults.dumps(cfg.to_file_dict(), indent=2) + "\n")
-        _atomic_write(out / "partition.json",
+        write_config(out, cfg)
+        faults.atomic_write_text(out / "partition.json",
                       faults.dumps(partition_record(cfg, run, topo.owner), indent=1) + "\n")
     if rank == 0:
-        _atomic_write(out / "metrics.jsonl", jsonl(run.metrics))
+        faults.atomic_write_text(out / "metrics.jsonl", jsonl(run.metrics))
         if (out / CHECKPOINT).exists():
             (out / CHECKPOINT).unlink()  # never leave an in-process checkpoint next to shards
     transport.barrier("setting up the run directory")
@@ -1058,10 +1058,10 @@ def _train(cfg, out: Path, resume: bool, progress: bool, transport: Transport, d
         run.metrics[-1] = rec
         # Commit: every rank writes its shard, then rank 0 names the round in the manifest, then
         # appends the round's metrics (never a metrics row past the committed checkpoint).
-        _atomic_torch_save(run.state_dict(), _shard(out, rank, t))
+        faults.atomic_torch_save(run.state_dict(), _shard(out, rank, t))
         transport.barrier("committing the checkpoint")
         if rank == 0:
-            _atomic_write(out / MANIFEST, faults.dumps({"format_version": faults.FORMAT_VERSION,
+            faults.atomic_write_text(out / MANIFEST, faults.dumps({"format_version": faults.FORMAT_VERSION,
                                                         "world_size": topo.world_size, "round": t}) + "\n")
             faults.append_line(out / "metrics.jsonl", faults.dumps(rec) + "\n")
             _shard(out, 0, t - 1).unlink(missing_ok=True)
@@ -1077,7 +1077,7 @@ def _train(cfg, out: Path, resume: bool, progress: bool, transport: Transport, d
         results["world_size"] = topo.world_size
         if run.config_changes:
             results["config_changes"] = run.config_changes
-        _atomic_write(out / "results.json", faults.dumps(results, indent=2) + "\n")
+        faults.atomic_write_text(out / "results.json", faults.dumps(results, indent=2) + "\n")
         if run.metrics:
             plot_run(run.metrics, out, f"{cfg.algorithm} / {cfg.model} / {cfg.dataset} / distributed")
     transport.barrier("finishing")

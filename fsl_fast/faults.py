@@ -102,8 +102,8 @@ class FiniteGuard:
             if rows is not None:
                 total = float(rows.sum())
             else:
-                total = float(torch.stack([t.sum() for t in tensors if t.numel()]).sum()) \
-                    if any(t.numel() for t in tensors) else 0.0
+                sums = [t.sum() for t in tensors if t.numel()]
+                total = float(torch.stack(sums).sum()) if sums else 0.0
         self._groups.append((what, [(k, [t]) for k, t in zip(clients, tensors)], total))
         self.seconds += time.perf_counter() - t0
 

@@ -1,7 +1,6 @@
 """One training run: data, models, engine, algorithm, the round loop, run directory, resume."""
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -100,7 +99,7 @@ class Run:
         if self.engine.computes("server"):
             check_value(t, "evaluation", "test loss", loss)
         times["eval"] = self.algo.times["eval"]
-        rec = {"round": t, "test_accuracy": acc, "test_loss": loss, **getattr(self.algo, "round_extra", {})}
+        rec = {"round": t, "test_accuracy": acc, "test_loss": loss, **self.algo.round_extra}
         rec.update(self.ledger.end_round())
         rec["comm_gib_paper"] = rec["comm_bytes_paper"] / GIB
         rec.update({f"seconds_{k}": v for k, v in sorted(times.items())})
@@ -110,12 +109,13 @@ class Run:
         return rec
 
 
-_atomic_torch_save = faults.atomic_torch_save
-_atomic_write = faults.atomic_write_text
-
-
 def jsonl(rows) -> str:
     return "".join(faults.dumps(m) + "\n" for m in rows)
+
+
+def write_config(out: Path, cfg: Config) -> None:
+    """config.json: the resolved configuration with its format version (strict JSON)."""
+    faults.atomic_write_text(out / "config.json", faults.dumps(cfg.to_file_dict(), indent=2) + "\n")
 
 
 def prepare_out(out: Path) -> None:
@@ -240,13 +240,13 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
             # else no round was ever completed (a run that diverged in round 0): start it again
             apply_resume_changes(run, changes)
             if changes:
-                _atomic_write(out / "config.json", faults.dumps(cfg.to_file_dict(), indent=2) + "\n")
+                write_config(out, cfg)
         else:
             prepare_out(out)
-            _atomic_write(out / "config.json", faults.dumps(cfg.to_file_dict(), indent=2) + "\n")
-            _atomic_write(out / "partition.json", faults.dumps(partition_record(cfg, run), indent=1) + "\n")
+            write_config(out, cfg)
+            faults.atomic_write_text(out / "partition.json", faults.dumps(partition_record(cfg, run), indent=1) + "\n")
         # metrics.jsonl always mirrors the checkpoint's rounds, then grows a line per round.
-        _atomic_write(out / "metrics.jsonl", jsonl(run.metrics))
+        faults.atomic_write_text(out / "metrics.jsonl", jsonl(run.metrics))
     except RunIOError as e:
         raise ConfigError(f"--out: {e}") from None
     loop = RoundLoop(run, progress, f"{cfg.algorithm}{' fused' if cfg.fused else ''}")
@@ -254,7 +254,7 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
     try:
         while loop.more():
             rec = run.step()
-            _atomic_torch_save(run.state_dict(), ckpt)
+            faults.atomic_torch_save(run.state_dict(), ckpt)
             faults.append_line(out / "metrics.jsonl", faults.dumps(rec) + "\n")
             loop.round_done(rec)
     finally:
@@ -262,7 +262,7 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
     results = summarize(cfg, run.metrics, loop.stopped, time.perf_counter() - t_start)
     if run.config_changes:
         results["config_changes"] = run.config_changes
-    _atomic_write(out / "results.json", faults.dumps(results, indent=2) + "\n")
+    faults.atomic_write_text(out / "results.json", faults.dumps(results, indent=2) + "\n")
     if run.metrics:
         try:
             plot_run(run.metrics, out, f"{cfg.algorithm} / {cfg.model} / {cfg.dataset} / {cfg.partition}")

@@ -81,7 +81,7 @@ RESUME_CHANGEABLE = ("lr", "weight_decay", "aux_lr")
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from fsl_fast.data import DataError
-    from fsl_fast.faults import EXIT_DIVERGED, EXIT_IO, Divergence, RunIOError
+    from fsl_fast.faults import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_IO, Divergence, RunIOError
     given = {k: v for k, v in vars(args).items()
              if v is not None and k not in ("out", "resume", "no_progress")}
     changes = {}
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
             return 0
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     except Divergence as e:
         from fsl_fast.runner import CHECKPOINT
 

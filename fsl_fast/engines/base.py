@@ -19,6 +19,26 @@ def wide(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
 
 
+def cross_entropy(compute, model, x, y, reduction: str = "mean") -> torch.Tensor:
+    """CE(model(x), y): the model runs in the precision context ``compute``, the loss on fp32
+    logits."""
+    with compute():
+        logits = model(x)
+    return F.cross_entropy(wide(logits), y, reduction=reduction)
+
+
+@contextlib.contextmanager
+def preserved_buffers(module):
+    """Run a train-mode forward without keeping its BatchNorm running-statistics updates."""
+    saved = [b.clone() for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, s in zip(module.buffers(), saved):
+                b.copy_(s)
+
+
 class Engine:
     device: torch.device
 
@@ -40,6 +60,9 @@ class Engine:
         if not self.bf16:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def ce_loss(self, model, x, y, reduction: str = "mean") -> torch.Tensor:
+        return cross_entropy(self.compute, model, x, y, reduction)
 
     # sizes of the models as sent (fp32 parameters and buffers)
     def client_bytes(self) -> int:
@@ -124,14 +147,9 @@ def estimate_quality(engine, ks, data) -> list[dict]:
     out = []
     for k, (Z, Y), T in zip(ks, data, targets):
         aux = engine.aux_module(k)
-        saved = [b.clone() for b in aux.buffers()]
         Zr = Z.detach().requires_grad_(True)
-        with engine.compute():
-            logits = aux(Zr)
-        (g,) = torch.autograd.grad(F.cross_entropy(wide(logits), Y), Zr)
-        with torch.no_grad():
-            for b, s in zip(aux.buffers(), saved):
-                b.copy_(s)
+        with preserved_buffers(aux):
+            (g,) = torch.autograd.grad(engine.ce_loss(aux, Zr, Y), Zr)
         g, T = g.double().flatten(), T.double().flatten()
         tn, gn = float(T.norm()), float(g.norm())
         cos = float(g @ T) / (gn * tn) if gn > 0 and tn > 0 else float("nan")
@@ -143,17 +161,12 @@ def buffer_targets(server, data, compute=contextlib.nullcontext) -> list:
     """True cut-layer gradients d CE_mean(s(Z), Y)/dZ of each buffer (Z, Y) in ``data`` with the
     current server, in train mode (as the authors), its BatchNorm running stats left untouched.
     ``compute``: the engine's precision context (the targets are fp32 either way)."""
-    saved = [b.clone() for b in server.buffers()]
     out = []
-    for Z, Y in data:
-        Zr = Z.detach().requires_grad_(True)
-        with compute():
-            logits = server(Zr)
-        (T,) = torch.autograd.grad(F.cross_entropy(wide(logits), Y), Zr)
-        out.append(T)
-    with torch.no_grad():
-        for b, s in zip(server.buffers(), saved):
-            b.copy_(s)
+    with preserved_buffers(server):
+        for Z, Y in data:
+            Zr = Z.detach().requires_grad_(True)
+            (T,) = torch.autograd.grad(cross_entropy(compute, server, Zr, Y), Zr)
+            out.append(T)
     return out
 
 

@@ -360,9 +360,7 @@ class FusedEngine(Engine):
         out = []
         for k, z, y in zip(ks, zs, ys):
             zd = z.detach().requires_grad_(True)
-            with self.compute():
-                logits = self.aux.mods[k](zd)
-            (g,) = torch.autograd.grad(F.cross_entropy(wide(logits), y), zd)
+            (g,) = torch.autograd.grad(self.ce_loss(self.aux.mods[k], zd, y), zd)
             out.append(g)
         return out
 
@@ -398,9 +396,7 @@ class FusedEngine(Engine):
         out = []
         for k, z, y in zip(ks, zs, ys):
             zd = z.detach().requires_grad_(True)
-            with self.compute():
-                logits = self.aux.mods[k](zd)
-            F.cross_entropy(wide(logits), y).backward()
+            self.ce_loss(self.aux.mods[k], zd, y).backward()
             out.append(zd.grad)
         self.aux.opt.step(ks)
         return out
@@ -414,9 +410,7 @@ class FusedEngine(Engine):
             self.clients.zero_grad(ks)
             self.servers.zero_grad(ks)
             for k, x, y in zip(ks, xs, ys):
-                with self.compute():
-                    logits = self.servers.mods[k](wide(self.clients.mods[k](x)))
-                F.cross_entropy(wide(logits), y).backward()
+                self.ce_loss(lambda v: self.servers.mods[k](wide(self.clients.mods[k](v))), x, y).backward()
         self.clients.opt.step(ks)
         self.servers.opt.step(ks)
 
@@ -555,9 +549,7 @@ class FusedEngine(Engine):
             self.server_stack.zero_grad([0])
         else:
             self.server_opt.zero_grad(set_to_none=True)
-        with self.compute():
-            logits = server(zr)
-        F.cross_entropy(wide(logits), y).backward()
+        self.ce_loss(server, zr, y).backward()
         if self.servers is not None:
             self.servers.opt.step([k])
         elif self.server_stack is not None:
@@ -577,9 +569,7 @@ class FusedEngine(Engine):
             # each client's rows scaled by 1/n_k (its own batch mean)
             scale = torch.cat([torch.full((d[0].shape[0],), 1.0 / d[0].shape[0], device=Z.device)
                                for d in data])
-            with self.compute():
-                logits = server(Z)
-            loss = (F.cross_entropy(wide(logits), Y, reduction="none") * scale).sum()
+            loss = (self.ce_loss(server, Z, Y, reduction="none") * scale).sum()
             (T,) = torch.autograd.grad(loss, Z)
             return list(T.split([d[0].shape[0] for d in data]))
         return buffer_targets(server, data, self.compute)
@@ -646,9 +636,7 @@ class FusedEngine(Engine):
                         p.grad.copy_(g)
                 else:
                     Zb = Z[idx].detach().requires_grad_(True)
-                    with self.compute():
-                        logits = aux(Zb)
-                    est = F.cross_entropy(wide(logits), Y[idx], reduction="sum") / n
+                    est = self.ce_loss(aux, Zb, Y[idx], reduction="sum") / n
                     (g,) = torch.autograd.grad(est, Zb, create_graph=True)
                     F.mse_loss(g, T[idx], reduction="sum").backward()
                 self.aux.opt.step([k])

@@ -59,9 +59,7 @@ class ReferenceEngine(Engine):
         out = []
         for k, z, y in zip(ks, zs, ys):
             zd = z.detach().requires_grad_(True)
-            with self.compute():
-                logits = self.auxes[k](zd)
-            loss = F.cross_entropy(wide(logits), y)
+            loss = self.ce_loss(self.auxes[k], zd, y)
             (g,) = torch.autograd.grad(loss, zd)
             out.append(g)
         return out
@@ -72,9 +70,7 @@ class ReferenceEngine(Engine):
             zd = z.detach().requires_grad_(True)
             opt = self.aux_opts[k]
             opt.zero_grad(set_to_none=True)
-            with self.compute():
-                logits = self.auxes[k](zd)
-            F.cross_entropy(wide(logits), y).backward()
+            self.ce_loss(self.auxes[k], zd, y).backward()
             opt.step()
             out.append(zd.grad)
         return out
@@ -85,9 +81,7 @@ class ReferenceEngine(Engine):
             copt = self.client_opts[k]
             copt.zero_grad(set_to_none=True)
             sopt.zero_grad(set_to_none=True)
-            with self.compute():
-                logits = server(wide(self.clients[k](x)))
-            F.cross_entropy(wide(logits), y).backward()
+            self.ce_loss(lambda v: server(wide(self.clients[k](v))), x, y).backward()
             copt.step()
             sopt.step()
 
@@ -96,9 +90,7 @@ class ReferenceEngine(Engine):
         server, opt = self._server(k)
         zr = z.detach().requires_grad_(want_grad)
         opt.zero_grad(set_to_none=True)
-        with self.compute():
-            logits = server(zr)
-        F.cross_entropy(wide(logits), y).backward()
+        self.ce_loss(server, zr, y).backward()
         opt.step()
         return zr.grad if want_grad else None
 
@@ -115,9 +107,7 @@ class ReferenceEngine(Engine):
                     Zb = Z[idx].detach().requires_grad_(True)
                     # Both the prediction and the target carry 1/n (n = buffer rows): with one
                     # alignment batch per pass (the paper's 1000/1000) this is the authors' loss.
-                    with self.compute():
-                        logits = aux(Zb)
-                    est = F.cross_entropy(wide(logits), Y[idx], reduction="sum") / n
+                    est = self.ce_loss(aux, Zb, Y[idx], reduction="sum") / n
                     (g,) = torch.autograd.grad(est, Zb, create_graph=True)
                     loss = F.mse_loss(g, T[idx], reduction="sum")
                     opt.zero_grad(set_to_none=True)
