@@ -182,3 +182,136 @@ def test_round_seconds_fp32_vs_bf16(benchmark, case):
     print(f"\n[{case}, {torch.get_num_threads()} thread(s)] " + ", ".join(
         f"{k} {v:.3f} s ({med['reference_fp32'] / v:.2f}x, {images / v:.0f} img/s)" for k, v in med.items())
         + f"\n  fused bf16 phases {_phases(runs['fused_bf16'])}")
+
+
+# -- the paper's shapes ----------------------------------------------------------------------------
+# synthetic sets sized like the paper's per-client shares: resnet18 10 x 500 at B=256 (two local
+# iterations per client), simple_conv 10 x 1,000 at B=128; the cnn default as everywhere.
+PAPER_CASES = {
+    "resnet18-paper": dict(dataset=f"synthetic:3x32x32:{pick(5000, 1000)}", model="resnet18", aux="layer3",
+                           batch_size=pick(256, 128)),
+    "simple_conv-paper": dict(dataset=f"synthetic:3x32x32:{pick(10000, 1000)}", model="simple_conv",
+                              batch_size=pick(128, 64)),
+    "mnist5k-cnn": dict(dataset="mnist5k"),
+}
+
+
+def bf16_gemm_peak(n: int = 2048, reps: int = 5) -> float:
+    """Measured FLOP/s of an n x n x n bf16 matrix product here (AMX through oneDNN on this CPU)."""
+    import torch
+
+    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def _round_flops(run) -> float:
+    """FLOPs of one ordinary round as torch's flop counter sees them (convolutions, their
+    backward, matrix products; the C++ conv blocks of the fused cnn are not counted, so that case
+    reads 0)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_map
+    from torch.utils.flop_counter import flop_registry
+
+    # torch's FlopCounterMode tracks modules with backward hooks that autograd.grad (the
+    # auxiliary's estimate) does not support; this mode counts the same registry per aten call
+    total = [0]
+
+    def shape(t):
+        return t.shape if isinstance(t, torch.Tensor) else t
+
+    class _Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            f = flop_registry.get(func._overloadpacket)
+            if f is not None:
+                total[0] += f(*tree_map(shape, args), **tree_map(shape, kwargs), out_val=tree_map(shape, out))
+            return out
+
+    with _Count():
+        run.step()
+    return float(total[0])
+
+
+@pytest.mark.parametrize("case", list(PAPER_CASES))
+def test_paper_shape_round_seconds(benchmark, case):
+    """Ordinary fsl_sage rounds at the paper's shapes: the fp32 reference engine, the fused
+    engine in fp32 and in bf16, interleaved; seconds, speedups, images/s, and the FLOP rate of the
+    fused bf16 round as a fraction of the measured bf16 GEMM peak."""
+    import torch
+
+    kw = dict(algorithm="fsl_sage", clients=pick(10, 2), schedule="parallel", threads=torch.get_num_threads(),
+              align_interval=1000, align_epochs=pick(2, 1), seed=0)
+    kw.update(PAPER_CASES[case])
+    cfg = Config(**kw).resolved()
+    runs = {"reference_fp32": Run(cfg), "fused_fp32": Run(dataclasses.replace(cfg, fused=True)),
+            "fused_bf16": Run(dataclasses.replace(cfg, fused=True, precision="bf16"))}
+    for r in runs.values():
+        r.step()  # round 0 (a short alignment): warm-up; alignment is timed on its own below
+    assert len({r.metrics[0]["comm_bytes"] for r in runs.values()}) == 1
+    times = {k: [] for k in runs}
+    for _ in range(pick(3, 1)):
+        for k, r in runs.items():
+            t0 = time.perf_counter()
+            r.step()
+            times[k].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    images = sum(len(p) for p in runs["reference_fp32"].parts) * cfg.local_epochs
+    peak = bf16_gemm_peak(pick(2048, 512))
+    flops = _round_flops(runs["fused_bf16"])
+    frac = flops / med["fused_bf16"] / peak
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    info = {f"{k}_s": v for k, v in med.items()}
+    info.update({f"{k}_speedup": med["reference_fp32"] / v for k, v in med.items()},
+                **{f"{k}_images_per_s": images / v for k, v in med.items()},
+                fused_bf16_phases=_phases(runs["fused_bf16"]), fused_fp32_phases=_phases(runs["fused_fp32"]),
+                reference_phases=_phases(runs["reference_fp32"]),
+                bf16_gemm_peak_gflops=peak / 1e9, round_gflop=flops / 1e9, fused_bf16_peak_fraction=frac,
+                executors=runs["fused_bf16"].engine.executor_record())
+    benchmark.extra_info.update(info)
+    print(f"\n[{case}, {cfg.clients} clients, B={cfg.batch_size}, {torch.get_num_threads()} thread(s)] " + ", ".join(
+        f"{k} {v:.3f} s ({med['reference_fp32'] / v:.2f}x, {images / v:.0f} img/s)" for k, v in med.items())
+        + f"\n  bf16 GEMM peak {peak / 1e9:.0f} GFLOP/s; fused bf16 round {flops / 1e9:.1f} GFLOP counted, "
+        f"{flops / med['fused_bf16'] / 1e9:.0f} GFLOP/s = {frac:.1%} of it"
+        + f"\n  phases: reference {_phases(runs['reference_fp32'])}\n          fused fp32 {_phases(runs['fused_fp32'])}"
+        f"\n          fused bf16 {_phases(runs['fused_bf16'])}")
+
+
+@pytest.mark.parametrize("rows", [256, 1000])
+def test_paper_shape_alignment_seconds(benchmark, rows):
+    """One alignment of the paper's layer3 auxiliaries (10 clients, buffers of ``rows`` rows: 256
+    is round 0's single upload at B=256, 1,000 a full buffer) through each engine's ``align``,
+    reference fp32 / fused fp32 / fused bf16, timed per epoch over a few epochs (a whole alignment is
+    100 epochs: the printed estimate multiplies by 100)."""
+    import torch
+
+    epochs = pick(3, 1)
+    K = pick(10, 2)
+    cfg = Config(algorithm="fsl_sage", model="resnet18", aux="layer3", dataset="synthetic:3x32x32",
+                 clients=K, batch_size=32, align_epochs=epochs, threads=torch.get_num_threads(), seed=0).resolved()
+    g = torch.Generator().manual_seed(0)
+    ref = Run(cfg)
+    with torch.no_grad():
+        data = [(ref.engine.clients[0](torch.randn(pick(rows, 64), 3, 32, 32, generator=g)),
+                 torch.randint(0, 10, (pick(rows, 64),), generator=g)) for _ in range(K)]
+    runs = {"reference_fp32": ref, "fused_fp32": Run(dataclasses.replace(cfg, fused=True)),
+            "fused_bf16": Run(dataclasses.replace(cfg, fused=True, precision="bf16"))}
+    secs = {}
+    for k, r in runs.items():
+        t0 = time.perf_counter()
+        r.engine.align(list(range(K)), data)
+        secs[k] = (time.perf_counter() - t0) / epochs
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    benchmark.extra_info.update({f"{k}_s_per_epoch": v for k, v in secs.items()},
+                                **{f"{k}_speedup": secs["reference_fp32"] / v for k, v in secs.items()},
+                                alignment_executor=runs["fused_bf16"].engine.executors["alignment"]["executor"],
+                                rows=rows, clients=K, epochs=epochs)
+    print(f"\n[alignment, {K} clients x {pick(rows, 64)} rows, {torch.get_num_threads()} thread(s)] " + ", ".join(
+        f"{k} {v:.2f} s/epoch (x100: {100 * v:.0f} s, {secs['reference_fp32'] / v:.2f}x)" for k, v in secs.items()))

@@ -86,6 +86,7 @@ class Algorithm:
     uses_aux = False
     server_copies = False  # one server model per client (SplitFed v1, FedAvg's whole models)
     whole_model = False  # FedAvg: clients train client+server halves locally
+    aligns = False  # FSL-SAGE: the server aligns the auxiliary models
 
     def __init__(self, cfg, engine, loaders, weights, ledger: Ledger):
         self.cfg = cfg
@@ -393,6 +394,7 @@ class FSLSAGE(Algorithm):
 
     key = "fsl_sage"
     uses_aux = True
+    aligns = True
 
     def local_iteration(self, t, it, ks, xs, ys):
         zs = self.client_forward(ks, xs)

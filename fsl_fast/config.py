@@ -93,8 +93,15 @@ class Config:
         choice("dist_fedavg", DIST_FEDAVG)
         from fsl_fast.models import AUX_NAMES, MODEL_NAMES
 
-        choice("model", MODEL_NAMES)
-        choice("aux", AUX_NAMES)
+        from fsl_fast.models import is_factory_name
+
+        if not is_factory_name(self.model):
+            if ":" in str(self.model):
+                raise ConfigError(f"--model: {self.model!r} is not of the form package.module:factory")
+            choice("model", MODEL_NAMES)
+            choice("aux", AUX_NAMES)
+        elif not isinstance(self.aux, str) or not self.aux:
+            raise ConfigError(f"--aux: expected a name, got {self.aux!r}")
         for name in ("clients", "rounds", "local_epochs", "batch_size", "server_update_interval",
                      "align_interval", "align_epochs", "align_batch_size", "buffer_size",
                      "eval_batch_size"):

@@ -14,8 +14,9 @@ Datasets (``load_dataset(name, data_dir, seed)``):
   ``cifar-100-python/`` or their ``.tar.gz`` archives (read in place, never extracted), under
   ``data_dir``. Pickles are read with a restricted unpickler that can only rebuild numpy arrays.
   Normalized with the ImageNet mean/std; training batches get random-crop + flip augmentation.
-- ``synthetic`` / ``synthetic:CxHxW``: a tiny, learnable random dataset (10 classes, 640 train /
-  160 test, default 3x32x32) for tests and smoke runs. Each class has a fixed random prototype
+- ``synthetic`` / ``synthetic:CxHxW`` / ``synthetic:CxHxW:N``: a small, learnable random dataset
+  (10 classes, N train (default 640) / N // 4 test, default 3x32x32) for tests, smoke runs and
+  benchmarks at the paper's sizes (``synthetic:3x32x32:5000`` is 10 clients x 500). Each class has a fixed random prototype
   image; samples are the prototype plus noise. Augmented only when the shape is 3x32x32, so it
   behaves like CIFAR there and like MNIST at ``synthetic:1x28x28``.
 
@@ -199,14 +200,20 @@ def _load_mnist5k(seed: int) -> Dataset:
 
 def _load_synthetic(key: str, seed: int) -> Dataset:
     shape = (3, 32, 32)
+    num_classes, n_train = 10, 640
     if key != "synthetic":
-        m = re.fullmatch(r"synthetic:(\d+)x(\d+)x(\d+)", key)
+        m = re.fullmatch(r"synthetic:(\d+)x(\d+)x(\d+)(?::(\d+))?", key)
         if m is None:
-            raise DataError(f"bad synthetic dataset name {key!r}; expected e.g. synthetic:1x28x28")
-        shape = tuple(int(v) for v in m.groups())
+            raise DataError(f"bad synthetic dataset name {key!r}; expected e.g. synthetic:1x28x28 "
+                            f"or synthetic:3x32x32:5000")
+        shape = tuple(int(v) for v in m.groups()[:3])
         if min(shape) < 1 or shape[0] > 16 or max(shape[1:]) > 256:
             raise DataError(f"synthetic shape {shape} must have 1..16 channels and sides 1..256")
-    num_classes, n_train, n_test = 10, 640, 160
+        if m.group(4) is not None:
+            n_train = int(m.group(4))
+            if not 10 <= n_train <= 1_000_000:
+                raise DataError(f"synthetic training size {n_train} must be 10..1000000")
+    n_test = max(n_train // 4, 10)
     g = torch.Generator().manual_seed(seed)
     protos = torch.rand((num_classes,) + shape, generator=g)
 

@@ -1075,6 +1075,7 @@ def _train(cfg, out: Path, resume: bool, progress: bool, transport: Transport, d
     results = summarize(cfg, run.metrics, loop.stopped, time.perf_counter() - t_start)
     if rank == 0:
         results["world_size"] = topo.world_size
+        results["executors"] = run.engine.inner.executor_record()  # rank 0's
         if run.config_changes:
             results["config_changes"] = run.config_changes
         faults.atomic_write_text(out / "results.json", faults.dumps(results, indent=2) + "\n")

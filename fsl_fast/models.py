@@ -16,11 +16,20 @@
 Auxiliary heads come in two classes the fused engine recognizes: ``LinearAux`` (optional global
 average pool, else flatten, then ``fc``) and ``ConvAux`` (``trunk``, global average pool, ``fc``).
 
+A user's own model: ``name`` of the form ``package.module:factory`` imports ``factory`` and calls
+``factory(in_shape, num_classes)`` (plus ``aux=NAME`` when an auxiliary other than ``default`` is
+asked for). It returns the three modules ``(client, server, aux)`` (a tuple, or a mapping with those
+keys): client maps images to smashed activations, server and aux map those to logits. Both engines
+run any such modules; which fast paths the fused engine finds for them is printed by
+``python -m fsl_fast.env --model NAME``.
+
 Parameters are initialized from torch's global RNG in the order client, server, aux: seed with
 ``torch.manual_seed`` before building for reproducible weights.
 """
 from __future__ import annotations
 
+import importlib
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -36,6 +45,7 @@ __all__ = [
     "BasicBlock",
     "build_split_model",
     "full",
+    "is_factory_name",
 ]
 
 MODEL_NAMES = ("resnet18", "simple_conv", "cnn")
@@ -213,16 +223,70 @@ def _cnn(in_shape, num_classes: int, aux: str):
 _BUILDERS = {"resnet18": _resnet18, "simple_conv": _simple_conv, "cnn": _cnn}
 
 
+_FACTORY_NAME = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
+
+
+def is_factory_name(name: str) -> bool:
+    """Whether ``name`` has the ``package.module:factory`` form of a user's model."""
+    return isinstance(name, str) and bool(_FACTORY_NAME.match(name))
+
+
+def _user_factory(name: str):
+    mod_name, fn_name = name.split(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except Exception as e:  # ImportError, or whatever the module raises while importing
+        raise ValueError(f"model {name!r}: cannot import {mod_name!r} ({type(e).__name__}: {e})") from None
+    fn = getattr(mod, fn_name, None)
+    if fn is None:
+        raise ValueError(f"model {name!r}: module {mod_name!r} has no attribute {fn_name!r}")
+    if not callable(fn):
+        raise ValueError(f"model {name!r}: {fn_name!r} is not callable")
+    return fn
+
+
+def _build_user(name: str, shape, num_classes: int, aux: str):
+    fn = _user_factory(name)
+    kw = {} if aux == "default" else {"aux": aux}
+    try:
+        made = fn(shape, num_classes, **kw)
+    except TypeError as e:
+        if kw and "aux" in str(e):
+            raise ValueError(f"model {name!r}: the factory takes no aux= argument, so --aux must be "
+                             f"'default' (got {aux!r})") from None
+        raise
+    if isinstance(made, SplitModel):
+        made = (made.client, made.server, made.aux)
+    elif isinstance(made, dict):
+        missing = [k for k in ("client", "server", "aux") if k not in made]
+        if missing:
+            raise ValueError(f"model {name!r}: the factory's mapping lacks {missing}")
+        made = (made["client"], made["server"], made["aux"])
+    if not isinstance(made, (tuple, list)) or len(made) != 3:
+        raise ValueError(f"model {name!r}: the factory must return (client, server, aux) modules, "
+                         f"got {type(made).__name__}")
+    for what, m in zip(("client", "server", "aux"), made):
+        if not isinstance(m, nn.Module):
+            raise ValueError(f"model {name!r}: the factory's {what} is a {type(m).__name__}, not an nn.Module")
+    if len({id(m) for m in made}) != 3:
+        raise ValueError(f"model {name!r}: the factory must return three distinct modules")
+    return tuple(made)
+
+
 def build_split_model(name: str, in_shape, num_classes: int, aux: str = "default") -> SplitModel:
     """Build model ``name`` split at its cut layer, for images of shape ``in_shape`` = (C, H, W).
+    ``name`` is a built-in model or ``package.module:factory`` (module doc).
 
-    Raises ValueError for an unknown model or auxiliary name, a bad shape or class count, or an input
-    too small for the model (checked with one forward pass of a zero image in eval mode).
+    Raises ValueError for an unknown model or auxiliary name, a factory that cannot be imported or
+    returns something else than three modules, a bad shape or class count, or an input too small
+    for the model (checked with one forward pass of a zero image in eval mode).
     """
-    if name not in _BUILDERS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
-    choices = _MODEL_AUX[name]
-    if aux == "default":
+    user = is_factory_name(name)
+    if not user and name not in _BUILDERS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)} "
+                         f"or give package.module:factory")
+    choices = (aux,) if user else _MODEL_AUX[name]
+    if aux == "default" and not user:
         aux = choices[0]
     if aux not in choices:
         raise ValueError(
@@ -238,12 +302,24 @@ def build_split_model(name: str, in_shape, num_classes: int, aux: str = "default
     if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 2:
         raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
     num_classes = int(num_classes)
+    if user:
+        client, server, aux_mod = _build_user(name, shape, num_classes, aux)
     try:
-        client, server, aux_mod = _BUILDERS[name](shape, num_classes, aux)
+        if not user:
+            client, server, aux_mod = _BUILDERS[name](shape, num_classes, aux)
         cut_shape = _check_forward(client, server, aux_mod, shape)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if user:
+            raise ValueError(f"model {name!r}: a forward pass of one {shape} image through client, "
+                             f"server and aux failed ({first})") from None
         raise ValueError(f"input shape {shape} is too small for model {name!r} ({first})") from None
+    if user:
+        for what, m in (("server", server), ("aux", aux_mod)):
+            out = _eval_forward(m, torch.zeros((1,) + cut_shape))
+            if tuple(out.shape) != (1, num_classes):
+                raise ValueError(f"model {name!r}: the {what} maps one sample to shape "
+                                 f"{tuple(out.shape)}, expected logits (1, {num_classes})")
     return SplitModel(client=client, server=server, aux=aux_mod, cut_shape=cut_shape,
                       num_classes=num_classes)
 
@@ -264,3 +340,13 @@ def _check_forward(client, server, aux, in_shape) -> tuple[int, ...]:
         for m, mode in zip(modules, modes):
             m.train(mode)
     return tuple(int(v) for v in z.shape[1:])
+
+
+def _eval_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    mode = module.training
+    try:
+        module.eval()
+        with torch.no_grad():
+            return module(x)
+    finally:
+        module.train(mode)

@@ -260,6 +260,7 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
     finally:
         loop.close()
     results = summarize(cfg, run.metrics, loop.stopped, time.perf_counter() - t_start)
+    results["executors"] = run.engine.executor_record()
     if run.config_changes:
         results["config_changes"] = run.config_changes
     faults.atomic_write_text(out / "results.json", faults.dumps(results, indent=2) + "\n")

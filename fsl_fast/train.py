@@ -22,8 +22,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m fsl_fast.train", description=__doc__)
     a = p.add_argument
     a("--algorithm", choices=ALGORITHMS, default=None, help=f"default {d.algorithm}")
-    a("--model", default=None, help="cnn | simple_conv | resnet18 | auto (resnet18 for CIFAR, cnn for mnist5k)")
-    a("--aux", default=None, help="auxiliary model: default | linear | layer3 (resnet18)")
+    a("--model", default=None, help="cnn | simple_conv | resnet18 | auto (resnet18 for CIFAR, cnn for "
+      "mnist5k) | package.module:factory (your own: factory(in_shape, num_classes) -> (client, server, aux))")
+    a("--aux", default=None, help="auxiliary model: default | linear | layer3 (resnet18); for a factory "
+      "model, any name other than default is passed to it as aux=NAME")
     a("--dataset", default=None, help=f"{' | '.join(DATASETS)} | synthetic:CxHxW (default {d.dataset}, embedded)")
     a("--data-dir", default=None, help="folder holding CIFAR python-pickle folders or .tar.gz")
     a("--partition", choices=PARTITIONS, default=None, help="iid (default) | dirichlet")

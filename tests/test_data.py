@@ -78,6 +78,19 @@ def test_synthetic_shapes():
     assert torch.equal(moved.x_train, ds.x_train) and moved.in_shape == ds.in_shape
 
 
+def test_synthetic_size():
+    ds = D.load_dataset("synthetic:3x16x16:5000", seed=1)
+    assert ds.x_train.shape == (5000, 3, 16, 16) and ds.x_test.shape == (1250, 3, 16, 16)
+    assert torch.bincount(ds.y_train).tolist() == [500] * 10
+    # the default size is 640 and names without a size keep their exact data
+    a, b = D.load_dataset("synthetic:1x8x8", seed=2), D.load_dataset("synthetic:1x8x8:640", seed=2)
+    assert torch.equal(a.x_train, b.x_train) and torch.equal(a.x_test, b.x_test)
+    for bad, msg in (("synthetic:3x8x8:5", "synthetic training size 5 must be 10..1000000"),
+                     ("synthetic:3x8x8:", "bad synthetic dataset name")):
+        with pytest.raises(D.DataError, match=msg):
+            D.load_dataset(bad)
+
+
 # ---------------------------------------------------------------------------------------------
 # CIFAR from fake files
 

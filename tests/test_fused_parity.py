@@ -51,7 +51,8 @@ def test_parameters_after_two_rounds(algorithm, schedule):
     ref = _run(cfg, 2)
     fused = _run(dataclasses.replace(cfg, fused=True), 2)
     # on the CPU with the C++ kernels the cnn clients run batched (one grouped conv per layer)
-    assert (fused.engine._grouped is not None) == _backend.available("cpp", "cpu")[0]
+    client = fused.engine.executors["client"]["executor"]
+    assert client == ("conv_blocks_taped" if _backend.available("cpp", "cpu")[0] else "loop")
     # fp32 with Adam: reduction-order differences of ~1e-7 stay well under 1e-4 after 2 rounds
     worst = _compare_states(ref.engine.named_state(), fused.engine.named_state(), rtol=1e-4, atol=1e-5)
     print(f"{algorithm}/{schedule}: worst relative max-abs difference {worst[0]:.2e} at {worst[1]}")
@@ -124,7 +125,7 @@ def test_vmap_client_batching(algorithm):
     cfg = Config(algorithm=algorithm, schedule="parallel", **BASE).resolved()
     ref = _run(cfg, 2)
     fused = _run(dataclasses.replace(cfg, fused=True, client_batching="vmap"), 2)
-    assert fused.engine.batching == "vmap"
+    assert fused.engine.executors["client"]["executor"] == "vmap"
     worst = _compare_states(ref.engine.named_state(), fused.engine.named_state(), rtol=1e-4, atol=1e-5)
     print(f"vmap {algorithm}: worst relative difference {worst[0]:.2e} at {worst[1]}")
 
@@ -139,7 +140,7 @@ def test_cuda_fused_engine_matches_cuda_reference(algorithm):
     cfg = Config(algorithm=algorithm, schedule="parallel", device="cuda", **BASE).resolved()
     ref = _run(cfg, 2)
     fused = _run(dataclasses.replace(cfg, fused=True), 2)
-    assert fused.engine.batching == "vmap" and fused.engine._grouped is None
+    assert fused.engine.executors["client"]["executor"] == "vmap"
     worst = _compare_states(ref.engine.named_state(), fused.engine.named_state(), rtol=1e-4, atol=1e-5)
     print(f"cuda {algorithm}: worst relative difference {worst[0]:.2e} at {worst[1]}")
 
@@ -158,19 +159,20 @@ def test_whole_buffer_alignment_batch(schedule):
 
 @pytest.mark.skipif(not _backend.available("cpp", "cpu")[0], reason="C++ extension unavailable")
 @pytest.mark.parametrize("algorithm", ["fsl_sage", "splitfed_v2", "cse_fsl"])
-def test_taped_client_backward_equals_autograd(algorithm):
+def test_taped_client_backward_equals_autograd(algorithm, monkeypatch):
     """The cnn's grouped client on the CPU runs forward and backward from a tape of the C++
-    blocks, without autograd; the autograd path over the same kernels gives the same bits, for
-    whole rounds and for a subset of the clients (rows 0 and 2 of 4)."""
+    blocks, without autograd (executor conv_blocks_taped); the autograd path over the same
+    kernels (conv_blocks) gives the same bits, for whole rounds and for a subset of the clients
+    (rows 0 and 2 of 4)."""
     cfg = Config(algorithm=algorithm, schedule="parallel", **{**BASE, "clients": 4}).resolved()
     out, sub = [], []
     gen = torch.Generator().manual_seed(3)
     xs = [torch.randn(32, 1, 28, 28, generator=gen) for _ in range(2)]
     gs = [torch.randn(32, 32 * 7 * 7, generator=gen) for _ in range(2)]
-    for taped in (True, False):
+    for name in ("conv_blocks_taped", "conv_blocks"):
+        monkeypatch.setenv("FSL_FAST_EXECUTORS", f"client={name}")
         run = Run(dataclasses.replace(cfg, fused=True))
-        assert run.engine._taped
-        run.engine._taped = taped
+        assert run.engine.executors["client"]["executor"] == name
         for _ in range(2):
             run.step()
         out.append(run.engine.named_state())
@@ -191,7 +193,7 @@ def test_taped_client_backward_equals_autograd(algorithm):
     pytest.param("cnn", (1, 28, 28), "cuda", marks=pytest.mark.skipif(
         not torch.cuda.is_available(), reason="no CUDA device"))])
 @pytest.mark.parametrize("want_grad", [False, True])
-def test_mlp_server_step_equals_autograd(model, in_shape, device, want_grad):
+def test_mlp_server_step_equals_autograd(model, in_shape, device, want_grad, monkeypatch):
     """A Linear/ReLU server steps without autograd (the ops autograd would run, in its order):
     the same gradients, input gradient and parameters after three Adam steps, bit for bit."""
     ds = "synthetic:%dx%dx%d" % in_shape
@@ -199,15 +201,14 @@ def test_mlp_server_step_equals_autograd(model, in_shape, device, want_grad):
                  **{**BASE, "dataset": ds}).resolved()
     run = Run(dataclasses.replace(cfg, fused=True))
     eng = run.engine
-    assert eng._srv_plan is not None
+    assert eng.executors["server"]["executor"] == "mlp"
     gen = torch.Generator().manual_seed(1)
     d = eng.server_stack.flat.layout.entries[0].shape[1]
     out = []
     for manual in (True, False):
+        monkeypatch.setenv("FSL_FAST_EXECUTORS", "server=mlp" if manual else "server=autograd")
         run = Run(dataclasses.replace(cfg, fused=True))
         eng = run.engine
-        if not manual:
-            eng._srv_plan = None
         gen.manual_seed(1)
         gz = []
         for _ in range(3):

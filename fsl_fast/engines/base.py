@@ -97,6 +97,11 @@ class Engine:
         "aux") of client k; k None: the global client, the shared or global server."""
         raise NotImplementedError
 
+    def executor_record(self) -> dict:
+        """{part: how it is computed} for results.json; the reference engine computes every part
+        with plain torch modules and autograd."""
+        return {"engine": "reference"}
+
     def set_hyperparameters(self, lr: float, weight_decay: float, aux_lr: float) -> None:
         """Apply learning rates / weight decay after a checkpoint load (``--resume --lr ...``)."""
         raise NotImplementedError

@@ -40,6 +40,8 @@ __all__ = [
     "lrn_reference",
     "conv_pool_relu",
     "conv_pool_relu_grouped",
+    "conv_pool_relu_grouped_saving",
+    "conv_pool_relu_grouped_backward",
     "conv_pool_relu_reference",
     "conv_pool_relu_supported",
     "PoolReLU",
@@ -285,6 +287,29 @@ def conv_pool_relu_grouped(x: torch.Tensor, weight: torch.Tensor, bias, kernel_s
     k, s, p = _pool_args(x, kernel_size, stride, padding)
     return _conv_block_apply(x, weight.contiguous(), None if bias is None else bias.contiguous(),
                              k, s, p, bool(channels_last_out))
+
+
+def conv_pool_relu_grouped_saving(x: torch.Tensor, weight: torch.Tensor, bias, kernel_size: int,
+                                  stride: int, padding: int, channels_last_out: bool = False):
+    """``conv_pool_relu_grouped``'s forward without autograd: ``(y, saved)``, where ``saved``
+    holds what :func:`conv_pool_relu_grouped_backward` needs (pool argmax, the padded input, the
+    weight). For callers that keep their own tape instead of an autograd graph (the fused engine's
+    ``conv_blocks_taped`` executor). Arguments as ``conv_pool_relu_grouped``."""
+    if weight.dim() != 5 or x.shape[0] % weight.shape[0] != 0:
+        raise ValueError(f"conv_pool_relu_grouped_saving: weight must be [G, Cout, Cin, K, K] with G "
+                         f"dividing the batch {x.shape[0]}, got {tuple(weight.shape)}")
+    w = weight.contiguous()
+    b = bias.contiguous() if bias is not None else w.new_empty(0)
+    x = _layout(x)
+    y, idx, xp = _ops().conv_pool_relu_fwd(x, w, b, kernel_size, stride, padding, bool(channels_last_out), True)
+    return y, (idx, xp, w, (kernel_size, stride, padding), not x.is_contiguous())
+
+
+def conv_pool_relu_grouped_backward(gy: torch.Tensor, saved, need_input_grad: bool = True):
+    """Gradients ``(gx, gw [G, ...], gb [G, Cout])`` of a :func:`conv_pool_relu_grouped_saving`
+    call given the gradient ``gy`` of its output; ``gx`` is undefined unless ``need_input_grad``."""
+    idx, xp, w, pool, x_cl = saved
+    return _ops().conv_pool_relu_bwd(gy, idx, xp, w, bool(need_input_grad), *pool, x_cl)
 
 
 def conv_pool_relu(x: torch.Tensor, weight: torch.Tensor, bias, kernel_size, stride=None,
