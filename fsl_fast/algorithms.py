@@ -73,6 +73,10 @@ class AlignBuffer:
                 self.chunks.append((QuantizedTensor.from_state_dict(c["q"]), c["y"]))
 
 
+def participation_seed(seed: int, t: int) -> int:
+    return (seed * 15_485_863 + 7_777 + t) % (2**63 - 1)
+
+
 def _slice_rows(p, start: int):
     if isinstance(p, torch.Tensor):
         return p[start:]
@@ -93,7 +97,8 @@ class Algorithm:
         self.engine = engine
         self.loaders = loaders
         self.m = len(loaders)
-        self.weights = weights
+        self.weights = weights  # FedAvg weights of all clients (n_k / n)
+        self.active = list(range(self.m))  # the clients taking part in the current round
         self.ledger = ledger
         self.q = cfg.server_update_interval
         self.buffers = [AlignBuffer(cfg.buffer_size) for _ in range(self.m)] if self.uses_aux else []
@@ -199,6 +204,26 @@ class Algorithm:
         for kind, nbytes in kinds:
             self.ledger.add("down", kind, nbytes, paper=False, count=self.m)
 
+    # -- partial participation -------------------------------------------------------------------
+    def participants(self, t: int) -> list[int]:
+        """The clients of round t: all, or M drawn uniformly without replacement from a generator
+        seeded by (seed, t) alone, so a resumed run draws the same sets (ascending order)."""
+        M = getattr(self.cfg, "clients_per_round", 0)
+        if not M or M >= self.m:
+            return list(range(self.m))
+        g = torch.Generator().manual_seed(participation_seed(self.cfg.seed, t))
+        return sorted(torch.randperm(self.m, generator=g)[:M].tolist())
+
+    def round_weights(self) -> list[float]:
+        """FedAvg weights of this round: n_k over the participants' samples, 0 for the others
+        (whose models are then overwritten by the average, as a sampled client starts from the
+        global model)."""
+        if len(self.active) == self.m:
+            return self.weights
+        total = sum(self.weights[k] for k in self.active)
+        on = set(self.active)
+        return [self.weights[k] / total if k in on else 0.0 for k in range(self.m)]
+
     # -- the round loop ------------------------------------------------------------------------
     def run_round(self, t: int) -> dict[str, float]:
         self.times = {}
@@ -208,17 +233,20 @@ class Algorithm:
         self.guard.round = t
         self.guard.seconds = 0.0
         self.guard.discard()
+        self.active = self.participants(t)
+        if len(self.active) < self.m:
+            self.round_extra["participants"] = list(self.active)
         self.engine.begin_round(t)
-        iters = [self.cfg.local_epochs * len(ld) for ld in self.loaders]
-        streams = [self._batches(k) for k in range(self.m)]
+        iters = {k: self.cfg.local_epochs * len(self.loaders[k]) for k in self.active}
+        streams = {k: self._batches(k) for k in self.active}
         if self.cfg.schedule == "sequential":
-            for k in range(self.m):
+            for k in self.active:
                 for it in range(iters[k]):
                     x, y = next(streams[k])
                     self.local_iteration(t, it, [k], [x], [y])
         else:
-            for it in range(max(iters)):
-                ks = [k for k in range(self.m) if it < iters[k]]
+            for it in range(max(iters.values())):
+                ks = [k for k in self.active if it < iters[k]]
                 batches = [next(streams[k]) for k in ks]
                 self.local_iteration(t, it, ks, [b[0] for b in batches], [b[1] for b in batches])
         with self.phase("aggregate"):
@@ -257,8 +285,8 @@ class Algorithm:
             self.engine.client_backward(ks, zs, grads)
 
     def check_local_models(self, parts=("client",)) -> None:
-        """Every client's local models after its last local step, before they are averaged."""
-        ks = list(range(self.m))
+        """Every participant's local models after its last local step, before they are averaged."""
+        ks = list(self.active)
         for part in parts:
             self.watch_models(part, ks, "client")
         self.guard.verify("local training")
@@ -292,10 +320,10 @@ class Algorithm:
 
     def fedavg_clients(self, with_aux: bool = False) -> None:
         self.check_local_models(("client", "aux") if self.uses_aux else ("client",))
-        self.engine.aggregate(self.weights, clients=True, aux=with_aux, servers=self.server_copies)
-        self.count_model_exchange("client_model", self.engine.client_bytes(), self.m)
+        self.engine.aggregate(self.round_weights(), clients=True, aux=with_aux, servers=self.server_copies)
+        self.count_model_exchange("client_model", self.engine.client_bytes(), len(self.active))
         if with_aux:
-            self.count_model_exchange("aux_model", self.engine.aux_bytes(), self.m)
+            self.count_model_exchange("aux_model", self.engine.aux_bytes(), len(self.active))
         self.check_aggregate()
 
     def check_aggregate(self) -> None:
@@ -325,11 +353,12 @@ class FedAvg(Algorithm):
 
     def end_of_round(self, t):
         self.check_local_models(("client", "server"))
-        self.engine.aggregate(self.weights, clients=True, servers=True)
-        self.ledger.add("up", "client_model", self.engine.client_bytes(), count=self.m)
-        self.ledger.add("down", "client_model", self.engine.client_bytes(), count=self.m)
-        self.ledger.add("up", "server_model", self.engine.server_bytes(), count=self.m)
-        self.ledger.add("down", "server_model", self.engine.server_bytes(), count=self.m)
+        self.engine.aggregate(self.round_weights(), clients=True, servers=True)
+        n = len(self.active)
+        self.ledger.add("up", "client_model", self.engine.client_bytes(), count=n)
+        self.ledger.add("down", "client_model", self.engine.client_bytes(), count=n)
+        self.ledger.add("up", "server_model", self.engine.server_bytes(), count=n)
+        self.ledger.add("down", "server_model", self.engine.server_bytes(), count=n)
         self.check_aggregate()
 
 

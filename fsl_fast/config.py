@@ -33,6 +33,7 @@ class Config:
     partition: str = "iid"
     alpha: float | None = None
     clients: int = 10
+    clients_per_round: int = 0  # M sampled per round (uniform, without replacement); 0: all
     rounds: int = 20
     local_epochs: int = 1
     batch_size: int = 0
@@ -114,6 +115,12 @@ class Config:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be a positive number, got {v!r}")
         if not (self.weight_decay >= 0 and self.weight_decay < float("inf")):
             raise ConfigError(f"--weight-decay: must be >= 0, got {self.weight_decay!r}")
+        if not isinstance(self.clients_per_round, int) or not 0 <= self.clients_per_round <= self.clients:
+            raise ConfigError(f"--clients-per-round: must be 0 (all) or 1..{self.clients} (--clients), "
+                              f"got {self.clients_per_round!r}")
+        if self.distributed and 0 < self.clients_per_round < self.clients:
+            raise ConfigError("--clients-per-round: the distributed runtime trains every client every "
+                              "round; partial participation runs in process only")
         if self.threads < 0:
             raise ConfigError(f"--threads: must be >= 0 (0 = torch default), got {self.threads}")
         if self.seed < 0:

@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--partition", choices=PARTITIONS, default=None, help="iid (default) | dirichlet")
     a("--alpha", type=float, default=None, help="Dirichlet concentration (with --partition dirichlet)")
     a("--clients", type=int, default=None, help=f"default {d.clients}")
+    a("--clients-per-round", type=int, default=None,
+      help="sample M clients per round, uniformly without replacement, seeded (0 = all, the default)")
     a("--rounds", type=int, default=None, help=f"default {d.rounds}")
     a("--local-epochs", type=int, default=None, help=f"default {d.local_epochs}")
     a("--batch-size", type=int, default=None, help="default: 256 for CIFAR, 32 for mnist5k")
