@@ -119,25 +119,28 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 def peak_memory_table():
+    """Peak RSS of a fresh process running two fsl_sage rounds: the reference engine (fp32) and
+    the fused engine in fp32 and bf16, 10 and 100 clients."""
     rows = []
     for case in ("mnist5k-cnn", "resnet18-32x32"):
         for clients in (10, 100):
-            for fused in (False, True):
+            for fused, prec in ((False, "fp32"), (True, "fp32"), (True, "bf16")):
                 kw = dict(CASES[case], algorithm="fsl_sage", clients=clients, fused=fused, threads=1,
-                          align_epochs=2, schedule="parallel")
+                          align_epochs=2, schedule="parallel", precision=prec)
                 if case != "mnist5k-cnn":
                     kw["dataset"] = "synthetic:3x32x32"
                     if clients == 100:
                         kw["batch_size"] = 6
                 mb = float(subprocess.check_output([sys.executable, "-c", _MEM, json.dumps(kw)], text=True))
-                rows.append((case, clients, "fused" if fused else "reference", mb))
-                print(f"| {case} | {clients} | {'fused' if fused else 'reference'} | {mb:.0f} |", flush=True)
+                engine = "fused" if fused else "reference"
+                rows.append((case, clients, engine, prec, mb))
+                print(f"| {case} | {clients} | {engine} | {prec} | {mb:.0f} |", flush=True)
     return rows
 
 
 if __name__ == "__main__":
     if "--memory" in sys.argv:
-        print("| case | clients | engine | peak RSS (MiB) |\n|---|---|---|---|")
+        print("| case | clients | engine | precision | peak RSS (MiB) |\n|---|---|---|---|---|")
         peak_memory_table()
 
 

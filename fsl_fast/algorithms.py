@@ -77,6 +77,10 @@ def participation_seed(seed: int, t: int) -> int:
     return (seed * 15_485_863 + 7_777 + t) % (2**63 - 1)
 
 
+def dropout_seed(seed: int, t: int) -> int:
+    return (seed * 32_452_843 + 999_331 + t) % (2**63 - 1)
+
+
 def _slice_rows(p, start: int):
     if isinstance(p, torch.Tensor):
         return p[start:]
@@ -99,6 +103,7 @@ class Algorithm:
         self.m = len(loaders)
         self.weights = weights  # FedAvg weights of all clients (n_k / n)
         self.active = list(range(self.m))  # the clients taking part in the current round
+        self.survivors = list(self.active)  # ... and those of them that did not drop out
         self.ledger = ledger
         self.q = cfg.server_update_interval
         self.buffers = [AlignBuffer(cfg.buffer_size) for _ in range(self.m)] if self.uses_aux else []
@@ -214,15 +219,35 @@ class Algorithm:
         g = torch.Generator().manual_seed(participation_seed(self.cfg.seed, t))
         return sorted(torch.randperm(self.m, generator=g)[:M].tolist())
 
+    def dropouts(self, t: int, iters: dict) -> dict[int, int]:
+        """{client: local iterations it completes} for the participants of round t that fail
+        (``--dropout-prob``): client k fails when u_k < p, after floor(v_k * iters_k) iterations,
+        with u, v drawn for all clients from a generator seeded by (seed, t) alone."""
+        p = float(getattr(self.cfg, "dropout_prob", 0.0))
+        if p <= 0:
+            return {}
+        g = torch.Generator().manual_seed(dropout_seed(self.cfg.seed, t))
+        u = torch.rand(self.m, generator=g, dtype=torch.float64)
+        v = torch.rand(self.m, generator=g, dtype=torch.float64)
+        return {k: min(int(v[k] * iters[k]), iters[k] - 1) for k in iters if iters[k] and u[k] < p}
+
     def round_weights(self) -> list[float]:
-        """FedAvg weights of this round: n_k over the participants' samples, 0 for the others
-        (whose models are then overwritten by the average, as a sampled client starts from the
-        global model)."""
-        if len(self.active) == self.m:
+        """FedAvg weights of this round: n_k over the surviving participants' samples, 0 for the
+        others (whose models are then overwritten by the average, as a sampled client starts from
+        the global model)."""
+        if len(self.survivors) == self.m:
             return self.weights
-        total = sum(self.weights[k] for k in self.active)
-        on = set(self.active)
+        total = sum(self.weights[k] for k in self.survivors)
+        on = set(self.survivors)
         return [self.weights[k] / total if k in on else 0.0 for k in range(self.m)]
+
+    def average_or_restore(self, clients=True, aux=False, servers=False) -> None:
+        """FedAvg over the survivors, written to every client; with none (all participants
+        dropped) the participants go back to the models of the last aggregation."""
+        if self.survivors:
+            self.engine.aggregate(self.round_weights(), clients=clients, aux=aux, servers=servers)
+        else:
+            self.engine.restore(self.active, clients=clients, aux=aux, servers=servers)
 
     # -- the round loop ------------------------------------------------------------------------
     def run_round(self, t: int) -> dict[str, float]:
@@ -238,6 +263,11 @@ class Algorithm:
             self.round_extra["participants"] = list(self.active)
         self.engine.begin_round(t)
         iters = {k: self.cfg.local_epochs * len(self.loaders[k]) for k in self.active}
+        dropped = self.dropouts(t, iters)
+        iters.update(dropped)  # a client that fails stops after that many iterations
+        self.survivors = [k for k in self.active if k not in dropped]
+        if getattr(self.cfg, "dropout_prob", 0.0) > 0:
+            self.round_extra["dropped"] = [{"client": k, "iterations_done": n} for k, n in sorted(dropped.items())]
         streams = {k: self._batches(k) for k in self.active}
         if self.cfg.schedule == "sequential":
             for k in self.active:
@@ -245,7 +275,7 @@ class Algorithm:
                     x, y = next(streams[k])
                     self.local_iteration(t, it, [k], [x], [y])
         else:
-            for it in range(max(iters.values())):
+            for it in range(max(iters.values(), default=0)):
                 ks = [k for k in self.active if it < iters[k]]
                 batches = [next(streams[k]) for k in ks]
                 self.local_iteration(t, it, ks, [b[0] for b in batches], [b[1] for b in batches])
@@ -285,8 +315,9 @@ class Algorithm:
             self.engine.client_backward(ks, zs, grads)
 
     def check_local_models(self, parts=("client",)) -> None:
-        """Every participant's local models after its last local step, before they are averaged."""
-        ks = list(self.active)
+        """Every surviving participant's local models after its last local step, before they are
+        averaged (a dropped client's models are discarded)."""
+        ks = list(self.survivors)
         for part in parts:
             self.watch_models(part, ks, "client")
         self.guard.verify("local training")
@@ -320,10 +351,10 @@ class Algorithm:
 
     def fedavg_clients(self, with_aux: bool = False) -> None:
         self.check_local_models(("client", "aux") if self.uses_aux else ("client",))
-        self.engine.aggregate(self.round_weights(), clients=True, aux=with_aux, servers=self.server_copies)
-        self.count_model_exchange("client_model", self.engine.client_bytes(), len(self.active))
+        self.average_or_restore(clients=True, aux=with_aux, servers=self.server_copies)
+        self.count_model_exchange("client_model", self.engine.client_bytes(), len(self.survivors))
         if with_aux:
-            self.count_model_exchange("aux_model", self.engine.aux_bytes(), len(self.active))
+            self.count_model_exchange("aux_model", self.engine.aux_bytes(), len(self.survivors))
         self.check_aggregate()
 
     def check_aggregate(self) -> None:
@@ -353,8 +384,8 @@ class FedAvg(Algorithm):
 
     def end_of_round(self, t):
         self.check_local_models(("client", "server"))
-        self.engine.aggregate(self.round_weights(), clients=True, servers=True)
-        n = len(self.active)
+        self.average_or_restore(clients=True, servers=True)
+        n = len(self.survivors)
         self.ledger.add("up", "client_model", self.engine.client_bytes(), count=n)
         self.ledger.add("down", "client_model", self.engine.client_bytes(), count=n)
         self.ledger.add("up", "server_model", self.engine.server_bytes(), count=n)

@@ -34,6 +34,7 @@ class Config:
     alpha: float | None = None
     clients: int = 10
     clients_per_round: int = 0  # M sampled per round (uniform, without replacement); 0: all
+    dropout_prob: float = 0.0  # a participant fails during the round with this probability
     rounds: int = 20
     local_epochs: int = 1
     batch_size: int = 0
@@ -121,6 +122,10 @@ class Config:
         if self.distributed and 0 < self.clients_per_round < self.clients:
             raise ConfigError("--clients-per-round: the distributed runtime trains every client every "
                               "round; partial participation runs in process only")
+        if not (0.0 <= self.dropout_prob <= 1.0):
+            raise ConfigError(f"--dropout-prob: must be a probability in [0, 1], got {self.dropout_prob!r}")
+        if self.distributed and self.dropout_prob > 0:
+            raise ConfigError("--dropout-prob: simulated dropouts run in process only")
         if self.threads < 0:
             raise ConfigError(f"--threads: must be >= 0 (0 = torch default), got {self.threads}")
         if self.seed < 0:

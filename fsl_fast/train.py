@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--clients", type=int, default=None, help=f"default {d.clients}")
     a("--clients-per-round", type=int, default=None,
       help="sample M clients per round, uniformly without replacement, seeded (0 = all, the default)")
+    a("--dropout-prob", type=float, default=None,
+      help="each participant fails during a round with this probability, after a uniformly drawn "
+           "number of its local iterations; its update is discarded (seeded; default 0)")
     a("--rounds", type=int, default=None, help=f"default {d.rounds}")
     a("--local-epochs", type=int, default=None, help=f"default {d.local_epochs}")
     a("--batch-size", type=int, default=None, help="default: 256 for CIFAR, 32 for mnist5k")

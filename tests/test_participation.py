@@ -146,3 +146,85 @@ def test_resume_draws_the_same_participants(tmp_path):
 def test_bad_participation_values(kw, msg):
     with pytest.raises(ConfigError, match=msg.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
         _cfg(**kw)
+
+
+# -- dropouts ------------------------------------------------------------------------------------
+
+def test_dropout_draws_and_ledger_by_hand():
+    """SplitFed v2 uploads every iteration: a round's smashed bytes are (iterations done) x B x
+    cut size x 4 summed over the clients; a dropped client completes floor(v_k * 5) < 5 of its 5
+    iterations and leaves the average (weight 0)."""
+    run = Run(_cfg(algorithm="splitfed_v2", clients_per_round=0, dropout_prob=0.5, seed=11))
+    seen = {}
+    orig = run.engine.aggregate
+    run.engine.aggregate = lambda w, **kw: (seen.setdefault("w", list(w)), orig(w, **kw))
+    rec = run.step()
+    draws = run.algo.dropouts(0, {k: 5 for k in range(4)})
+    assert rec["dropped"] == [{"client": k, "iterations_done": n} for k, n in sorted(draws.items())]
+    assert 0 < len(draws) < 4  # this seed drops some, not all
+    done = sum(draws.get(k, 5) for k in range(4))
+    # B = 32 rows of the cnn's cut for 12x12 images (32 channels x 3 x 3), fp32
+    assert rec["bytes_up_smashed"] == done * 32 * (32 * 3 * 3) * 4
+    assert all(w == 0.0 for k, w in enumerate(seen["w"]) if k in draws)
+    assert sum(seen["w"]) == pytest.approx(1.0)
+    assert rec["bytes_up_client_model"] == (4 - len(draws)) * run.engine.client_bytes()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("algorithm", ["cse_fsl", "splitfed_v1", "fedavg"])
+def test_everyone_dropping_restores_the_last_average(algorithm, fused):
+    """p = 1: every participant fails, nothing is averaged and the participants' models (and
+    CSE-FSL's auxiliaries, SplitFed v1's / FedAvg's server copies) return to the last average."""
+    run = Run(_cfg(algorithm=algorithm, fused=fused, clients_per_round=0))
+    run.step()  # an ordinary round: the models move, and all clients hold the average
+    glob = {k: v.clone() for k, v in run.engine.eval_models()[0].state_dict().items()}
+    run.cfg.dropout_prob = 1.0
+    rec = run.step()
+    assert len(rec["dropped"]) == 4 and rec["bytes_up_client_model"] == 0
+    for s in _client_states(run.engine):
+        for k, v in s.items():
+            assert torch.equal(v, glob[k]), k
+    if algorithm == "cse_fsl":
+        a0 = run.engine.aux_module(0).state_dict()
+        for k in range(1, 4):
+            for n, v in run.engine.aux_module(k).state_dict().items():
+                assert torch.equal(v, a0[n])
+
+
+@pytest.mark.parametrize("algorithm", ["fsl_sage", "fedavg"])
+def test_engines_agree_with_dropouts(algorithm):
+    cfg = _cfg(algorithm=algorithm, dataset="synthetic:1x28x28", seed=5, dropout_prob=0.4)
+    ref, fused = Run(cfg), Run(dataclasses.replace(cfg, fused=True))
+    for _ in range(3):
+        ref.step()
+        fused.step()
+    assert [m["dropped"] for m in ref.metrics] == [m["dropped"] for m in fused.metrics]
+    assert any(m["dropped"] for m in ref.metrics)
+    assert [m["comm_bytes"] for m in ref.metrics] == [m["comm_bytes"] for m in fused.metrics]
+    a, b = ref.engine.named_state(), fused.engine.named_state()
+    ta = torch.cat([a[p][n].flatten().double() for p in a for n in a[p]])
+    tb = torch.cat([b[p][n].flatten().double() for p in a for n in a[p]])
+    off = (ta - tb).abs() > 1e-5 + 1e-4 * ta.abs()
+    assert float(off.double().mean()) <= 1e-3 and float((ta - tb).abs().max()) <= 2 * cfg.lr
+
+
+def test_resume_with_dropouts(tmp_path):
+    args = ["--algorithm", "cse_fsl", "--clients", "4", "--clients-per-round", "3", "--dropout-prob", "0.5",
+            "--dataset", "synthetic:1x12x12", "--batch-size", "32", "--no-progress"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(args + ["--rounds", "4", "--out", str(full)]) == 0
+    assert main(args + ["--rounds", "2", "--out", str(part)]) == 0
+    assert main(["--resume", str(part), "--rounds", "4", "--no-progress"]) == 0
+
+    def rows(d):
+        return [{k: v for k, v in json.loads(l).items() if not k.startswith("seconds_")}
+                for l in (d / "metrics.jsonl").read_text().splitlines()]
+
+    assert rows(full) == rows(part)
+    assert any(r["dropped"] for r in rows(full))
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.5, float("nan")])
+def test_bad_dropout_prob(p):
+    with pytest.raises(ConfigError, match="--dropout-prob: must be a probability"):
+        _cfg(dropout_prob=p)

@@ -115,6 +115,8 @@ class Engine:
     def full_step(self, ks, xs, ys): raise NotImplementedError
     def align(self, ks, data): raise NotImplementedError
     def aggregate(self, weights, clients=True, aux=False, servers=False): raise NotImplementedError
+    # clients ks back to the models of the last aggregation (a round whose participants all dropped)
+    def restore(self, ks, clients=True, aux=False, servers=False): raise NotImplementedError
     def eval_models(self): raise NotImplementedError
     def aux_module(self, k): raise NotImplementedError
     def state_dict(self): raise NotImplementedError

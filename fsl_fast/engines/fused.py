@@ -179,6 +179,15 @@ class FusedEngine(Engine):
             if aux:
                 self.aux.average(weights)
 
+    def restore(self, ks, clients=True, aux=False, servers=False):
+        with torch.no_grad():
+            if clients:
+                self.clients.restore(ks)
+            if servers and self.servers is not None:
+                self.servers.restore(ks)
+            if aux:
+                self.aux.restore(ks)
+
     def eval_models(self):
         return self.clients.global_mod, self.server_global
 

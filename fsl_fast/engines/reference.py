@@ -38,6 +38,8 @@ class ReferenceEngine(Engine):
             self.aux_opts = [torch.optim.Adam(a.parameters(), lr=cfg.aux_lr) for a in self.auxes]
             self.align_gens = [torch.Generator().manual_seed(align_seed(cfg.seed, k))
                                for k in range(num_clients)]
+        # the last averaged auxiliary (CSE-FSL averages them), for restore()
+        self.aux_global = {k: v.clone() for k, v in self.auxes[0].state_dict().items()} if self.auxes else {}
 
     def _server(self, k):
         return (self.servers[k], self.server_opts[k]) if len(self.servers) > 1 else (self.servers[0], self.server_opts[0])
@@ -131,6 +133,17 @@ class ReferenceEngine(Engine):
                 avg = average_state_dicts([a.state_dict() for a in self.auxes], weights)
                 for a in self.auxes:
                     a.load_state_dict(avg)
+                self.aux_global = {k: v.clone() for k, v in avg.items()}
+
+    def restore(self, ks, clients=True, aux=False, servers=False):
+        with torch.no_grad():
+            for k in ks:
+                if clients:
+                    self.clients[k].load_state_dict(self.client_global.state_dict())
+                if servers and len(self.servers) > 1:
+                    self.servers[k].load_state_dict(self.server_global.state_dict())
+                if aux:
+                    self.auxes[k].load_state_dict(self.aux_global)
 
     def eval_models(self):
         return self.client_global, self.server_global
@@ -168,6 +181,7 @@ class ReferenceEngine(Engine):
             "auxes": [a.state_dict() for a in self.auxes],
             "aux_opts": [o.state_dict() for o in self.aux_opts],
             "align_gens": [g.get_state() for g in self.align_gens],
+            "aux_global": self.aux_global,
         }
 
     def load_state_dict(self, sd):
@@ -180,6 +194,9 @@ class ReferenceEngine(Engine):
                 o.load_state_dict(s)
         for g, s in zip(self.align_gens, sd["align_gens"]):
             g.set_state(s)
+        if self.auxes:  # (checkpoints before partial participation: every aux row was the average)
+            src = sd.get("aux_global") or sd["auxes"][0]
+            self.aux_global = {k: v.clone() for k, v in src.items()}
 
     # parameters of every model, for parity tests
     def named_state(self):

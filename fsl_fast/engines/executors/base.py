@@ -145,6 +145,12 @@ class Stack:
     def entries(self) -> dict:
         return {e.name: e for e in self.flat.layout.entries}
 
+    def restore(self, rows) -> None:
+        """Rows back to the last average (``global_buffer``)."""
+        for r in rows:
+            self.flat.buffer[r].copy_(self.flat.global_buffer)
+            self.flat.int_buffers[r].copy_(self.flat.global_int_buffer)
+
     def average(self, weights) -> None:
         self.flat.average(weights, broadcast=True)
         self.flat.load_into(self.global_mod)
