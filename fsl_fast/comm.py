@@ -121,6 +121,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="resnet18")
     p.add_argument("--aux", default="default")
     p.add_argument("--clients", type=int, default=10)
+    p.add_argument("--clients-per-round", type=int, default=0, help="M participants per round (0: all)")
     p.add_argument("--samples-per-client", type=int, default=5000)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--num-classes", type=int, default=10)
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
     for algo in algos:
         recs = dry_run(algo, model=a.model, aux=a.aux, clients=a.clients,
                        samples_per_client=a.samples_per_client, batch_size=a.batch_size,
-                       num_classes=a.num_classes, rounds=a.rounds)
+                       num_classes=a.num_classes, rounds=a.rounds, clients_per_round=a.clients_per_round)
         plain = recs[1]["round_bytes_paper"] if len(recs) > 1 else recs[0]["round_bytes_paper"]
         extra = recs[0]["round_bytes_paper"] - plain
         row = (f"| {algo} | {plain:,} | {'+' + format(extra, ',') if extra else '-'} | "

@@ -228,3 +228,15 @@ def test_resume_with_dropouts(tmp_path):
 def test_bad_dropout_prob(p):
     with pytest.raises(ConfigError, match="--dropout-prob: must be a probability"):
         _cfg(dropout_prob=p)
+
+
+def test_comm_dry_run_counts_the_participants():
+    """python -m fsl_fast.comm --clients-per-round: equal client shares, so half the clients send
+    half the bytes per round (round 1: no alignment, no initial broadcast)."""
+    from fsl_fast.comm import dry_run
+
+    for algo in ("fsl_sage", "splitfed_v1", "fedavg"):
+        kw = dict(model="cnn", in_shape=(1, 28, 28), clients=10, samples_per_client=100, batch_size=20, rounds=2)
+        full = dry_run(algo, **kw)[1]["round_bytes_paper"]
+        half = dry_run(algo, clients_per_round=5, **kw)[1]["round_bytes_paper"]
+        assert half * 2 == full > 0, algo
