@@ -238,12 +238,14 @@ def test_layer3_align_batched_clients(benchmark, device):
     benchmark.pedantic(fns["batched"], rounds=1, warmup_rounds=0)
 
 
-def test_layer3_alignment_quality_fp32_vs_bf16(benchmark):
-    """A whole alignment of the paper's layer3 auxiliary on one buffer (the reference engine's
-    alignment, autograd double backward) in fp32 and in bf16: seconds, and the cosine / norm ratio
-    of its gradient estimate against the true cut-layer gradient before and after. Buffer: the
-    client's smashed data of random 32x32 images, labels at random (a fit of the server's current
-    gradients, which is what alignment is)."""
+@pytest.mark.parametrize("engine", ["reference", "fused"])
+def test_layer3_alignment_quality_fp32_vs_bf16(benchmark, engine):
+    """A whole alignment of the paper's layer3 auxiliary on one buffer in fp32 and in bf16 (the
+    reference engine: autograd double backward under autocast; the fused engine: the aux_fast pass
+    with fp32 or bf16 convolution products): seconds, and the cosine / norm ratio of its gradient
+    estimate against the true cut-layer gradient before and after. Buffer: the client's smashed
+    data of random 32x32 images, labels at random (a fit of the server's current gradients, which
+    is what alignment is)."""
     import dataclasses
 
     from fsl_fast.config import Config
@@ -252,13 +254,14 @@ def test_layer3_alignment_quality_fp32_vs_bf16(benchmark):
 
     rows, epochs = pick(1000, 200), pick(100, 3)
     cfg = Config(model="resnet18", aux="layer3", dataset="synthetic:3x32x32", clients=1, batch_size=32,
-                 align_epochs=epochs, threads=torch.get_num_threads(), seed=0).resolved()
+                 align_epochs=epochs, threads=torch.get_num_threads(), seed=0,
+                 fused=engine == "fused").resolved()
     out = {}
     for prec in ("fp32", "bf16"):
         run = Run(dataclasses.replace(cfg, precision=prec))
         g = torch.Generator().manual_seed(3)
         with torch.no_grad():
-            Z = run.engine.clients[0](torch.randn(rows, 3, 32, 32, generator=g))
+            Z = run.engine.eval_models()[0](torch.randn(rows, 3, 32, 32, generator=g))
         Y = torch.randint(0, 10, (rows,), generator=g)
         before = estimate_quality(run.engine, [0], [(Z, Y)])[0]
         t0 = time.perf_counter()
@@ -267,7 +270,7 @@ def test_layer3_alignment_quality_fp32_vs_bf16(benchmark):
         after = estimate_quality(run.engine, [0], [(Z, Y)])[0]
         out[prec] = dict(seconds=secs, cosine_before=before["cosine"], cosine_after=after["cosine"],
                          norm_ratio_after=after["norm_ratio"])
-        print(f"\nlayer3 alignment {prec}, {rows} rows x {epochs} epochs: {secs:.1f} s, cosine "
+        print(f"\nlayer3 alignment, {engine} engine, {prec}, {rows} rows x {epochs} epochs: {secs:.1f} s, cosine "
               f"{before['cosine']:.4f} -> {after['cosine']:.4f}, norm ratio {after['norm_ratio']:.3f}")
     assert out["bf16"]["cosine_after"] > out["bf16"]["cosine_before"]
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)

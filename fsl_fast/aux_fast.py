@@ -27,6 +27,11 @@ double backward of BatchNorm is many elementwise passes).
 Train-mode BatchNorm updates its running statistics exactly once per call, as the reference's
 single forward pass does (momentum or cumulative average, ``num_batches_tracked`` + 1).
 
+``gemm_dtype=torch.bfloat16`` (the fused engine under ``--precision bf16``) runs the convolutions'
+matrix products in bfloat16 (operands rounded to bf16, products accumulated by oneDNN in fp32,
+results rounded to bf16 and widened): im2col operands are gathered in bf16, weight gradients sum
+their two products in fp32; BatchNorm, ReLU, the head, the loss and the targets stay fp32.
+
 Supported trunks: ``nn.Sequential`` (nested allowed) of ``Conv2d`` (groups=1, dilation=1),
 ``BatchNorm2d``, ``ReLU`` and torchvision-style BasicBlocks (attributes ``conv1, bn1, conv2, bn2,
 downsample``). Anything else runs the reference (:func:`lowerable` says which).
@@ -255,9 +260,10 @@ def _run(m, x, H, W):
 
 
 class _Conv:
-    def __init__(self, convs, H, W):
+    def __init__(self, convs, H, W, gemm_dtype=torch.float32):
         c = convs[0]
         self.convs = convs
+        self.gd = gemm_dtype  # operand dtype of the products (float32 or bfloat16)
         (self.kh, self.kw), (self.sh, self.sw), (self.ph, self.pw) = c.kernel_size, c.stride, c.padding
         self.H, self.W = H, W
         self.Ho = (H + 2 * self.ph - self.kh) // self.sh + 1
@@ -271,34 +277,46 @@ class _Conv:
         else:
             self.kind = "gather"
 
+    def _lp(self, t):
+        """``t`` in the product dtype (unchanged unless products run in bf16)."""
+        return t if self.gd == torch.float32 else t.to(self.gd)
+
+    def _mm(self, a, b):
+        """bmm with operands in the product dtype, result fp32 (any dtype unless bf16)."""
+        if self.gd == torch.float32:
+            return torch.bmm(a, b)
+        return torch.bmm(a.to(self.gd), b.to(self.gd)).float()
+
     def _apply(self, x):
-        """y [K, B, Po, Co] = A x (no bias); keeps the operand the weight gradient needs."""
+        """y [K, B, Po, Co] = A x (no bias); keeps the operand the weight gradient needs (in
+        the product dtype)."""
         K, B = x.shape[:2]
         Po = self.Ho * self.Wo
+        x = self._lp(x)
         if self.kind == "dense":
             xo = x.reshape(K, B, -1)
-            return torch.bmm(xo, self.M.transpose(1, 2)).view(K, B, Po, self.co), xo
+            return self._mm(xo, self.M.transpose(1, 2)).view(K, B, Po, self.co), xo
         if self.kind == "1x1":
             xs = x.reshape(K, B, self.H, self.W, self.ci)[:, :, ::self.sh, ::self.sw, :]
             xs = xs.reshape(K, B * Po, self.ci)
-            return torch.bmm(xs, self.Wm.transpose(1, 2)).view(K, B, Po, self.co), xs
+            return self._mm(xs, self.Wm.transpose(1, 2)).view(K, B, Po, self.co), xs
         # im2col in the row layout: one index_select of whole Ci-channel rows (padding reads a
         # zero row appended at position P); cheaper than unfold/fold through NCHW permutes.
         xp = torch.cat([x, x.new_zeros(K, B, 1, self.ci)], 2)
         cols = xp.index_select(2, self.gidx).reshape(K, B * Po, -1)
-        return torch.bmm(cols, self.Wm.transpose(1, 2)).view(K, B, Po, self.co), cols
+        return self._mm(cols, self.Wm.transpose(1, 2)).view(K, B, Po, self.co), cols
 
     def _adjoint(self, dy):
         K, B = dy.shape[:2]
         Po = self.Ho * self.Wo
         if self.kind == "dense":
-            return torch.bmm(dy.reshape(K, B, -1), self.M).view(K, B, self.H * self.W, self.ci)
+            return self._mm(dy.reshape(K, B, -1), self.M).view(K, B, self.H * self.W, self.ci)
         if self.kind == "1x1":
             dx = dy.new_zeros(K, B, self.H, self.W, self.ci)
-            dx[:, :, ::self.sh, ::self.sw, :] = torch.bmm(
+            dx[:, :, ::self.sh, ::self.sw, :] = self._mm(
                 dy.reshape(K, B * Po, self.co), self.Wm).view(K, B, self.Ho, self.Wo, self.ci)
             return dx.view(K, B, -1, self.ci)
-        dcols = torch.bmm(dy.reshape(K, B * Po, self.co), self.Wm).view(K, B, -1, self.ci)
+        dcols = self._mm(dy.reshape(K, B * Po, self.co), self.Wm).view(K, B, -1, self.ci)
         dxp = dy.new_zeros(K, B, self.H * self.W + 1, self.ci)
         dxp.index_add_(2, self.gidx, dcols)
         return dxp[:, :, :-1]
@@ -310,8 +328,8 @@ class _Conv:
             self.taps = _tap_table(self.convs[0], self.H, self.W, x.device)
             kp = torch.cat([w.permute(0, 3, 4, 1, 2).reshape(K, -1, self.co, self.ci),
                             w.new_zeros(K, 1, self.co, self.ci)], 1)
-            self.M = kp[:, self.taps].permute(0, 1, 3, 2, 4).reshape(
-                K, self.Ho * self.Wo * self.co, -1)
+            self.M = self._lp(kp[:, self.taps].permute(0, 1, 3, 2, 4).reshape(
+                K, self.Ho * self.Wo * self.co, -1))
         elif self.kind == "gather":
             # tap table [Po, kk] -> input position, or P for padding; weight as [Co, (kh, kw, Ci)]
             taps = _tap_table(self.convs[0], self.H, self.W, x.device)  # [Po, P] -> tap or kk
@@ -320,9 +338,9 @@ class _Conv:
                              device=x.device)
             pos.scatter_(1, taps, torch.arange(self.H * self.W, device=x.device).expand_as(taps))
             self.gidx = pos[:, :kk].reshape(-1)
-            self.Wm = w.permute(0, 1, 3, 4, 2).reshape(K, self.co, -1)
+            self.Wm = self._lp(w.permute(0, 1, 3, 4, 2).reshape(K, self.co, -1))
         else:
-            self.Wm = w.reshape(K, self.co, -1)
+            self.Wm = self._lp(w.reshape(K, self.co, -1))
         y, self.xop = self._apply(x)
         if self.has_bias:
             y = y + _stack([c.bias for c in self.convs]).view(K, 1, 1, self.co)
@@ -340,8 +358,11 @@ class _Conv:
         K, B = dyt.shape[:2]
         if self.kind == "dense":
             a, b = dyt.reshape(K, B, -1), self.dy.reshape(K, B, -1)
-            gM = torch.bmm(a.transpose(1, 2), self.xop)
-            gM.baddbmm_(b.transpose(1, 2), self.xtop)
+            if self.gd == torch.float32:
+                gM = torch.bmm(a.transpose(1, 2), self.xop)
+                gM.baddbmm_(b.transpose(1, 2), self.xtop)
+            else:
+                gM = self._mm(a.transpose(1, 2), self.xop) + self._mm(b.transpose(1, 2), self.xtop)
             blocks = gM.view(K, self.Ho * self.Wo, self.co, self.H * self.W, self.ci)
             blocks = blocks.permute(0, 1, 3, 2, 4).reshape(K, -1, self.co, self.ci)
             gk = blocks.new_zeros(K, self.kh * self.kw + 1, self.co, self.ci)
@@ -349,8 +370,11 @@ class _Conv:
             gw = gk[:, :-1].reshape(K, self.kh, self.kw, self.co, self.ci).permute(0, 3, 4, 1, 2)
         else:
             a, b = dyt.reshape(K, -1, self.co), self.dy.reshape(K, -1, self.co)
-            gw = torch.bmm(a.transpose(1, 2), self.xop)
-            gw.baddbmm_(b.transpose(1, 2), self.xtop)
+            if self.gd == torch.float32:
+                gw = torch.bmm(a.transpose(1, 2), self.xop)
+                gw.baddbmm_(b.transpose(1, 2), self.xtop)
+            else:
+                gw = self._mm(a.transpose(1, 2), self.xop) + self._mm(b.transpose(1, 2), self.xtop)
             if self.kind == "gather":
                 gw = gw.view(K, self.co, self.kh, self.kw, self.ci).permute(0, 1, 4, 2, 3)
             else:
@@ -546,14 +570,15 @@ def _same(ms, what):
             raise ValueError(f"conv_align: client trunks differ in length at {what}")
 
 
-def _build(ms, H, W, what="trunk"):
-    """Nodes of the lowered trunk for K structurally identical modules, and the output size."""
+def _build(ms, H, W, what="trunk", gd=torch.float32):
+    """Nodes of the lowered trunk for K structurally identical modules, and the output size;
+    ``gd``: the convolutions' product dtype."""
     _same(ms, what)
     m = ms[0]
     if isinstance(m, nn.Sequential):
         nodes = []
         for i in range(len(m)):
-            n, H, W = _build([x[i] for x in ms], H, W, f"{what}.{i}")
+            n, H, W = _build([x[i] for x in ms], H, W, f"{what}.{i}", gd)
             nodes.append(n)
         return _Seq(nodes), H, W
     if _is_block(m):
@@ -562,14 +587,14 @@ def _build(ms, H, W, what="trunk"):
         sub = lambda a: [getattr(x, a) for x in ms]  # noqa: E731
         for a in ("conv1", "bn1", "conv2", "bn2"):
             _same(sub(a), f"{what}.{a}")
-        c1 = _Conv(sub("conv1"), H, W)
-        c2 = _Conv(sub("conv2"), c1.Ho, c1.Wo)
+        c1 = _Conv(sub("conv1"), H, W, gd)
+        c2 = _Conv(sub("conv2"), c1.Ho, c1.Wo, gd)
         main = _Seq([c1, _BN(sub("bn1")), _ReLU(), c2, _BN(sub("bn2"))])
         short = (_Identity() if m.downsample is None
-                 else _build(sub("downsample"), H, W, f"{what}.downsample")[0])
+                 else _build(sub("downsample"), H, W, f"{what}.downsample", gd)[0])
         return _Block(main, short), c1.Ho, c1.Wo
     if isinstance(m, nn.Conv2d):
-        c = _Conv(ms, H, W)
+        c = _Conv(ms, H, W, gd)
         return c, c.Ho, c.Wo
     if isinstance(m, nn.BatchNorm2d):
         return _BN(ms), H, W
@@ -579,10 +604,10 @@ def _build(ms, H, W, what="trunk"):
 
 
 @torch.no_grad()
-def _manual_align_k(trunks, fcs, Z, Y, T, grad_scale):
+def _manual_align_k(trunks, fcs, Z, Y, T, grad_scale, gemm_dtype=torch.float32):
     """K clients: Z, T [K, B, C, H, W], Y [K, B] -> (loss [K], [grads of client k])."""
     K, B, C, H, W = Z.shape
-    net, _, _ = _build(list(trunks), H, W)
+    net, _, _ = _build(list(trunks), H, W, gd=gemm_dtype)
     x = Z.permute(0, 1, 3, 4, 2).reshape(K, B, H * W, C)
     h = net.fwd(x)                                    # [K, B, P, Ct]
     P = h.shape[2]
@@ -615,8 +640,8 @@ def _manual_align_k(trunks, fcs, Z, Y, T, grad_scale):
     return loss, out
 
 
-def _manual_align(trunk, fc, Z, Y, T, grad_scale):
-    loss, grads = _manual_align_k([trunk], [fc], Z[None], Y[None], T[None], grad_scale)
+def _manual_align(trunk, fc, Z, Y, T, grad_scale, gemm_dtype=torch.float32):
+    loss, grads = _manual_align_k([trunk], [fc], Z[None], Y[None], T[None], grad_scale, gemm_dtype)
     return loss[0], grads[0]
 
 
@@ -634,7 +659,8 @@ def _check(trunk, fc, Z, Y, T):
         raise TypeError(f"conv_align: T dtype {T.dtype} differs from Z dtype {Z.dtype}")
 
 
-def conv_align_grads(trunk, fc, Z, Y, T, grad_scale: float = 1.0, method: str = "manual"):
+def conv_align_grads(trunk, fc, Z, Y, T, grad_scale: float = 1.0, method: str = "manual",
+                     gemm_dtype: torch.dtype = torch.float32):
     """Alignment loss and gradients of ``fc o avgpool o trunk`` (same contract and results as
     :func:`conv_align_reference`, within floating-point tolerance), through the lowered trunk.
 
@@ -645,6 +671,8 @@ def conv_align_grads(trunk, fc, Z, Y, T, grad_scale: float = 1.0, method: str = 
         method: "manual" (default: the hand-written forward-over-reverse pass), "autograd"
             (reverse-over-reverse autograd through the lowered trunk) or "reference" (the
             modules themselves). Trunks that are not :func:`lowerable` always use "reference".
+        gemm_dtype: float32 (default) or bfloat16: the convolutions' products of the "manual"
+            pass (module doc); the other methods ignore it.
     Returns:
         ``(loss, grads)``: 0-d loss and a tuple aligned with
         ``list(trunk.parameters()) + [fc.weight, fc.bias]``.
@@ -654,8 +682,10 @@ def conv_align_grads(trunk, fc, Z, Y, T, grad_scale: float = 1.0, method: str = 
         raise ValueError(f"conv_align_grads: method must be manual, autograd or reference, got {method!r}")
     if method == "reference" or not lowerable(trunk):
         return conv_align_reference(trunk, fc, Z, Y, T, grad_scale)
+    if gemm_dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"conv_align_grads: gemm_dtype must be float32 or bfloat16, got {gemm_dtype}")
     if method == "manual":
-        return _manual_align(trunk, fc, Z, Y, T, grad_scale)
+        return _manual_align(trunk, fc, Z, Y, T, grad_scale, gemm_dtype)
     params = _params(trunk, fc)
     B, C, H, W = Z.shape
     with torch.enable_grad():

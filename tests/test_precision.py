@@ -70,23 +70,26 @@ def test_bf16_accuracy_matches_fp32_on_the_embedded_default():
 @pytest.mark.slow
 def test_bf16_resnet18_loss_matches_fp32():
     """resnet18 + layer3 auxiliary on the bundled synthetic 32x32 set (class-dependent patterns),
-    fused engine (bf16 reaches client, server and the auxiliary's estimate), 3 seeds x 5 rounds:
-    the round-5 test loss in bf16 within 5% of fp32's on average. (With 160 images per client
-    this set is not learned in 5 rounds: the test loss rises from ~2.30 to ~2.5 in both precisions
-    as the model overfits, so this compares two noisy trajectories; measured mean ratio 0.992.)"""
-    ratios = []
+    fused engine (bf16 reaches client, server, the auxiliary's estimate and its alignment's
+    convolution products), 3 seeds x 5 rounds, alignment every round: the test loss in bf16 within
+    5% of fp32's, as the mean over seeds of the ratio of the 5-round mean losses. With 160 images
+    per client this set is not learned in 5 rounds (the test loss drifts from ~2.30 to ~2.5-2.7 as
+    the model overfits), and the round-5 loss alone swings by +-10% per seed between any two
+    runs of different rounding (measured round-5 ratios 1.07, 0.92, 1.11: mean 1.033), so the
+    5-round mean is compared (measured 1.014). Two threads pinned: the thread count changes
+    oneDNN's summation order and so the trajectory."""
+    ratios, last = [], []
     for seed in range(3):
         cfg = Config(model="resnet18", aux="layer3", dataset="synthetic:3x32x32", clients=4, batch_size=32,
-                     align_epochs=5, schedule="parallel", fused=True, seed=seed).resolved()
+                     align_epochs=5, schedule="parallel", fused=True, seed=seed, threads=2).resolved()
         loss = {}
         for prec in ("fp32", "bf16"):
             run = Run(dataclasses.replace(cfg, precision=prec))
-            for _ in range(5):
-                rec = run.step()
-            loss[prec] = rec["test_loss"]
-        ratios.append(loss["bf16"] / loss["fp32"])
-        print(f"seed {seed}: round-5 test loss fp32 {loss['fp32']:.4f}, bf16 {loss['bf16']:.4f}, first round "
-              f"{run.metrics[0]['test_loss']:.4f}")
+            loss[prec] = [run.step()["test_loss"] for _ in range(5)]
+        ratios.append(statistics.mean(loss["bf16"]) / statistics.mean(loss["fp32"]))
+        last.append(loss["bf16"][-1] / loss["fp32"][-1])
+        print(f"seed {seed}: test loss fp32 {[round(v, 4) for v in loss['fp32']]}, "
+              f"bf16 {[round(v, 4) for v in loss['bf16']]}")
     mean = statistics.mean(ratios)
-    print(f"mean bf16 / fp32 round-5 test loss: {mean:.4f}")
+    print(f"bf16 / fp32: 5-round mean loss {mean:.4f}, round-5 loss {statistics.mean(last):.4f}")
     assert abs(mean - 1) <= 0.05
