@@ -1,15 +1,12 @@
 """The fused engine's executors, in the order the engine asks them (see ``base`` for the rule).
 
-======== ============================================================ ===========================
-part     executors, first match wins                                   files
-======== ============================================================ ===========================
-client   conv_blocks_taped, conv_blocks, vmap, loop                    conv_blocks.py, generic.py
-server   mlp, autograd                                                 mlp_server.py, generic.py
-aux      linear_closed_form, autograd                                  linear_aux.py, generic.py
-alignment linear_closed_form, conv_aux_fast, double_backward           linear_aux.py, conv_aux.py,
-                                                                       generic.py
-full     conv_blocks_mlp_taped, conv_blocks_vmap_server, loop          conv_blocks.py, generic.py
-======== ============================================================ ===========================
+- client: conv_blocks_taped, conv_blocks (conv_blocks.py), vmap, loop (generic.py)
+- server: mlp (mlp_server.py), autograd (generic.py)
+- aux: linear_closed_form (linear_aux.py), autograd (generic.py)
+- alignment: linear_closed_form (linear_aux.py), conv_aux_fast (conv_aux.py), double_backward
+  (generic.py)
+- full (FedAvg's whole-model step): conv_blocks_mlp_taped, conv_blocks_vmap_server
+  (conv_blocks.py), loop (generic.py)
 """
 from fsl_fast.engines.executors.base import ENV_FORCE, PARTS, ExecutorError, choose, forced  # noqa: F401
 from fsl_fast.engines.executors.conv_aux import ConvAuxAlign
