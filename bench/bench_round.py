@@ -213,10 +213,13 @@ def bf16_gemm_peak(n: int = 2048, reps: int = 5) -> float:
     return 2 * n ** 3 / best
 
 
-def _round_flops(run) -> float:
-    """FLOPs of one ordinary round as torch's flop counter sees them (convolutions, their
-    backward, matrix products; the C++ conv blocks of the fused cnn are not counted, so that case
-    reads 0)."""
+_CONV_OPS = ("convolution", "_convolution", "convolution_backward")
+
+
+def _round_flops(run) -> tuple[float, float]:
+    """(all, convolutions only) FLOPs of one ordinary round as torch's flop registry sees them
+    (convolutions, their backward, matrix products; the C++ conv blocks of the fused cnn are not
+    counted, so that case reads ~0)."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_map
@@ -224,7 +227,7 @@ def _round_flops(run) -> float:
 
     # torch's FlopCounterMode tracks modules with backward hooks that autograd.grad (the
     # auxiliary's estimate) does not support; this mode counts the same registry per aten call
-    total = [0]
+    total = [0, 0]
 
     def shape(t):
         return t.shape if isinstance(t, torch.Tensor) else t
@@ -235,12 +238,26 @@ def _round_flops(run) -> float:
             out = func(*args, **kwargs)
             f = flop_registry.get(func._overloadpacket)
             if f is not None:
-                total[0] += f(*tree_map(shape, args), **tree_map(shape, kwargs), out_val=tree_map(shape, out))
+                n = f(*tree_map(shape, args), **tree_map(shape, kwargs), out_val=tree_map(shape, out))
+                total[0] += n
+                if func._overloadpacket.__name__ in _CONV_OPS:
+                    total[1] += n
             return out
 
     with _Count():
         run.step()
-    return float(total[0])
+    return float(total[0]), float(total[1])
+
+
+def _conv_seconds(run) -> float:
+    """Seconds one ordinary round spends in oneDNN's convolutions, forward and backward (the
+    profiler's self time of those ops)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run.step()
+    keys = ("aten::mkldnn_convolution", "aten::convolution_backward")
+    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in keys) / 1e6
 
 
 @pytest.mark.parametrize("case", list(PAPER_CASES))
@@ -268,8 +285,10 @@ def test_paper_shape_round_seconds(benchmark, case):
     med = {k: statistics.median(v) for k, v in times.items()}
     images = sum(len(p) for p in runs["reference_fp32"].parts) * cfg.local_epochs
     peak = bf16_gemm_peak(pick(2048, 512))
-    flops = _round_flops(runs["fused_bf16"])
+    flops, conv_flops = _round_flops(runs["fused_bf16"])
     frac = flops / med["fused_bf16"] / peak
+    conv_s = _conv_seconds(runs["fused_bf16"])
+    conv_frac = conv_flops / conv_s / peak if conv_s > 0 else 0.0
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
     info = {f"{k}_s": v for k, v in med.items()}
     info.update({f"{k}_speedup": med["reference_fp32"] / v for k, v in med.items()},
@@ -277,12 +296,15 @@ def test_paper_shape_round_seconds(benchmark, case):
                 fused_bf16_phases=_phases(runs["fused_bf16"]), fused_fp32_phases=_phases(runs["fused_fp32"]),
                 reference_phases=_phases(runs["reference_fp32"]),
                 bf16_gemm_peak_gflops=peak / 1e9, round_gflop=flops / 1e9, fused_bf16_peak_fraction=frac,
+                conv_gflop=conv_flops / 1e9, conv_seconds=conv_s, conv_peak_fraction=conv_frac,
                 executors=runs["fused_bf16"].engine.executor_record())
     benchmark.extra_info.update(info)
     print(f"\n[{case}, {cfg.clients} clients, B={cfg.batch_size}, {torch.get_num_threads()} thread(s)] " + ", ".join(
         f"{k} {v:.3f} s ({med['reference_fp32'] / v:.2f}x, {images / v:.0f} img/s)" for k, v in med.items())
         + f"\n  bf16 GEMM peak {peak / 1e9:.0f} GFLOP/s; fused bf16 round {flops / 1e9:.1f} GFLOP counted, "
-        f"{flops / med['fused_bf16'] / 1e9:.0f} GFLOP/s = {frac:.1%} of it"
+        f"{flops / med['fused_bf16'] / 1e9:.0f} GFLOP/s = {frac:.1%} of it; its convolutions (profiled "
+        f"round) {conv_flops / 1e9:.1f} GFLOP in {conv_s:.2f} s = "
+        f"{conv_flops / max(conv_s, 1e-9) / 1e9:.0f} GFLOP/s = {conv_frac:.1%}"
         + f"\n  phases: reference {_phases(runs['reference_fp32'])}\n          fused fp32 {_phases(runs['fused_fp32'])}"
         f"\n          fused bf16 {_phases(runs['fused_bf16'])}")
 
