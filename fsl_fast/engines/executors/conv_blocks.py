@@ -20,7 +20,7 @@ from torch import nn
 
 from fsl_fast.engines.base import wide
 from fsl_fast.engines.executors.base import Executor, uniform, write_rows
-from fsl_fast.engines.executors.generic import LoopClients, LoopFull, leaf_grads_to_buffer
+from fsl_fast.engines.executors.generic import BatchedClients, LoopFull
 from fsl_fast.engines.executors.mlp_server import mlp_plan
 
 
@@ -63,7 +63,7 @@ def _taped(steps) -> bool:
     return all(kind == "conv" or isinstance(what, nn.Flatten) for kind, what, _ in steps)
 
 
-class GroupedConvBlocks(Executor):
+class GroupedConvBlocks(BatchedClients):
     part, name = "client", "conv_blocks"
 
     @classmethod
@@ -76,16 +76,6 @@ class GroupedConvBlocks(Executor):
     def __init__(self, eng):
         super().__init__(eng)
         self.steps, _ = conv_block_plan(eng)
-        self.leaf = None
-        self.out = None  # (ks, [K, ...] output, its rows as a list)
-        self.loop = LoopClients(eng)
-
-    def batched(self, tensors):
-        return self.out[1] if self.out is not None and tensors is self.out[2] else None
-
-    def _keep(self, ks, z):
-        self.out = (ks, z, list(z.unbind(0)))
-        return self.out[2]
 
     def forward_autograd(self, ks, xs):
         """[G, B, ...] output with a graph to ``self.leaf`` (the flat buffer as a leaf)."""
@@ -107,23 +97,11 @@ class GroupedConvBlocks(Executor):
                 h = what(h)
         return h.view(G, B, *h.shape[1:])
 
-    def leaf_grads_to_buffer(self, ks):
-        leaf_grads_to_buffer(self.eng, self.leaf, ks)
-
     def forward(self, ks, xs):
         self.out = None
         if not uniform(xs):
             return self.loop.forward(ks, xs)
         return self._keep(ks, self.forward_autograd(ks, xs))
-
-    def backward(self, ks, zs, grads, full=None):
-        if not self.pending(ks):
-            return self.loop.backward(ks, zs, grads)
-        full = torch.stack(grads) if full is None else full
-        self.leaf.grad = None
-        self.out[1].backward(full)
-        self.out = None
-        self.leaf_grads_to_buffer(ks)
 
 
 class TapedConvBlocks(GroupedConvBlocks):

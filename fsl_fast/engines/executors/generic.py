@@ -29,7 +29,39 @@ class LoopClients(Executor):
             z.backward(g)
 
 
-class VmapClients(Executor):
+class BatchedClients(Executor):
+    """Base of the client executors that run all active clients as one autograd computation
+    over ``leaf`` (the flat buffer as a leaf tensor): they keep the [K, ...] output of the last
+    forward, backpropagate into the leaf and copy its gradient rows into the flat gradient
+    buffer; calls whose clients' batches differ in shape run the loop executor."""
+
+    def __init__(self, eng):
+        super().__init__(eng)
+        self.leaf = None
+        self.out = None  # (ks, [K, ...] output, its rows as a list) of the last forward
+        self.loop = LoopClients(eng)
+
+    def _keep(self, ks, z):
+        self.out = (ks, z, list(z.unbind(0)))
+        return self.out[2]
+
+    def batched(self, tensors):
+        return self.out[1] if self.out is not None and tensors is self.out[2] else None
+
+    def leaf_grads_to_buffer(self, ks):
+        leaf_grads_to_buffer(self.eng, self.leaf, ks)
+
+    def backward(self, ks, zs, grads, full=None):
+        if not self.pending(ks):
+            return self.loop.backward(ks, zs, grads)
+        full = torch.stack(grads) if full is None else full
+        self.leaf.grad = None
+        self.out[1].backward(full)
+        self.out = None
+        self.leaf_grads_to_buffer(ks)
+
+
+class VmapClients(BatchedClients):
     """All active clients' forward/backward as one vmapped computation over their flat rows
     (``torch.func.functional_call`` on a [K, ...] view per parameter)."""
 
@@ -50,9 +82,6 @@ class VmapClients(Executor):
 
         base = eng.plain_client
         self.fn = lambda p, x: functional_call(base, p, (x,))
-        self.leaf = None
-        self.out = None  # (ks, [K, ...] output, its rows as a list) of the last forward
-        self.loop = LoopClients(eng)
 
     def forward(self, ks, xs):
         from fsl_fast.engines.executors.base import uniform
@@ -70,21 +99,7 @@ class VmapClients(Executor):
                   for e in flat.layout.entries}
         with eng.compute():
             z = torch.func.vmap(self.fn)(params, torch.stack(xs))
-        z = wide(z)
-        self.out = (ks, z, list(z.unbind(0)))
-        return self.out[2]
-
-    def batched(self, tensors):
-        return self.out[1] if self.out is not None and tensors is self.out[2] else None
-
-    def backward(self, ks, zs, grads, full=None):
-        if not self.pending(ks):
-            return self.loop.backward(ks, zs, grads)
-        full = torch.stack(grads) if full is None else full
-        self.leaf.grad = None
-        self.out[1].backward(full)
-        self.out = None
-        leaf_grads_to_buffer(self.eng, self.leaf, ks)
+        return self._keep(ks, wide(z))
 
 
 def leaf_grads_to_buffer(eng, leaf, ks):
