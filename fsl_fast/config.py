@@ -16,6 +16,7 @@ DATASETS = ("mnist5k", "cifar10", "cifar100", "synthetic")
 PARTITIONS = ("iid", "dirichlet")
 QUANTIZE = ("none", "int8", "int4")
 PRECISIONS = ("fp32", "bf16")
+OPTIMIZERS = ("adam", "sgd")  # client and server
 DIST_FEDAVG = ("ordered", "allreduce")  # distributed FedAvg: chain in client order | one all-reduce
 
 
@@ -46,6 +47,10 @@ class Config:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     aux_lr: float = 1e-3
+    optimizer: str = "adam"  # client and server optimizer (the auxiliary keeps Adam with aux_lr)
+    momentum: float = 0.0  # SGD only
+    nesterov: bool = False  # SGD only
+    lr_schedule: str = "constant"  # constant | cosine | multistep:M1,M2,...:GAMMA (per round)
     seed: int = 0
     schedule: str = "sequential"
     comm_budget_gib: float | None = None
@@ -73,6 +78,8 @@ class Config:
             c.model = "resnet18" if cifar else "cnn"
         if c.batch_size == 0:
             c.batch_size = 256 if cifar else 32
+        if c.lr_schedule == "cosine":  # anneal over this run's rounds, fixed at creation (resume)
+            c.lr_schedule = f"cosine:{c.rounds}"
         if c.quantize == "int4" and c.quantize_group_size == 0:
             c.quantize_group_size = 32
         c.validate()
@@ -93,6 +100,19 @@ class Config:
         choice("client_batching", ("auto", "loop", "vmap"))
         choice("precision", PRECISIONS)
         choice("dist_fedavg", DIST_FEDAVG)
+        from fsl_fast.optim import parse_lr_schedule
+
+        choice("optimizer", OPTIMIZERS)
+        if not (0.0 <= self.momentum < float("inf")):
+            raise ConfigError(f"--momentum: must be >= 0, got {self.momentum!r}")
+        if self.optimizer != "sgd" and (self.momentum or self.nesterov):
+            raise ConfigError("--momentum/--nesterov: only with --optimizer sgd (Adam has its own betas)")
+        if self.nesterov and not self.momentum > 0:
+            raise ConfigError("--nesterov: needs --momentum > 0")
+        try:
+            parse_lr_schedule(self.lr_schedule)
+        except ValueError as e:
+            raise ConfigError(f"--lr-schedule: {e}") from None
         from fsl_fast.models import AUX_NAMES, MODEL_NAMES
 
         from fsl_fast.models import is_factory_name

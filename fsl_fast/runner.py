@@ -92,6 +92,12 @@ class Run:
         t = self.next_round
         if t == 0:
             self.algo.initial_broadcast()
+        lr = None
+        if self.cfg.lr_schedule != "constant":  # --lr-schedule: this round's client/server rate
+            from fsl_fast.optim import lr_factor
+
+            lr = self.cfg.lr * lr_factor(self.cfg.lr_schedule, t, self.cfg.rounds)
+            self.engine.set_hyperparameters(lr, self.cfg.weight_decay, self.cfg.aux_lr)
         t0 = time.perf_counter()
         times = self.algo.run_round(t)
         with self.algo.phase("eval"):
@@ -100,6 +106,8 @@ class Run:
             check_value(t, "evaluation", "test loss", loss)
         times["eval"] = self.algo.times["eval"]
         rec = {"round": t, "test_accuracy": acc, "test_loss": loss, **self.algo.round_extra}
+        if lr is not None:
+            rec["lr"] = lr
         rec.update(self.ledger.end_round())
         rec["comm_gib_paper"] = rec["comm_bytes_paper"] / GIB
         rec.update({f"seconds_{k}": v for k, v in sorted(times.items())})

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from fsl_fast.config import (ALGORITHMS, DATASETS, DIST_FEDAVG, PARTITIONS, PRECISIONS, QUANTIZE, SCHEDULES,
+from fsl_fast.config import (ALGORITHMS, DATASETS, DIST_FEDAVG, OPTIMIZERS, PARTITIONS, PRECISIONS, QUANTIZE, SCHEDULES,
                              Config, ConfigError)
 
 
@@ -44,8 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
     a("--align-epochs", type=int, default=None, help="default 100")
     a("--align-batch-size", type=int, default=None, help="default 1000")
     a("--buffer-size", type=int, default=None, help="alignment buffer rows per client (1000)")
-    a("--lr", type=float, default=None, help="client and server Adam learning rate (1e-3)")
-    a("--weight-decay", type=float, default=None, help="client and server Adam weight decay (1e-4)")
+    a("--lr", type=float, default=None, help="client and server learning rate (1e-3)")
+    a("--weight-decay", type=float, default=None, help="client and server L2 weight decay (1e-4)")
+    a("--optimizer", choices=OPTIMIZERS, default=None,
+      help="client and server optimizer: adam (default, the paper) | sgd; the auxiliary keeps Adam")
+    a("--momentum", type=float, default=None, help="SGD momentum (0)")
+    a("--nesterov", action="store_true", default=None, help="SGD with Nesterov momentum")
+    a("--lr-schedule", default=None, metavar="SPEC",
+      help="per-round learning-rate schedule of client and server: constant (default) | cosine[:T] (to 0 "
+           "at round T, default T = --rounds) | multistep:M1,M2,...:GAMMA (times GAMMA from each "
+           "milestone round on)")
     a("--aux-lr", type=float, default=None, help="auxiliary Adam learning rate (1e-3)")
     a("--seed", type=int, default=None, help="default 0")
     a("--schedule", choices=SCHEDULES, default=None, help="sequential (authors' code, default) | parallel")

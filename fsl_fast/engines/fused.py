@@ -30,6 +30,7 @@ import torch
 from fsl_fast.engines.base import Engine, align_seed, buffer_targets
 from fsl_fast.engines.executors import CANDIDATES, choose
 from fsl_fast.engines.executors.base import Stack, has_batchnorm
+from fsl_fast.optim import torch_optimizer
 from fsl_fast.rewrites import enable_small_map_convs
 
 
@@ -63,7 +64,7 @@ class FusedEngine(Engine):
         self.small_map_convs = 0
         if not self.bitwise:
             self.small_map_convs = sum(enable_small_map_convs(m) for m in (client, split.server, split.aux))
-        self.clients = Stack(client, K, dev, lr, wd)
+        self.clients = Stack(client, K, dev, lr, wd, cfg)
         # the vmap executor runs the unfused modules (the fused-layer autograd Functions are CPU
         # kernels without vmap rules; on CUDA the layer ops are torch's own anyway). Same keys.
         self.plain_client = copy.deepcopy(split.client).to(dev)
@@ -75,7 +76,7 @@ class FusedEngine(Engine):
         self.server_global = split.server.to(dev)
         self.servers = None
         if algorithm_cls.server_copies:
-            self.servers = Stack(self.server_global, K, dev, lr, wd)
+            self.servers = Stack(self.server_global, K, dev, lr, wd, cfg)
             self.server_global = self.servers.global_mod
         self.server_has_bn = has_batchnorm(self.server_global)
         self.server_stack = None
@@ -86,10 +87,10 @@ class FusedEngine(Engine):
             # BatchNorm server keeps torch's Adam, bit-identical to the reference engine's: there
             # a last-bit difference is amplified through BatchNorm and Adam into visible drift
             # within one round (tests/test_fused_parity.py compares elementwise).
-            self.server_stack = Stack(self.server_global, 1, dev, lr, wd)
+            self.server_stack = Stack(self.server_global, 1, dev, lr, wd, cfg)
             self.server_global = self.server_stack.mods[0]
         elif self.servers is None:
-            self.server_opt = torch.optim.Adam(self.server_global.parameters(), lr=lr, weight_decay=wd)
+            self.server_opt = torch_optimizer(self.server_global.parameters(), cfg, lr, wd)
         self.aux = None
         if algorithm_cls.uses_aux:
             self.aux = Stack(split.aux.to(dev), K, dev, cfg.aux_lr, 0.0)

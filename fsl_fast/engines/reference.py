@@ -10,10 +10,7 @@ import torch.nn.functional as F
 
 from fsl_fast.engines.base import Engine, align_seed, buffer_targets, wide
 from fsl_fast.ops.fedavg import fedavg_state_dicts as average_state_dicts
-
-
-def _adam(module, lr, wd):
-    return torch.optim.Adam(module.parameters(), lr=lr, weight_decay=wd)
+from fsl_fast.optim import torch_optimizer
 
 
 class ReferenceEngine(Engine):
@@ -21,6 +18,10 @@ class ReferenceEngine(Engine):
         super().__init__(cfg, split, num_clients, algorithm_cls, device)
         dev = self.device
         lr, wd = cfg.lr, cfg.weight_decay
+
+        def _adam(module, lr, wd):  # the client/server optimizer (--optimizer; Adam by default)
+            return torch_optimizer(module.parameters(), cfg, lr, wd)
+
         self.client_global = split.client.to(dev)
         self.clients = [copy.deepcopy(self.client_global) for _ in range(num_clients)]
         self.client_opts = [_adam(c, lr, wd) for c in self.clients]

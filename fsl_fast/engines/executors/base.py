@@ -30,7 +30,7 @@ from torch import nn
 
 from fsl_fast.config import ConfigError
 from fsl_fast.flat import FlatClients
-from fsl_fast.optim import FlatAdam
+from fsl_fast.optim import flat_optimizer
 
 PARTS = ("client", "server", "aux", "alignment", "full")
 ENV_FORCE = "FSL_FAST_EXECUTORS"
@@ -120,9 +120,10 @@ def has_batchnorm(module: nn.Module) -> bool:
 
 
 class Stack:
-    """K copies of one module over a FlatClients buffer, with a FlatAdam on the parameter part."""
+    """K copies of one module over a FlatClients buffer, with a flat optimizer on the parameter
+    part: the client/server optimizer of ``cfg`` (--optimizer), or Adam when ``cfg`` is None."""
 
-    def __init__(self, module: nn.Module, K: int, device, lr: float, wd: float):
+    def __init__(self, module: nn.Module, K: int, device, lr: float, wd: float, cfg=None):
         self.template = module
         self.flat = FlatClients(module, K, device=device)
         self.mods = [self.flat.bind(k, copy.deepcopy(module), grads=True) for k in range(K)]
@@ -130,8 +131,8 @@ class Stack:
         self.np = max((e.offset + e.numel for e in ents), default=0)
         if any(e.offset >= self.np for e in ents) or sum(e.numel for e in ents) != self.np:
             raise RuntimeError("flat layout must place parameters before buffers")
-        self.opt = FlatAdam(self.flat.buffer[:, :self.np], self.flat.grad_buffer[:, :self.np],
-                            lr=lr, weight_decay=wd)
+        self.opt = flat_optimizer(self.flat.buffer[:, :self.np], self.flat.grad_buffer[:, :self.np],
+                                  cfg, lr, wd)
         self.global_mod = copy.deepcopy(module)
 
     def zero_grad(self, rows) -> None:
