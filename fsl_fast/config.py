@@ -51,6 +51,7 @@ class Config:
     momentum: float = 0.0  # SGD only
     nesterov: bool = False  # SGD only
     lr_schedule: str = "constant"  # constant | cosine | multistep:M1,M2,...:GAMMA (per round)
+    warm_start: str | None = None  # run directory (or its checkpoint) whose models start this run
     seed: int = 0
     schedule: str = "sequential"
     comm_budget_gib: float | None = None
@@ -146,6 +147,8 @@ class Config:
             raise ConfigError(f"--dropout-prob: must be a probability in [0, 1], got {self.dropout_prob!r}")
         if self.distributed and self.dropout_prob > 0:
             raise ConfigError("--dropout-prob: simulated dropouts run in process only")
+        if self.distributed and self.warm_start:
+            raise ConfigError("--warm-start: in-process runs only (start the distributed run from scratch)")
         if self.threads < 0:
             raise ConfigError(f"--threads: must be >= 0 (0 = torch default), got {self.threads}")
         if self.seed < 0:

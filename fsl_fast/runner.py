@@ -58,6 +58,7 @@ class Run:
         self.metrics: list[dict] = []
         self.next_round = 0
         self.config_changes: list[dict] = []  # settings changed by --resume (round, old, new)
+        self.warm_started: dict | None = None  # --warm-start: what was loaded from where
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -71,6 +72,7 @@ class Run:
             "torch_rng": torch.get_rng_state(),
             "metrics": self.metrics,
             "config_changes": self.config_changes,
+            "warm_started": self.warm_started,
         }
 
     def load_state_dict(self, sd: dict, where: str = "checkpoint") -> None:
@@ -78,6 +80,7 @@ class Run:
             raise ConfigError(f"--resume: {where} is not an fsl_fast checkpoint")
         faults.check_version("checkpoint", sd.get("format_version"), where)
         self.config_changes = list(sd.get("config_changes", []))
+        self.warm_started = sd.get("warm_started")
         self.next_round = int(sd["next_round"])
         self.engine.load_state_dict(sd["engine"])
         self.algo.load_state_dict(sd["algorithm"])
@@ -208,12 +211,67 @@ class RoundLoop:
             self.bar.close()
 
 
-def load_checkpoint(run: "Run", path: Path) -> None:
+def load_checkpoint(run: "Run", path: Path, option: str = "--resume") -> None:
     try:
         sd = torch.load(path, weights_only=True, map_location=run.engine.device)
     except Exception as e:  # noqa: BLE001 - truncated, foreign or corrupt file: one line, exit 2
-        raise ConfigError(f"--resume: cannot read checkpoint {path}: {str(e).splitlines()[0][:200]}") from None
-    run.load_state_dict(sd, where=str(path))
+        raise ConfigError(f"{option}: cannot read checkpoint {path}: {str(e).splitlines()[0][:200]}") from None
+    try:
+        run.load_state_dict(sd, where=str(path))
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("--resume", option, 1)) from None
+
+
+def _shape_mismatch(src: dict, dst: dict) -> str | None:
+    if src.keys() != dst.keys():
+        extra, missing = sorted(set(src) - set(dst)), sorted(set(dst) - set(src))
+        return f"entries differ (only there: {extra[:3]}, only here: {missing[:3]})"
+    for k in src:
+        if tuple(src[k].shape) != tuple(dst[k].shape):
+            return f"{k} has shape {tuple(src[k].shape)} there, {tuple(dst[k].shape)} here"
+    return None
+
+
+def warm_start(run: "Run", path: str) -> dict:
+    """Load the models of the run at ``path`` (a run directory, or a checkpoint file inside one)
+    into ``run``'s engine: the global client into every client, the server into every server
+    copy, and the auxiliaries when the source kept one per client of this run. The source is
+    rebuilt from its config.json and checkpoint on the CPU, so either engine may have written it.
+    Returns the record for results.json; ConfigError (exit 2) for a source that does not fit."""
+    p = Path(path)
+    ckpt = p / CHECKPOINT if p.is_dir() else p
+    run_dir = p if p.is_dir() else p.parent.parent
+    cfg_file = run_dir / "config.json"
+    if not ckpt.is_file():
+        raise ConfigError(f"--warm-start: no checkpoint at {ckpt}")
+    if not cfg_file.is_file():
+        raise ConfigError(f"--warm-start: {cfg_file} not found (give the run directory)")
+    import dataclasses
+    import json
+
+    try:
+        src_cfg = Config.from_file_dict(json.loads(cfg_file.read_text()), where=str(cfg_file))
+    except ValueError as e:
+        raise ConfigError(f"--warm-start: cannot read {cfg_file}: {e}") from None
+    src_cfg = dataclasses.replace(src_cfg, device="cpu", distributed=False, threads=0, warm_start=None,
+                                  clients_per_round=0, dropout_prob=0.0).resolved()
+    src = Run(src_cfg)
+    load_checkpoint(src, ckpt, option="--warm-start")
+    named = src.engine.named_state()
+    mine = run.engine.named_state()
+    for part in ("client", "server"):
+        why = _shape_mismatch(named[part], mine[part])
+        if why:
+            raise ConfigError(f"--warm-start: the {part} model of {run_dir} does not fit this run's: {why}")
+    auxes = None
+    mine_aux = sorted(k for k in mine if k.startswith("aux"))
+    src_aux = sorted(k for k in named if k.startswith("aux"))
+    if mine_aux and set(mine_aux) <= set(src_aux) and not any(
+            _shape_mismatch(named[k], mine[k]) for k in mine_aux):
+        auxes = [named[f"aux{k}"] for k in range(len(mine_aux))]
+    run.engine.load_models(named["client"], named["server"], auxes)
+    return {"from": str(run_dir), "rounds_completed": src.next_round, "algorithm": src_cfg.algorithm,
+            "parts": ["client", "server"] + (["aux"] if auxes is not None else [])}
 
 
 def has_rows(path: Path) -> bool:
@@ -250,6 +308,8 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
             if changes:
                 write_config(out, cfg)
         else:
+            if cfg.warm_start:
+                run.warm_started = warm_start(run, cfg.warm_start)
             prepare_out(out)
             write_config(out, cfg)
             faults.atomic_write_text(out / "partition.json", faults.dumps(partition_record(cfg, run), indent=1) + "\n")
@@ -269,6 +329,8 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
         loop.close()
     results = summarize(cfg, run.metrics, loop.stopped, time.perf_counter() - t_start)
     results["executors"] = run.engine.executor_record()
+    if cfg.warm_start:
+        results["warm_start"] = run.warm_started
     if run.config_changes:
         results["config_changes"] = run.config_changes
     faults.atomic_write_text(out / "results.json", faults.dumps(results, indent=2) + "\n")

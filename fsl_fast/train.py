@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
            "at round T, default T = --rounds) | multistep:M1,M2,...:GAMMA (times GAMMA from each "
            "milestone round on)")
     a("--aux-lr", type=float, default=None, help="auxiliary Adam learning rate (1e-3)")
+    a("--warm-start", default=None, metavar="RUN",
+      help="start from the models of another run (its directory or checkpoint file): client, server "
+           "and, when that run kept one per client of this run, the auxiliaries; optimizers, "
+           "schedule and round counter start fresh")
     a("--seed", type=int, default=None, help="default 0")
     a("--schedule", choices=SCHEDULES, default=None, help="sequential (authors' code, default) | parallel")
     a("--comm-budget-gib", type=float, default=None, help="stop when the paper-convention total reaches this")

@@ -265,6 +265,19 @@ class FusedEngine(Engine):
                 for g, s in zip(self.align_gens, sd["align_gens"]):
                     g.set_state(s)
 
+    def load_models(self, client, server, auxes=None):
+        """Warm start: every client and the global client take ``client``, the server (every
+        copy) ``server``, auxiliary k ``auxes[k]`` (None: the auxiliaries stay as built)."""
+        with torch.no_grad():
+            self.clients.load_models(client)
+            st = self.server_flat()
+            if st is not None:
+                st.load_models(server)
+            else:
+                self.server_global.load_state_dict(server)
+            if auxes is not None and self.aux is not None:
+                self.aux.load_models(list(auxes))
+
     def named_state(self):
         out = {"client": self.clients.global_mod.state_dict(), "server": self.server_global.state_dict()}
         if self.aux is not None:

@@ -199,6 +199,18 @@ class ReferenceEngine(Engine):
             src = sd.get("aux_global") or sd["auxes"][0]
             self.aux_global = {k: v.clone() for k, v in src.items()}
 
+    def load_models(self, client, server, auxes=None):
+        """Warm start (see FusedEngine.load_models)."""
+        with torch.no_grad():
+            for m in [self.client_global] + self.clients:
+                m.load_state_dict(client)
+            for m in {id(s): s for s in [self.server_global] + self.servers}.values():
+                m.load_state_dict(server)
+            if auxes is not None and self.auxes:
+                for a, sd in zip(self.auxes, auxes):
+                    a.load_state_dict(sd)
+                self.aux_global = {k: v.clone() for k, v in self.auxes[0].state_dict().items()}
+
     # parameters of every model, for parity tests
     def named_state(self):
         out = {"client": self.client_global.state_dict(), "server": self.server_global.state_dict()}

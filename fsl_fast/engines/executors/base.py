@@ -156,6 +156,17 @@ class Stack:
         self.flat.average(weights, broadcast=True)
         self.flat.load_into(self.global_mod)
 
+    def load_models(self, sds) -> None:
+        """Row k takes state dict ``sds[k]`` (a list of K; a dict: every row); the global model
+        takes the first (a warm start)."""
+        sds = sds if isinstance(sds, list) else [sds] * len(self.mods)
+        for k, sd in enumerate(sds):
+            self.global_mod.load_state_dict(sd)
+            self.flat.store(k, self.global_mod)
+        self.global_mod.load_state_dict(sds[0])
+        self.flat.layout.flatten(self.global_mod, out=self.flat.global_buffer)
+        self.flat.layout.flatten_int(self.global_mod, out=self.flat.global_int_buffer)
+
     def state_dict(self) -> dict:
         return {"buffer": self.flat.buffer, "int_buffers": self.flat.int_buffers,
                 "global": self.flat.global_buffer, "global_int": self.flat.global_int_buffer,
