@@ -99,12 +99,14 @@ def last_within_budget(metrics: list[dict], budget_bytes: float) -> dict | None:
 def summarize_run(variant: Variant, metrics: list[dict], target: float, budget_gib: float) -> RunSummary:
     if not metrics:
         raise ValueError(f"{variant.name}: no rounds in metrics")
+    every = metrics
+    metrics = [m for m in every if m.get("test_accuracy") is not None]  # evaluated rounds
     best = max(metrics, key=lambda m: m["test_accuracy"])  # first of equal maxima
     hit = first_reaching(metrics, target)
     at = last_within_budget(metrics, budget_gib * GIB)
     return RunSummary(
         variant=variant,
-        rounds=len(metrics),
+        rounds=len(every),
         best_acc=best["test_accuracy"],
         best_round=best["round"],
         final_acc=metrics[-1]["test_accuracy"],
@@ -112,8 +114,8 @@ def summarize_run(variant: Variant, metrics: list[dict], target: float, budget_g
         acc_at_budget_round=None if at is None else at["round"],
         gib_to_target=None if hit is None else hit["comm_bytes_paper"] / GIB,
         round_to_target=None if hit is None else hit["round"],
-        total_gib=metrics[-1]["comm_bytes_paper"] / GIB,
-        wall_seconds=sum(m["seconds_round"] for m in metrics),
+        total_gib=every[-1]["comm_bytes_paper"] / GIB,
+        wall_seconds=sum(m["seconds_round"] for m in every),
         curve=[(m["comm_bytes_paper"] / GIB, m["test_accuracy"]) for m in metrics],
     )
 
@@ -359,7 +361,7 @@ def main(argv=None) -> int:
         for v in variants:
             m, how = ensure_run(cfgs[v.name], out / v.name, progress=not args.no_progress, log=log)
             log(f"{v.name}: {how}, {len(m)} rounds, best test accuracy "
-                f"{max(r['test_accuracy'] for r in m):.4f}, {m[-1]['comm_bytes_paper'] / GIB:.4f} GiB")
+                f"{max(r['test_accuracy'] for r in m if r['test_accuracy'] is not None):.4f}, {m[-1]['comm_bytes_paper'] / GIB:.4f} GiB")
             metrics[v.name] = m
         budget = args.budget_gib
         if budget is None:

@@ -65,6 +65,8 @@ class Config:
     device: str = "cpu"
     threads: int = 0
     eval_batch_size: int = 1000
+    eval_every: int = 1  # test evaluation every N rounds (and the last round, the budget's round)
+    tensorboard: bool = False  # also write the per-round scalars as TensorBoard events (out/tensorboard)
     # distributed runtime (fsl_fast/distributed.py; launched by torchrun)
     distributed: bool = False
     dist_timeout: float = 300.0
@@ -127,7 +129,7 @@ class Config:
             raise ConfigError(f"--aux: expected a name, got {self.aux!r}")
         for name in ("clients", "rounds", "local_epochs", "batch_size", "server_update_interval",
                      "align_interval", "align_epochs", "align_batch_size", "buffer_size",
-                     "eval_batch_size"):
+                     "eval_batch_size", "eval_every"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be a positive integer, got {v!r}")
@@ -147,6 +149,12 @@ class Config:
             raise ConfigError(f"--dropout-prob: must be a probability in [0, 1], got {self.dropout_prob!r}")
         if self.distributed and self.dropout_prob > 0:
             raise ConfigError("--dropout-prob: simulated dropouts run in process only")
+        if self.tensorboard:
+            import importlib.util
+
+            if importlib.util.find_spec("tensorboard") is None:
+                raise ConfigError("--tensorboard: the tensorboard package is not installed "
+                                  "(pip install tensorboard, or fsl_fast[tensorboard])")
         if self.distributed and self.warm_start:
             raise ConfigError("--warm-start: in-process runs only (start the distributed run from scratch)")
         if self.threads < 0:

@@ -631,6 +631,14 @@ class DistributedEngine:
             out[i] = v
         return out
 
+    def train_stats(self):
+        """Every client's training statistics on every rank: each client's row is non-zero on
+        the one rank that computed its batches (the server's rank, or the client's for FedAvg's
+        whole-model steps), so the sum of rows is exact and equals the in-process run's."""
+        t = self.inner.train_stats().to(self.t.device)
+        self.t.all_reduce_sum(t, "summing the training statistics")
+        return t.cpu()
+
     def begin_round(self, t: int) -> None:
         self.t.round = t
         self.inner.begin_round(t)
@@ -1017,7 +1025,7 @@ def _kept(out: Path) -> str:
 def _train(cfg, out: Path, resume: bool, progress: bool, transport: Transport, device, changes=None):
     import dataclasses
 
-    from fsl_fast.runner import (CHECKPOINT, RoundLoop, Run,
+    from fsl_fast.runner import (CHECKPOINT, RoundLoop, Run, TensorBoard,
                                   apply_resume_changes, jsonl, partition_record, plot_run, prepare_out,
                                   summarize, write_config)
 
@@ -1045,6 +1053,7 @@ def _train(cfg, out: Path, resume: bool, progress: bool, transport: Transport, d
         if (out / CHECKPOINT).exists():
             (out / CHECKPOINT).unlink()  # never leave an in-process checkpoint next to shards
     transport.barrier("setting up the run directory")
+    tb = TensorBoard(out, run.next_round) if cfg.tensorboard and rank == 0 else None
     loop = RoundLoop(run, progress and rank == 0, f"{cfg.algorithm} distributed x{topo.world_size}")
     t_start = time.perf_counter()
     while loop.more():
@@ -1068,8 +1077,12 @@ def _train(cfg, out: Path, resume: bool, progress: bool, transport: Transport, d
         else:
             # The manifest of round t-1 was written before rank 0 entered round t.
             _shard(out, rank, t - 2).unlink(missing_ok=True)
+        if tb is not None:
+            tb.log(rec)
         loop.round_done(rec)
     loop.close()
+    if tb is not None:
+        tb.close()
     transport.round = -1
     transport.phase = "shutdown"
     results = summarize(cfg, run.metrics, loop.stopped, time.perf_counter() - t_start)

@@ -102,16 +102,30 @@ class Run:
             lr = self.cfg.lr * lr_factor(self.cfg.lr_schedule, t, self.cfg.rounds)
             self.engine.set_hyperparameters(lr, self.cfg.weight_decay, self.cfg.aux_lr)
         t0 = time.perf_counter()
+        self.engine.reset_train_stats()
         times = self.algo.run_round(t)
-        with self.algo.phase("eval"):
-            acc, loss = self.engine.evaluate(self.data.x_test, self.data.y_test, self.cfg.eval_batch_size)
-        if self.engine.computes("server"):
-            check_value(t, "evaluation", "test loss", loss)
-        times["eval"] = self.algo.times["eval"]
+        train = self.engine.train_stats().sum(0).tolist()  # loss, correct, samples over clients
+        ledger = self.ledger.end_round()
+        cfg = self.cfg
+        budget = cfg.comm_budget_gib * GIB if cfg.comm_budget_gib else None
+        # --eval-every N: rounds N-1, 2N-1, ..., the last round and the round that reaches the budget
+        evaluate = ((t + 1) % cfg.eval_every == 0 or t + 1 >= cfg.rounds
+                    or (budget is not None and ledger["comm_bytes_paper"] >= budget))
+        acc = loss = None
+        if evaluate:
+            with self.algo.phase("eval"):
+                acc, loss = self.engine.evaluate(self.data.x_test, self.data.y_test, cfg.eval_batch_size)
+            if self.engine.computes("server"):
+                check_value(t, "evaluation", "test loss", loss)
+        times["eval"] = self.algo.times["eval"] if evaluate else 0.0
         rec = {"round": t, "test_accuracy": acc, "test_loss": loss, **self.algo.round_extra}
         if lr is not None:
             rec["lr"] = lr
-        rec.update(self.ledger.end_round())
+        # the whole model on the batches the server trained on this round (see Engine.record_train)
+        rec["train_loss"] = train[0] / train[2] if train[2] else None
+        rec["train_accuracy"] = train[1] / train[2] if train[2] else None
+        rec["train_samples"] = int(train[2])
+        rec.update(ledger)
         rec["comm_gib_paper"] = rec["comm_bytes_paper"] / GIB
         rec.update({f"seconds_{k}": v for k, v in sorted(times.items())})
         rec["seconds_round"] = time.perf_counter() - t0
@@ -155,12 +169,57 @@ def apply_resume_changes(run: "Run", changes: dict) -> None:
 TIMING_KEYS_PREFIX = "seconds_"
 
 
+class TensorBoard:
+    """--tensorboard: each round's numeric metrics as scalars (tag ``group/name``, step = round)
+    in OUT/tensorboard. Opened after the checkpoint is loaded: ``purge_step`` hides events that a
+    crashed session logged past the checkpoint."""
+
+    GROUPS = (("test_", "test"), ("train_", "train"), ("seconds_", "seconds"), ("bytes_", "bytes"),
+              ("comm_", "comm"), ("wire_", "wire"))
+
+    @staticmethod
+    def require():
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError("--tensorboard: the tensorboard package is not installed "
+                              "(pip install tensorboard, or fsl_fast[tensorboard])") from None
+        return SummaryWriter
+
+    def __init__(self, out: Path, first_round: int):
+        SummaryWriter = self.require()
+        self.w = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=first_round or None)
+
+    @classmethod
+    def tag(cls, key: str) -> str:
+        for prefix, group in cls.GROUPS:
+            if key.startswith(prefix):
+                return f"{group}/{key[len(prefix):]}"
+        return f"run/{key}"
+
+    def log(self, rec: dict) -> None:
+        t = rec["round"]
+        for k, v in rec.items():
+            if k != "round" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                self.w.add_scalar(self.tag(k), v, t)
+        self.w.flush()
+
+    def close(self) -> None:
+        self.w.close()
+
+
+def evaluated(metrics: list[dict]) -> list[dict]:
+    """The rounds with a test evaluation (all of them unless --eval-every > 1)."""
+    return [m for m in metrics if m.get("test_accuracy") is not None]
+
+
 def plot_run(metrics: list[dict], out: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    metrics = evaluated(metrics)
     rounds = [m["round"] for m in metrics]
     acc = [m["test_accuracy"] for m in metrics]
     gib = [m["comm_bytes_paper"] / GIB for m in metrics]
@@ -190,6 +249,7 @@ class RoundLoop:
         if self.budget is not None and run.metrics and run.metrics[-1]["comm_bytes_paper"] >= self.budget:
             self.stopped = "comm_budget"
         self.bar = None
+        self.acc = next((m["test_accuracy"] for m in reversed(evaluated(run.metrics))), None)
         if progress:
             from tqdm import tqdm
 
@@ -202,7 +262,10 @@ class RoundLoop:
     def round_done(self, rec: dict) -> None:
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(acc=f"{rec['test_accuracy']:.4f}", GiB=f"{rec['comm_gib_paper']:.3f}")
+            if rec["test_accuracy"] is not None:
+                self.acc = rec["test_accuracy"]
+            self.bar.set_postfix(acc="-" if self.acc is None else f"{self.acc:.4f}",
+                                 GiB=f"{rec['comm_gib_paper']:.3f}")
         if self.budget is not None and rec["comm_bytes_paper"] >= self.budget:
             self.stopped = "comm_budget"
 
@@ -295,6 +358,8 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
     ``--resume`` rewrites it from the checkpoint's own copy of the metrics. ``changes``: settings
     that ``--resume`` changed, {name: (old, new)}. Raises Divergence (exit 3) and RunIOError
     (exit 4) from inside the loop, ConfigError (exit 2) before it."""
+    if cfg.tensorboard:
+        TensorBoard.require()  # before anything is written
     run = Run(cfg)
     ckpt = out / CHECKPOINT
     try:
@@ -317,6 +382,7 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
         faults.atomic_write_text(out / "metrics.jsonl", jsonl(run.metrics))
     except RunIOError as e:
         raise ConfigError(f"--out: {e}") from None
+    tb = TensorBoard(out, run.next_round) if cfg.tensorboard else None
     loop = RoundLoop(run, progress, f"{cfg.algorithm}{' fused' if cfg.fused else ''}")
     t_start = time.perf_counter()
     try:
@@ -324,9 +390,13 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
             rec = run.step()
             faults.atomic_torch_save(run.state_dict(), ckpt)
             faults.append_line(out / "metrics.jsonl", faults.dumps(rec) + "\n")
+            if tb is not None:
+                tb.log(rec)
             loop.round_done(rec)
     finally:
         loop.close()
+        if tb is not None:
+            tb.close()
     results = summarize(cfg, run.metrics, loop.stopped, time.perf_counter() - t_start)
     results["executors"] = run.engine.executor_record()
     if cfg.warm_start:
@@ -345,13 +415,15 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
 def summarize(cfg: Config, metrics: list[dict], stopped: str, wall: float) -> dict:
     if not metrics:
         return {"rounds_completed": 0, "stopped_by": stopped}
-    best = max(metrics, key=lambda m: m["test_accuracy"])
+    ev = evaluated(metrics)
+    best = max(ev, key=lambda m: m["test_accuracy"])
     last = metrics[-1]
     return {
         "algorithm": cfg.algorithm,
         "rounds_completed": len(metrics),
         "stopped_by": stopped,
-        "final_test_accuracy": last["test_accuracy"],
+        "final_test_accuracy": ev[-1]["test_accuracy"],
+        "final_test_round": ev[-1]["round"],
         "best_test_accuracy": best["test_accuracy"],
         "best_round": best["round"],
         "comm_bytes": last["comm_bytes"],

@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
       help="FSL-SAGE: before and after each alignment, log per aligned client the cosine between the "
            "auxiliary's gradient estimate and the true cut-layer gradient on its buffer, and their "
            "norm ratio (metrics.jsonl estimate_quality; costs a server pass)")
+    a("--eval-every", type=int, default=None, metavar="N",
+      help="evaluate on the test set every N rounds (1), and always in the last round and the round "
+           "that reaches --comm-budget-gib; other rounds log test_accuracy null")
+    a("--tensorboard", action="store_true", default=None,
+      help="also write each round's scalars (metrics.jsonl's numbers) as TensorBoard events into "
+           "OUT/tensorboard (needs the tensorboard package: pip install tensorboard)")
     a("--device", default=None, help="cpu (default) | cuda[:N]")
     a("--threads", type=int, default=None, help="torch intra-op threads (0 = torch default)")
     a("--distributed", action="store_true", default=None,
@@ -91,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Options --resume may change: these leave the results as an uninterrupted run's ...
-RESUME_OVERRIDABLE = ("rounds", "comm_budget_gib", "threads", "device", "dist_timeout", "log_estimate_quality")
+RESUME_OVERRIDABLE = ("rounds", "comm_budget_gib", "threads", "device", "dist_timeout", "log_estimate_quality",
+                      "eval_every", "tensorboard")
 # ... and these change training from the resumed round on (e.g. a lower --lr after a divergence);
 # config.json takes the new values and results.json lists the change.
 RESUME_CHANGEABLE = ("lr", "weight_decay", "aux_lr")

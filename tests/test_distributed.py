@@ -76,7 +76,7 @@ def _same_metrics(dist_m, local_m, exact=True):
         for key, v in rl.items():
             if key.startswith(TIMING):
                 continue
-            if not exact and key in ("test_loss", "test_accuracy"):
+            if not exact and key in ("test_loss", "test_accuracy", "train_loss", "train_accuracy"):
                 assert math.isclose(rd[key], v, rel_tol=REL, abs_tol=1e-7), (rd["round"], key, rd[key], v)
             else:
                 assert rd[key] == v, (rd["round"], key, rd[key], v)

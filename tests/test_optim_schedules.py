@@ -96,7 +96,7 @@ def test_bad_optimizer_options_exit_with_one_line(tmp_path, argv, needle):
 
 
 BASE = dict(dataset="synthetic:1x28x28", clients=3, batch_size=32, align_epochs=3, align_interval=1,
-            buffer_size=100, align_batch_size=64, seed=5, optimizer="sgd", momentum=0.9, lr=0.02,
+            buffer_size=100, align_batch_size=64, seed=5, optimizer="sgd", momentum=0.9, lr=0.01,
             lr_schedule="multistep:1:0.5")
 
 
@@ -109,29 +109,43 @@ def _run(cfg, rounds):
 
 @pytest.mark.parametrize("nesterov", [False, True])
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_engines_agree_with_sgd_and_a_schedule(algorithm, nesterov):
-    cfg = Config(algorithm=algorithm, nesterov=nesterov, **BASE).resolved()
+def test_engines_agree_with_sgd_and_a_schedule(algorithm, nesterov, monkeypatch):
+    """A model whose every part runs the generic executors (tests/user_model.py:make), so the
+    only differences are FedAvg's and the auxiliary's summation orders: SGD, Nesterov and the
+    schedule go through both engines' optimizers alike. (On the cnn, whose fused clients run the
+    C++ conv-block kernels, momentum 0.9 at lr 0.01-0.02 amplified their last-bit gradient
+    differences to 4e-4..4e-3 of a tensor's largest entry within two rounds: chaotic, not a
+    wiring error, so that is not an elementwise test.)"""
+    monkeypatch.setenv("FSL_FAST_BITWISE", "1")
+    cfg = Config(algorithm=algorithm, nesterov=nesterov, model="tests.user_model:make", **BASE).resolved()
     ref = _run(cfg, 2)
     fused = _run(dataclasses.replace(cfg, fused=True), 2)
-    assert [m["lr"] for m in ref.metrics] == [m["lr"] for m in fused.metrics] == [0.02, 0.01]
+    assert [m["lr"] for m in ref.metrics] == [m["lr"] for m in fused.metrics] == [0.01, 0.005]
     a, b = ref.engine.named_state(), fused.engine.named_state()
     assert a.keys() == b.keys()
+    # each tensor against its own largest entry (measured: 0 without auxiliaries, <= 1.4e-5
+    # with them); a wrong update (no momentum, no Nesterov) differs by > 1e-3 (test below)
+    worst = 0.0
     for part in a:
         for name, ta in a[part].items():
-            torch.testing.assert_close(b[part][name], ta, rtol=1e-4, atol=1e-5, msg=f"{part}.{name}")
+            err = float((b[part][name].float() - ta.float()).abs().max())
+            scale = float(ta.float().abs().max())
+            worst = max(worst, err / (scale + 1e-12))
+            assert err <= 1e-4 * scale + 1e-7, (f"{part}.{name}", err, scale)
+    print(f"{algorithm} nesterov={nesterov}: worst relative difference {worst:.1e}")
     # the engines really use SGD at the scheduled rate (the auxiliary keeps Adam)
     eng = ref.engine
-    assert all(isinstance(o, torch.optim.SGD) and o.param_groups[0]["lr"] == 0.01
+    assert all(isinstance(o, torch.optim.SGD) and o.param_groups[0]["lr"] == 0.005
                and o.param_groups[0]["nesterov"] == nesterov for o in eng.client_opts + eng.server_opts)
     assert all(isinstance(o, torch.optim.Adam) for o in eng.aux_opts)
     f = fused.engine
-    assert isinstance(f.clients.opt, FlatSGD) and f.clients.opt.lr == 0.01
+    assert isinstance(f.clients.opt, FlatSGD) and f.clients.opt.lr == 0.005
     if f.aux is not None:
         assert not isinstance(f.aux.opt, FlatSGD)
 
 
 def test_sgd_without_momentum_differs_from_adam():
-    """The option reaches training: plain SGD at 0.02 and Adam at 0.02 give different models."""
+    """The option reaches training: plain SGD and Adam at one rate give different models."""
     cfg = Config(algorithm="fsl_sage", **{**BASE, "momentum": 0.0, "lr_schedule": "constant"}).resolved()
     sgd = _run(cfg, 1).engine.named_state()["client"]
     adam = _run(dataclasses.replace(cfg, optimizer="adam"), 1).engine.named_state()["client"]
@@ -161,3 +175,13 @@ def test_resume_keeps_the_schedule(tmp_path, fused):
     assert [r["lr"] for r in a] == pytest.approx([0.05, 0.05 * (1 + 2 ** -0.5) / 2, 0.025, 0.05 * (1 - 2 ** -0.5) / 2])
     assert a == b[:4]
     assert [r["lr"] for r in b[4:]] == [0.0, 0.0]
+
+
+def test_the_engine_comparison_sees_a_wrong_momentum():
+    """The tolerance above separates rounding from a different update: Nesterov vs plain momentum
+    on the same engine differ far beyond it."""
+    cfg = Config(algorithm="cse_fsl", model="tests.user_model:make", **BASE).resolved()
+    a = _run(cfg, 2).engine.named_state()["client"]
+    b = _run(dataclasses.replace(cfg, nesterov=True), 2).engine.named_state()["client"]
+    assert any(float((a[n].float() - b[n].float()).abs().max()) > 1e-3 * float(a[n].float().abs().max()) + 1e-6
+               for n in a if a[n].is_floating_point())

@@ -61,8 +61,43 @@ class Engine:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
-    def ce_loss(self, model, x, y, reduction: str = "mean") -> torch.Tensor:
-        return cross_entropy(self.compute, model, x, y, reduction)
+    def ce_loss(self, model, x, y, reduction: str = "mean", record=None) -> torch.Tensor:
+        """CE(model(x), y) in the precision context; ``record``: the client ids whose training
+        statistics this batch counts in (``record_train``), None for none."""
+        if record is None:
+            return cross_entropy(self.compute, model, x, y, reduction)
+        with self.compute():
+            logits = model(x)
+        logits = wide(logits)
+        self.record_train(record, logits, y)
+        return F.cross_entropy(logits, y, reduction=reduction)
+
+    # -- training statistics: loss and accuracy of the whole model on the batches the server
+    # trains on (every batch for FedAvg and SplitFed, the uploaded ones for CSE-FSL and FSL-SAGE)
+    def reset_train_stats(self) -> None:
+        self._train = None
+
+    @torch.no_grad()
+    def record_train(self, ks, out, y, logp: bool = False) -> None:
+        """Count the batch (``out``: logits, or log-probabilities with ``logp``, of ``len(ks)``
+        equal blocks of rows, one per client in ``ks``) into per-client sums of (loss, correct,
+        samples) in float64, so a round's totals do not depend on how clients were grouped."""
+        out = out.detach().float()
+        per = (F.nll_loss if logp else F.cross_entropy)(out, y, reduction="none").double()
+        hit = (out.argmax(1) == y).double()
+        G = len(ks)
+        B = y.numel() // G
+        add = torch.stack([per.view(G, B).sum(1), hit.view(G, B).sum(1),
+                           torch.full((G,), float(B), dtype=torch.float64, device=out.device)], 1)
+        if getattr(self, "_train", None) is None:
+            self._train = torch.zeros(self.m, 3, dtype=torch.float64, device=out.device)
+        self._train.index_add_(0, torch.as_tensor(list(ks), device=out.device), add)
+
+    def train_stats(self) -> torch.Tensor:
+        """[clients, 3] float64 on the CPU: per client the summed loss, correct predictions and
+        samples recorded since ``reset_train_stats``."""
+        t = getattr(self, "_train", None)
+        return torch.zeros(self.m, 3, dtype=torch.float64) if t is None else t.cpu()
 
     # sizes of the models as sent (fp32 parameters and buffers)
     def client_bytes(self) -> int:

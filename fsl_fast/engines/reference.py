@@ -84,7 +84,7 @@ class ReferenceEngine(Engine):
             copt = self.client_opts[k]
             copt.zero_grad(set_to_none=True)
             sopt.zero_grad(set_to_none=True)
-            self.ce_loss(lambda v: server(wide(self.clients[k](v))), x, y).backward()
+            self.ce_loss(lambda v: server(wide(self.clients[k](v))), x, y, record=[k]).backward()
             copt.step()
             sopt.step()
 
@@ -93,7 +93,7 @@ class ReferenceEngine(Engine):
         server, opt = self._server(k)
         zr = z.detach().requires_grad_(want_grad)
         opt.zero_grad(set_to_none=True)
-        self.ce_loss(server, zr, y).backward()
+        self.ce_loss(server, zr, y, record=[k]).backward()
         opt.step()
         return zr.grad if want_grad else None
 

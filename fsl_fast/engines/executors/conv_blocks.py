@@ -223,6 +223,7 @@ class TapedMLPFull(Executor):
                 h = torch.relu(h)
         logp = torch.log_softmax(h.reshape(G * B, -1), 1)
         y = torch.cat(ys)
+        eng.record_train(ks, logp, y, logp=True)
         w = torch.full((G * B,), 1.0, dtype=logp.dtype).div_(B)
         total = torch.ones((), dtype=logp.dtype)
         g = torch.ops.aten.nll_loss_backward(w, logp, y, None, 0, -100, total)
@@ -283,7 +284,9 @@ class GroupedVmapFull(Executor):
             out = torch.func.vmap(self.fn)(params, z)  # [G, B, C]
         out = wide(out)
         B = out.shape[1]
-        loss = F.cross_entropy(out.reshape(G * B, -1), torch.cat(ys), reduction="none")
+        y = torch.cat(ys)
+        eng.record_train(ks, out.reshape(G * B, -1), y)
+        loss = F.cross_entropy(out.reshape(G * B, -1), y, reduction="none")
         cl.leaf.grad = None
         loss.view(G, B).mean(1).sum().backward()
         cl.leaf_grads_to_buffer(ks)

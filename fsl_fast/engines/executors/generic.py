@@ -131,7 +131,7 @@ class AutogradServer(Executor):
         else:
             server = eng.server_global
             eng.server_opt.zero_grad(set_to_none=True)
-        eng.ce_loss(server, zr, y).backward()
+        eng.ce_loss(server, zr, y, record=[k]).backward()
         eng.server_optimizer_step(k)
         return zr.grad if want_grad else None
 
@@ -210,4 +210,5 @@ class LoopFull(Executor):
         eng.clients.zero_grad(ks)
         eng.servers.zero_grad(ks)
         for k, x, y in zip(ks, xs, ys):
-            eng.ce_loss(lambda v: eng.servers.mods[k](wide(eng.clients.mods[k](v))), x, y).backward()
+            eng.ce_loss(lambda v: eng.servers.mods[k](wide(eng.clients.mods[k](v))), x, y,
+                        record=[k]).backward()

@@ -26,7 +26,7 @@ def mlp_plan(stack):
     return plan if plan and plan[-1][0] == "linear" else None
 
 
-def mlp_step(plan, stack, row, z, y, want_grad):
+def mlp_step(plan, stack, row, z, y, want_grad, record=None):
     """Gradients of CE_mean(server(z), y) written straight into the flat gradient buffer's
     ``row``: addmm forward; nll_loss and log_softmax backward; mm / sum for Linear,
     threshold_backward for ReLU. Returns dCE/dz when ``want_grad``."""
@@ -44,6 +44,8 @@ def mlp_step(plan, stack, row, z, y, want_grad):
         else:
             h = torch.relu(h)
     logp = torch.log_softmax(h, 1)
+    if record is not None:
+        record(logp, y)
     total = torch.tensor(float(y.numel()), dtype=logp.dtype, device=logp.device)
     one = torch.ones((), dtype=logp.dtype, device=logp.device)
     g = torch.ops.aten.nll_loss_backward(one, logp, y, None, 1, -100, total)
@@ -80,6 +82,7 @@ class MLPServer(Executor):
     def step(self, k, z, y, want_grad=False):
         eng = self.eng
         stack, row = (eng.servers, k) if eng.servers is not None else (eng.server_stack, 0)
-        gz = mlp_step(self.plan, stack, row, z.detach(), y, want_grad)
+        gz = mlp_step(self.plan, stack, row, z.detach(), y, want_grad,
+                      record=lambda logp, y: eng.record_train([k], logp, y, logp=True))
         stack.opt.step([row])
         return gz
