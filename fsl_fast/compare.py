@@ -388,7 +388,8 @@ def main(argv=None) -> int:
 
 
 def _setting(cfg: Config, engine: str) -> str:
-    part = cfg.partition if cfg.partition == "iid" else f"dirichlet(alpha={cfg.alpha:g})"
+    part = {"iid": "iid", "shards": f"shards({cfg.shards_per_client} per client)"}.get(
+        cfg.partition) or f"dirichlet(alpha={cfg.alpha:g})"
     return (f"{cfg.dataset}, model {cfg.model}, {cfg.clients} clients, {part}, B={cfg.batch_size}, "
             f"q={cfg.server_update_interval}, l={cfg.align_interval}, align {cfg.align_epochs} epochs x "
             f"batch {cfg.align_batch_size}, buffer {cfg.buffer_size}, lr {cfg.lr:g}/aux {cfg.aux_lr:g}, "

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 ALGORITHMS = ("fedavg", "splitfed_v1", "splitfed_v2", "cse_fsl", "fsl_sage")
 SCHEDULES = ("sequential", "parallel")
 DATASETS = ("mnist5k", "cifar10", "cifar100", "synthetic")
-PARTITIONS = ("iid", "dirichlet")
+PARTITIONS = ("iid", "dirichlet", "shards")
 QUANTIZE = ("none", "int8", "int4")
 PRECISIONS = ("fp32", "bf16")
 OPTIMIZERS = ("adam", "sgd")  # client and server
@@ -33,6 +33,7 @@ class Config:
     data_dir: str | None = None
     partition: str = "iid"
     alpha: float | None = None
+    shards_per_client: int = 2  # --partition shards
     clients: int = 10
     clients_per_round: int = 0  # M sampled per round (uniform, without replacement); 0: all
     dropout_prob: float = 0.0  # a participant fails during the round with this probability
@@ -161,6 +162,9 @@ class Config:
             raise ConfigError(f"--threads: must be >= 0 (0 = torch default), got {self.threads}")
         if self.seed < 0:
             raise ConfigError(f"--seed: must be >= 0, got {self.seed}")
+        if isinstance(self.shards_per_client, bool) or not isinstance(self.shards_per_client, int) \
+                or self.shards_per_client < 1:
+            raise ConfigError(f"--shards-per-client: must be a positive integer, got {self.shards_per_client!r}")
         if self.partition == "dirichlet":
             if self.alpha is None or not (self.alpha > 0 and self.alpha < float("inf")):
                 raise ConfigError(f"--alpha: dirichlet partition needs a positive finite alpha, got {self.alpha!r}")

@@ -55,7 +55,7 @@ __all__ = [
 ]
 
 DATASET_NAMES = ("mnist5k", "cifar10", "cifar100", "synthetic")
-PARTITION_SCHEMES = ("iid", "dirichlet")
+PARTITION_SCHEMES = ("iid", "dirichlet", "shards")
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -439,7 +439,8 @@ def _parse_cifar_pickle(
 
 
 def partition(
-    labels, num_clients: int, scheme: str = "iid", alpha: float | None = None, seed: int = 0
+    labels, num_clients: int, scheme: str = "iid", alpha: float | None = None, seed: int = 0,
+    shards_per_client: int = 2,
 ) -> list[np.ndarray]:
     """Split the training set among ``num_clients`` clients; returns one int64 index array each.
 
@@ -452,6 +453,11 @@ def partition(
       (shuffled) pool. When a class pool runs out the class is removed from every p and the rows are
       renormalized. If a client's p has no mass left on the remaining classes, that client draws in
       proportion to the remaining pool sizes.
+    - ``shards``: the authors' ``noniid`` (McMahan et al.'s pathological split): the samples sorted
+      by label (a seeded shuffle first, so equal labels come in random order) and cut into
+      m * s shards of floor(N / (m * s)) samples; the shards are dealt out in a seeded random
+      order, s per client (``shards_per_client``). Each client gets s * floor(N / (m * s))
+      samples, mostly of s classes; the rest are unused.
 
     ``labels``: int [N] (numpy array, list or tensor); all randomness from
     ``numpy.random.default_rng(seed)``.
@@ -476,6 +482,20 @@ def partition(
                 or isinstance(alpha, bool) or not math.isfinite(alpha) or alpha <= 0:
             raise DataError(f"dirichlet partition needs a finite alpha > 0, got {alpha!r}")
         return _dirichlet_equal(y, m, per_client, float(alpha), rng)
+    if scheme == "shards":
+        if alpha is not None:
+            raise DataError("alpha is only used by the dirichlet partition")
+        s = shards_per_client
+        if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1:
+            raise DataError(f"shards per client must be an integer >= 1, got {s!r}")
+        size = n // (m * int(s))
+        if size < 1:
+            raise DataError(f"{m} clients x {s} shards exceed the {n} training samples")
+        shuffled = rng.permutation(n)
+        order = shuffled[np.argsort(y[shuffled], kind="stable")]
+        deal = rng.permutation(m * int(s))
+        return [np.sort(np.concatenate([order[j * size:(j + 1) * size] for j in deal[i * s:(i + 1) * s]]))
+                .astype(np.int64) for i in range(m)]
     raise DataError(f"unknown partition scheme {scheme!r}; choose one of {', '.join(PARTITION_SCHEMES)}")
 
 

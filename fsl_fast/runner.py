@@ -25,7 +25,7 @@ class Run:
     """Everything a run needs, built from a resolved Config (no files touched)."""
 
     def __init__(self, cfg: Config):
-        from fsl_fast.data import ClientLoader, class_counts, load_dataset, partition
+        from fsl_fast.data import ClientLoader, DataError, class_counts, load_dataset, partition
         from fsl_fast.models import build_split_model
 
         self.cfg = cfg
@@ -35,7 +35,11 @@ class Run:
         n = int(self.data.y_train.shape[0])
         if cfg.clients > n:
             raise ConfigError(f"--clients: {cfg.clients} clients but only {n} training samples")
-        self.parts = partition(self.data.y_train.numpy(), cfg.clients, cfg.partition, cfg.alpha, cfg.seed)
+        try:
+            self.parts = partition(self.data.y_train.numpy(), cfg.clients, cfg.partition, cfg.alpha, cfg.seed,
+                                   shards_per_client=cfg.shards_per_client)
+        except DataError as e:
+            raise ConfigError(f"--partition {cfg.partition}: {e}") from None
         empty = [k for k, p in enumerate(self.parts) if len(p) == 0]
         if empty:
             raise ConfigError(f"partition left clients {empty} without samples; use fewer --clients")
@@ -343,6 +347,7 @@ def has_rows(path: Path) -> bool:
 
 def partition_record(cfg: Config, run: "Run", owner=None) -> dict:
     return {"scheme": cfg.partition, "alpha": cfg.alpha, "seed": cfg.seed,
+            **({"shards_per_client": cfg.shards_per_client} if cfg.partition == "shards" else {}),
             "num_classes": run.data.num_classes,
             "clients": [{"client": k, "samples": int(len(p)), "class_counts": run.class_counts[k],
                          **({"rank": owner(k)} if owner else {})} for k, p in enumerate(run.parts)]}

@@ -28,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
       "model, any name other than default is passed to it as aux=NAME")
     a("--dataset", default=None, help=f"{' | '.join(DATASETS)} | synthetic:CxHxW (default {d.dataset}, embedded)")
     a("--data-dir", default=None, help="folder holding CIFAR python-pickle folders or .tar.gz")
-    a("--partition", choices=PARTITIONS, default=None, help="iid (default) | dirichlet")
+    a("--partition", choices=PARTITIONS, default=None,
+      help="iid (default) | dirichlet | shards (the authors' noniid: sorted by label, --shards-per-client each)")
+    a("--shards-per-client", type=int, default=None, help="shards per client with --partition shards (2)")
     a("--alpha", type=float, default=None, help="Dirichlet concentration (with --partition dirichlet)")
     a("--clients", type=int, default=None, help=f"default {d.clients}")
     a("--clients-per-round", type=int, default=None,

@@ -367,8 +367,8 @@ def test_partition_errors():
     for alpha in (None, 0, -1.0, float("nan")):
         with pytest.raises(DataError, match="dirichlet partition needs a finite alpha > 0"):
             D.partition(y, 5, "dirichlet", alpha=alpha)
-    with pytest.raises(DataError, match="unknown partition scheme 'shards'"):
-        D.partition(y, 5, "shards")
+    with pytest.raises(DataError, match="unknown partition scheme 'pathological'"):
+        D.partition(y, 5, "pathological")
     with pytest.raises(DataError, match="labels must be a 1-D integer array"):
         D.partition(np.zeros((5, 2), np.int64), 2)
 
@@ -515,3 +515,40 @@ def test_test_batches_cover_test_set_in_order():
     assert [len(y) for _, y in batches] == [64, 64, 32]
     assert torch.equal(torch.cat([x for x, _ in batches]), ds.x_test)
     assert math.isclose(sum(len(y) for _, y in batches), ds.num_test)
+
+
+def test_shards_partition_by_hand():
+    """20 samples, labels 0..3 five each, 2 clients x 2 shards of 5: each shard is one class,
+    so each client holds exactly two whole classes; the deal is seeded."""
+    y = np.repeat(np.arange(4), 5)
+    parts = D.partition(y, 2, "shards", seed=3, shards_per_client=2)
+    assert [len(p) for p in parts] == [10, 10]
+    assert len(np.unique(np.concatenate(parts))) == 20
+    for p in parts:
+        labels, counts = np.unique(y[p], return_counts=True)
+        assert len(labels) == 2 and list(counts) == [5, 5]
+        assert np.all(np.diff(p) > 0)  # ascending indices
+    again = D.partition(y, 2, "shards", seed=3, shards_per_client=2)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    deals = {tuple(tuple(sorted(set(y[p]))) for p in D.partition(y, 2, "shards", seed=s)) for s in range(12)}
+    assert len(deals) > 1  # the seed decides which classes go together
+
+
+def test_shards_partition_sizes_and_label_skew():
+    y = _labels(10_007)
+    parts = D.partition(y, 10, "shards", seed=0, shards_per_client=3)
+    size = 10_007 // 30
+    assert all(len(p) == 3 * size for p in parts)
+    flat = np.concatenate(parts)
+    assert len(np.unique(flat)) == len(flat)
+    # a shard spans at most two classes (label runs are ~1000 long, shards ~333), so a client
+    # sees at most 6 classes and most of its mass in at most 3
+    for p in parts:
+        counts = np.sort(np.bincount(y[p], minlength=10))[::-1]
+        assert (counts > 0).sum() <= 6 and counts[:3].sum() >= 0.6 * len(p)
+    with pytest.raises(D.DataError, match="shards per client"):
+        D.partition(y, 10, "shards", shards_per_client=0)
+    with pytest.raises(D.DataError, match="exceed"):
+        D.partition(y[:20], 10, "shards", shards_per_client=3)
+    with pytest.raises(D.DataError, match="alpha is only used"):
+        D.partition(y, 10, "shards", alpha=0.5)
