@@ -124,7 +124,8 @@ def conv_align_reference(trunk, fc, Z, Y, T, grad_scale: float = 1.0):
 
 
 def _is_block(m) -> bool:
-    return all(hasattr(m, a) for a in ("conv1", "bn1", "conv2", "bn2", "downsample"))
+    """A two-convolution residual block (models.BasicBlock's shape); a bottleneck (conv3) is not."""
+    return all(hasattr(m, a) for a in ("conv1", "bn1", "conv2", "bn2", "downsample")) and not hasattr(m, "conv3")
 
 
 def _conv_ok(m) -> bool:

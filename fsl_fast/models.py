@@ -6,6 +6,13 @@
   unchanged to small images, written here. Client = stem + layer1 + layer2 (cut 128x4x4 for 32x32
   or 28x28 input); server = layer3 + layer4 + avgpool + fc. Auxiliaries: ``layer3`` (default: a
   fresh layer3 + avgpool + fc, the server minus layer4) and ``linear`` (avgpool + fc).
+- ``resnet50``: torchvision-style bottleneck ResNet-50 ([3, 4, 6, 3], stride on the 3x3), split as
+  resnet18 (cut 512x4x4 for 32x32); auxiliaries ``layer3`` (default, fc on 1024) and ``linear``.
+- ``resnet56`` / ``resnet110``: the CIFAR ResNets (three stages of 9 / 18 BasicBlocks) as the
+  authors' code builds them: widths 64/128/256, option-A (parameter-free) shortcuts. Client = 3x3
+  stem + stage 1 (cut 64xHxW, the input's resolution: 256 KiB of fp32 per 32x32 sample); server =
+  stages 2 and 3 + pool + fc; auxiliaries ``layer2`` (default: a fresh stage 2 + pool + fc) and
+  ``linear``.
 - ``simple_conv``: the CIFAR-10 tutorial network of the FSL-SAGE paper. Client = two conv5x5 layers
   with ReLU, max-pool and local response norm, flattened (4096 for 32x32, 3136 for 28x28); server =
   fc 384 - 192 - C; auxiliary ``linear`` = one Linear.
@@ -35,6 +42,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 __all__ = [
     "MODEL_NAMES",
@@ -48,10 +56,12 @@ __all__ = [
     "is_factory_name",
 ]
 
-MODEL_NAMES = ("resnet18", "simple_conv", "cnn")
-AUX_NAMES = ("default", "linear", "layer3")
+MODEL_NAMES = ("resnet18", "resnet50", "resnet56", "resnet110", "simple_conv", "cnn")
+AUX_NAMES = ("default", "linear", "layer3", "layer2")
 # Which auxiliaries each model supports; the first is what "default" means.
-_MODEL_AUX = {"resnet18": ("layer3", "linear"), "simple_conv": ("linear",), "cnn": ("linear",)}
+_MODEL_AUX = {"resnet18": ("layer3", "linear"), "resnet50": ("layer3", "linear"),
+              "resnet56": ("layer2", "linear"), "resnet110": ("layer2", "linear"),
+              "simple_conv": ("linear",), "cnn": ("linear",)}
 
 
 @dataclass
@@ -172,6 +182,147 @@ def _resnet18(in_shape, num_classes: int, aux: str):
 
 
 # ----------------------------------------------------------------------------------------------
+# ResNet-50: torchvision's bottleneck ResNet (stride on the 3x3 convolution), split as ResNet-18
+
+
+class Bottleneck(nn.Module):
+    """1x1 (width) -> 3x3 (width, stride) -> 1x1 (4 x width), BN after each; shortcut 1x1 conv +
+    BN when the shape changes."""
+
+    expansion = 4
+
+    def __init__(self, cin: int, width: int, stride: int = 1):
+        super().__init__()
+        cout = width * self.expansion
+        self.conv1 = nn.Conv2d(cin, width, kernel_size=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = _conv3x3(width, width, stride)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, cout, kernel_size=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, cout, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + shortcut)
+
+
+def _bottleneck_layer(cin: int, width: int, stride: int, blocks: int) -> nn.Sequential:
+    cout = width * Bottleneck.expansion
+    return nn.Sequential(Bottleneck(cin, width, stride), *[Bottleneck(cout, width) for _ in range(blocks - 1)])
+
+
+def _resnet50(in_shape, num_classes: int, aux: str):
+    # the authors' split: client = stem + layer1 + layer2 (512 channels at 1/8 of the input),
+    # server = layer3 + layer4 + pool + fc; "layer3" auxiliary = layer3 + pool + fc(1024)
+    client = nn.Sequential(OrderedDict(
+        conv1=nn.Conv2d(in_shape[0], 64, kernel_size=7, stride=2, padding=3, bias=False),
+        bn1=nn.BatchNorm2d(64),
+        relu=nn.ReLU(inplace=True),
+        maxpool=nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+        layer1=_bottleneck_layer(64, 64, 1, 3),
+        layer2=_bottleneck_layer(256, 128, 2, 4),
+    ))
+    _resnet_init(client)
+    server = nn.Sequential(OrderedDict(
+        layer3=_bottleneck_layer(512, 256, 2, 6),
+        layer4=_bottleneck_layer(1024, 512, 2, 3),
+        avgpool=nn.AdaptiveAvgPool2d(1),
+        flatten=nn.Flatten(1),
+        fc=nn.Linear(2048, num_classes),
+    ))
+    _resnet_init(server)
+    if aux == "layer3":
+        aux_mod = ConvAux(_bottleneck_layer(512, 256, 2, 6), 1024, num_classes)
+        _resnet_init(aux_mod)
+    else:
+        aux_mod = LinearAux(512, num_classes, pool=True)
+    return client, server, aux_mod
+
+
+# ----------------------------------------------------------------------------------------------
+# ResNet-56 / ResNet-110: the CIFAR 3-stage ResNets (He et al. 2016, 6n+2 layers) as the authors
+# run them: stage widths 64/128/256 (not the paper's 16/32/64), parameter-free "option A"
+# shortcuts (stride-2 subsampling, zero channels padded on both sides), He-normal (fan_in) init
+# of convolutions and the classifier. Client = stem + stage 1 (cut: 64 x H x W, full input
+# resolution); server = stages 2-3 + pool + fc; "layer2" auxiliary = stage 2 + pool + fc(128).
+
+
+class PadShortcut(nn.Module):
+    """Option-A shortcut: take every ``stride``-th pixel and pad the channels with zeros."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.stride, self.pad = stride, cout - cin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, ::self.stride, ::self.stride]
+        return F.pad(x, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
+
+
+class CifarBlock(nn.Module):
+    """BasicBlock with an option-A shortcut (no parameters on the shortcut path)."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = _conv3x3(cin, cout, stride)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = _conv3x3(cout, cout)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut = PadShortcut(cin, cout, stride) if stride != 1 or cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+def _cifar_stage(cin: int, cout: int, stride: int, blocks: int) -> nn.Sequential:
+    return nn.Sequential(CifarBlock(cin, cout, stride), *[CifarBlock(cout, cout) for _ in range(blocks - 1)])
+
+
+def _cifar_init(module: nn.Module) -> None:
+    for mod in module.modules():
+        if isinstance(mod, (nn.Conv2d, nn.Linear)):
+            nn.init.kaiming_normal_(mod.weight)
+
+
+def _cifar_resnet(n: int):
+    def build(in_shape, num_classes: int, aux: str):
+        client = nn.Sequential(OrderedDict(
+            conv1=_conv3x3(in_shape[0], 64),
+            bn1=nn.BatchNorm2d(64),
+            relu=nn.ReLU(inplace=True),
+            layer1=_cifar_stage(64, 64, 1, n),
+        ))
+        server = nn.Sequential(OrderedDict(
+            layer2=_cifar_stage(64, 128, 2, n),
+            layer3=_cifar_stage(128, 256, 2, n),
+            avgpool=nn.AdaptiveAvgPool2d(1),
+            flatten=nn.Flatten(1),
+            fc=nn.Linear(256, num_classes),
+        ))
+        if aux == "layer2":
+            aux_mod = ConvAux(_cifar_stage(64, 128, 2, n), 128, num_classes)
+        else:
+            aux_mod = LinearAux(64, num_classes, pool=True)
+        for m in (client, server, aux_mod):
+            _cifar_init(m)
+        return client, server, aux_mod
+
+    return build
+
+
+# ----------------------------------------------------------------------------------------------
 # Small conv nets
 
 
@@ -220,7 +371,8 @@ def _cnn(in_shape, num_classes: int, aux: str):
     return client, server, LinearAux(d, num_classes, pool=False)
 
 
-_BUILDERS = {"resnet18": _resnet18, "simple_conv": _simple_conv, "cnn": _cnn}
+_BUILDERS = {"resnet18": _resnet18, "resnet50": _resnet50, "resnet56": _cifar_resnet(9),
+             "resnet110": _cifar_resnet(18), "simple_conv": _simple_conv, "cnn": _cnn}
 
 
 _FACTORY_NAME = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")

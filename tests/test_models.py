@@ -125,7 +125,7 @@ def test_build_is_reproducible_under_seed():
 
 
 def test_build_errors():
-    with pytest.raises(ValueError, match="unknown model 'vgg'; choose one of resnet18, simple_conv, cnn"):
+    with pytest.raises(ValueError, match="unknown model 'vgg'; choose one of resnet18, resnet50, resnet56, resnet110, simple_conv, cnn"):
         M.build_split_model("vgg", (3, 32, 32), 10)
     with pytest.raises(ValueError, match="auxiliary 'layer3' is not available for model 'cnn'"):
         M.build_split_model("cnn", (1, 28, 28), 10, aux="layer3")
@@ -137,7 +137,7 @@ def test_build_errors():
         M.build_split_model("cnn", (28, 28), 10)
     with pytest.raises(ValueError, match="num_classes must be an integer >= 2"):
         M.build_split_model("cnn", (1, 28, 28), 1)
-    assert set(M.MODEL_NAMES) == {"resnet18", "simple_conv", "cnn"}
+    assert set(M.MODEL_NAMES) == {"resnet18", "resnet50", "resnet56", "resnet110", "simple_conv", "cnn"}
     assert set(M.AUX_NAMES) == {"default", "linear", "layer3"}
 
 
