@@ -138,7 +138,7 @@ def test_build_errors():
     with pytest.raises(ValueError, match="num_classes must be an integer >= 2"):
         M.build_split_model("cnn", (1, 28, 28), 1)
     assert set(M.MODEL_NAMES) == {"resnet18", "resnet50", "resnet56", "resnet110", "simple_conv", "cnn"}
-    assert set(M.AUX_NAMES) == {"default", "linear", "layer3"}
+    assert set(M.AUX_NAMES) == {"default", "linear", "layer3", "layer2"}
 
 
 def test_cnn_learns_mnist5k_quickly(seed):
