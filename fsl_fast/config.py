@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 ALGORITHMS = ("fedavg", "splitfed_v1", "splitfed_v2", "cse_fsl", "fsl_sage")
 SCHEDULES = ("sequential", "parallel")
-DATASETS = ("mnist5k", "cifar10", "cifar100", "synthetic")
+DATASETS = ("mnist5k", "cifar10", "cifar100", "synthetic", "femnist")
 PARTITIONS = ("iid", "dirichlet", "shards")
 QUANTIZE = ("none", "int8", "int4")
 PRECISIONS = ("fp32", "bf16")
@@ -165,6 +165,11 @@ class Config:
         if isinstance(self.shards_per_client, bool) or not isinstance(self.shards_per_client, int) \
                 or self.shards_per_client < 1:
             raise ConfigError(f"--shards-per-client: must be a positive integer, got {self.shards_per_client!r}")
+        if self.dataset == "femnist" and self.partition != "iid":
+            raise ConfigError("--partition: femnist is split by writer (one client per writer); leave "
+                              "--partition at its default")
+        if self.dataset == "femnist" and not self.data_dir:
+            raise ConfigError("--dataset femnist: needs --data-dir DIR with LEAF's train/*.json and test/*.json")
         if self.partition == "dirichlet":
             if self.alpha is None or not (self.alpha > 0 and self.alpha < float("inf")):
                 raise ConfigError(f"--alpha: dirichlet partition needs a positive finite alpha, got {self.alpha!r}")

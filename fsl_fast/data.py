@@ -19,6 +19,12 @@ Datasets (``load_dataset(name, data_dir, seed)``):
   benchmarks at the paper's sizes (``synthetic:3x32x32:5000`` is 10 clients x 500). Each class has a fixed random prototype
   image; samples are the prototype plus noise. Augmented only when the shape is 3x32x32, so it
   behaves like CIFAR there and like MNIST at ``synthetic:1x28x28``.
+- ``femnist``: LEAF's FEMNIST JSON layout under ``data_dir``: ``train/*.json`` and ``test/*.json``,
+  each ``{"users": [...], "user_data": {user: {"x": [[784 floats]], "y": [labels]}}}`` (28x28
+  grayscale in [0, 1], 62 classes). One client per writer: the first ``clients`` writers in
+  file-name order, then the order of each file's ``users`` list; the test set is those writers'
+  test samples. Normalized as (x - 0.5) / 0.5; no augmentation. ``Dataset.owners`` holds each
+  writer's training indices (the partition).
 
 All tensors are kept on the CPU as float32 (images, NCHW, already normalized) and int64 (labels);
 ``Dataset.to(device)`` moves them. CIFAR-10 training images take 614 MB as float32.
@@ -54,7 +60,8 @@ __all__ = [
     "test_batches",
 ]
 
-DATASET_NAMES = ("mnist5k", "cifar10", "cifar100", "synthetic")
+DATASET_NAMES = ("mnist5k", "cifar10", "cifar100", "synthetic", "femnist")
+FEMNIST_CLASSES = 62
 PARTITION_SCHEMES = ("iid", "dirichlet", "shards")
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
@@ -87,6 +94,7 @@ class Dataset:
     in_shape: tuple[int, int, int]
     augment: bool
     pad_value: torch.Tensor
+    owners: list | None = None  # a natural partition (femnist: each writer's training indices)
 
     def to(self, device: torch.device | str) -> "Dataset":
         """A copy with every tensor on ``device``."""
@@ -112,11 +120,13 @@ class Dataset:
 # Loading
 
 
-def load_dataset(name: str, data_dir: str | os.PathLike | None = None, seed: int = 0) -> Dataset:
+def load_dataset(name: str, data_dir: str | os.PathLike | None = None, seed: int = 0,
+                 clients: int | None = None) -> Dataset:
     """Load dataset ``name`` (see the module docstring for the names and what they need).
 
     ``seed`` drives every random choice made while loading: the mnist5k train/test split and the
-    synthetic data. CIFAR loading is deterministic and ignores it.
+    synthetic data. CIFAR loading is deterministic and ignores it. ``clients``: femnist reads
+    that many writers (None: all).
     """
     if not isinstance(name, str):
         raise DataError(f"dataset name must be a string, got {type(name).__name__}")
@@ -127,6 +137,8 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, seed: int
         return _load_cifar(key, data_dir)
     if key == "synthetic" or key.startswith("synthetic:"):
         return _load_synthetic(key, seed)
+    if key == "femnist":
+        return _load_femnist(data_dir, clients)
     raise DataError(
         f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)} "
         "(synthetic also takes a shape, e.g. synthetic:1x28x28)"
@@ -259,6 +271,84 @@ _CIFAR = {
         num_classes=100,
     ),
 }
+
+
+def _leaf_users(path: Path):
+    """(user, x, y) of each writer of one LEAF JSON file, in the order of its ``users`` list."""
+    import json
+
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"femnist: cannot read {path}: {str(e).splitlines()[0][:160]}") from None
+    if not isinstance(d, dict) or not isinstance(d.get("users"), list) or not isinstance(d.get("user_data"), dict):
+        raise DataError(f"femnist: {path} is not a LEAF file (needs 'users' and 'user_data')")
+    for u in d["users"]:
+        ud = d["user_data"].get(u)
+        if not isinstance(ud, dict) or "x" not in ud or "y" not in ud:
+            raise DataError(f"femnist: {path}: writer {u!r} has no x/y in user_data")
+        try:
+            x = np.asarray(ud["x"], dtype=np.float32)
+            y = np.asarray(ud["y"], dtype=np.int64)
+        except (TypeError, ValueError):
+            raise DataError(f"femnist: {path}: writer {u!r}: x must be rows of 784 numbers, y integers") from None
+        if x.size == 0 and y.size == 0:
+            x = x.reshape(0, 784)
+        if x.ndim != 2 or x.shape[1] != 784 or y.shape != (x.shape[0],):
+            raise DataError(f"femnist: {path}: writer {u!r}: expected x [n, 784] and y [n], got "
+                            f"{list(x.shape)} and {list(y.shape)}")
+        if y.size and (y.min() < 0 or y.max() >= FEMNIST_CLASSES):
+            raise DataError(f"femnist: {path}: writer {u!r} has labels outside 0..{FEMNIST_CLASSES - 1}")
+        if not np.isfinite(x).all():
+            raise DataError(f"femnist: {path}: writer {u!r} has non-finite pixels")
+        yield str(u), x, y
+
+
+def _load_femnist(data_dir, clients: int | None) -> Dataset:
+    if data_dir is None:
+        raise DataError("dataset 'femnist' needs --data-dir DIR holding LEAF's train/*.json and test/*.json")
+    root = Path(data_dir)
+    train_files = sorted((root / "train").glob("*.json"))
+    test_files = sorted((root / "test").glob("*.json"))
+    if not train_files or not test_files:
+        raise DataError(f"femnist: no LEAF JSON files under {root}/train and {root}/test")
+    users, xs, ys = [], [], []
+    for f in train_files:
+        for u, x, y in _leaf_users(f):
+            if clients is not None and len(users) == clients:
+                break
+            if len(y) == 0:
+                continue
+            users.append(u)
+            xs.append(x)
+            ys.append(y)
+        if clients is not None and len(users) == clients:
+            break
+    if clients is not None and len(users) < clients:
+        raise DataError(f"femnist: {root}/train has {len(users)} writers with samples; use --clients "
+                        f"<= {len(users)}")
+    wanted = set(users)
+    test = {}
+    for f in test_files:
+        for u, x, y in _leaf_users(f):
+            if u in wanted:
+                test[u] = (x, y)
+        if len(test) == len(wanted):
+            break
+    tx = [test[u][0] for u in users if u in test]
+    ty = [test[u][1] for u in users if u in test]
+    if not tx or sum(len(y) for y in ty) == 0:
+        raise DataError(f"femnist: the test files under {root}/test hold no samples of the chosen writers")
+    sizes = np.cumsum([0] + [len(y) for y in ys])
+    owners = [np.arange(sizes[i], sizes[i + 1], dtype=np.int64) for i in range(len(users))]
+
+    def images(rows):
+        return torch.from_numpy(np.concatenate(rows)).view(-1, 1, 28, 28).sub_(0.5).div_(0.5)
+
+    return Dataset(name="femnist", x_train=images(xs), y_train=torch.from_numpy(np.concatenate(ys)),
+                   x_test=images(tx), y_test=torch.from_numpy(np.concatenate(ty)),
+                   num_classes=FEMNIST_CLASSES, in_shape=(1, 28, 28), augment=False,
+                   pad_value=torch.tensor([-1.0]), owners=owners)
 
 
 def _load_cifar(key: str, data_dir) -> Dataset:

@@ -31,15 +31,11 @@ class Run:
         self.cfg = cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.data = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed)
+        self.data = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed, clients=cfg.clients)
         n = int(self.data.y_train.shape[0])
         if cfg.clients > n:
             raise ConfigError(f"--clients: {cfg.clients} clients but only {n} training samples")
-        try:
-            self.parts = partition(self.data.y_train.numpy(), cfg.clients, cfg.partition, cfg.alpha, cfg.seed,
-                                   shards_per_client=cfg.shards_per_client)
-        except DataError as e:
-            raise ConfigError(f"--partition {cfg.partition}: {e}") from None
+        self.parts = self._partition(cfg, partition, DataError)
         empty = [k for k, p in enumerate(self.parts) if len(p) == 0]
         if empty:
             raise ConfigError(f"partition left clients {empty} without samples; use fewer --clients")
@@ -63,6 +59,15 @@ class Run:
         self.next_round = 0
         self.config_changes: list[dict] = []  # settings changed by --resume (round, old, new)
         self.warm_started: dict | None = None  # --warm-start: what was loaded from where
+
+    def _partition(self, cfg, partition, DataError):
+        if self.data.owners is not None:  # femnist: one client per writer
+            return list(self.data.owners)
+        try:
+            return partition(self.data.y_train.numpy(), cfg.clients, cfg.partition, cfg.alpha, cfg.seed,
+                             shards_per_client=cfg.shards_per_client)
+        except DataError as e:
+            raise ConfigError(f"--partition {cfg.partition}: {e}") from None
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -346,7 +351,8 @@ def has_rows(path: Path) -> bool:
 
 
 def partition_record(cfg: Config, run: "Run", owner=None) -> dict:
-    return {"scheme": cfg.partition, "alpha": cfg.alpha, "seed": cfg.seed,
+    return {"scheme": "writers" if run.data.owners is not None else cfg.partition, "alpha": cfg.alpha,
+            "seed": cfg.seed,
             **({"shards_per_client": cfg.shards_per_client} if cfg.partition == "shards" else {}),
             "num_classes": run.data.num_classes,
             "clients": [{"client": k, "samples": int(len(p)), "class_counts": run.class_counts[k],
