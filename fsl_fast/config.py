@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 ALGORITHMS = ("fedavg", "splitfed_v1", "splitfed_v2", "cse_fsl", "fsl_sage")
 SCHEDULES = ("sequential", "parallel")
-DATASETS = ("mnist5k", "cifar10", "cifar100", "synthetic", "femnist")
+DATASETS = ("mnist5k", "cifar10", "cifar100", "synthetic", "femnist", "tinyimagenet")
 PARTITIONS = ("iid", "dirichlet", "shards")
 QUANTIZE = ("none", "int8", "int4")
 PRECISIONS = ("fp32", "bf16")
@@ -77,7 +77,7 @@ class Config:
     # -- resolution --------------------------------------------------------------------------
     def resolved(self) -> "Config":
         c = dataclasses.replace(self)
-        cifar = c.dataset.startswith("cifar")
+        cifar = c.dataset.startswith("cifar") or c.dataset == "tinyimagenet"  # natural RGB images
         if c.model == "auto":
             c.model = "resnet18" if cifar else "cnn"
         if c.batch_size == 0:
@@ -170,6 +170,8 @@ class Config:
                               "--partition at its default")
         if self.dataset == "femnist" and not self.data_dir:
             raise ConfigError("--dataset femnist: needs --data-dir DIR with LEAF's train/*.json and test/*.json")
+        if self.dataset == "tinyimagenet" and not self.data_dir:
+            raise ConfigError("--dataset tinyimagenet: needs --data-dir DIR with Tiny ImageNet's folders")
         if self.partition == "dirichlet":
             if self.alpha is None or not (self.alpha > 0 and self.alpha < float("inf")):
                 raise ConfigError(f"--alpha: dirichlet partition needs a positive finite alpha, got {self.alpha!r}")
