@@ -114,6 +114,11 @@ class Algorithm:
         # non-finite numbers end the run at the end of the phase where they appear (faults.py)
         self.guard = FiniteGuard()
         self.round_extra: dict = {}  # extra per-round metrics (estimate_quality)
+        # --client-profile: FLOPs per sample of each step (fsl_fast.clock.step_flops); when set,
+        # each round records its steps in ``trace`` for the simulated clock
+        self.step_flops: dict | None = None
+        self.trace = None
+        self._last_up_bytes = 0
         if cfg.quantize != "none":
             from fsl_fast.ops import quantize as Q
 
@@ -178,7 +183,20 @@ class Algorithm:
             z_srv = self._quant.dequantize(payload)
         self.ledger.add("up", "smashed", nbytes)
         self.ledger.add("up", "labels", tensor_bytes(y), paper=False)
+        self._last_up_bytes = nbytes + tensor_bytes(y)
         return z_srv, payload
+
+    # -- the simulated clock's record (fsl_fast.clock) -------------------------------------------
+    def trace_compute(self, ks, rows, kind: str) -> None:
+        if self.trace is not None:
+            for k, n in zip(ks, rows):
+                self.trace.compute(k, self.step_flops[kind] * n)
+
+    def trace_finish(self, model_bytes: int) -> None:
+        """The surviving participants upload ``model_bytes`` each and download as much."""
+        if self.trace is not None:
+            for k in self.survivors:
+                self.trace.finish(k, model_bytes, model_bytes)
 
     def _stochastic_seed(self, k: int) -> int:
         # Distinct, reproducible counter-RNG key per (run seed, round, client, upload).
@@ -259,6 +277,10 @@ class Algorithm:
         self.guard.seconds = 0.0
         self.guard.discard()
         self.active = self.participants(t)
+        if self.step_flops is not None:
+            from fsl_fast.clock import RoundTrace
+
+            self.trace = RoundTrace()
         if len(self.active) < self.m:
             self.round_extra["participants"] = list(self.active)
         self.engine.begin_round(t)
@@ -296,6 +318,7 @@ class Algorithm:
 
     def client_forward(self, ks, xs):
         """The clients' forward pass, its smashed data checked."""
+        self.trace_compute(ks, [x.shape[0] for x in xs], "client_fwd")
         with self.phase("client"):
             zs = self.engine.client_forward(ks, xs)
         self.watch("smashed data", ks, zs)
@@ -311,6 +334,8 @@ class Algorithm:
         if what is not None:
             self.watch(what, ks, grads)
             self.guard.verify("client step")
+        if self.trace is not None:
+            self.trace_compute(ks, [g.shape[0] for g in grads], "client_bwd")
         with self.phase("client"):
             self.engine.client_backward(ks, zs, grads)
 
@@ -335,6 +360,8 @@ class Algorithm:
         with self.phase("server"):
             for k, z, y in zip(ks, zs, ys):
                 z_srv, payload = self.send_smashed(k, z, y)
+                if self.trace is not None:
+                    self.trace.send(k, self._last_up_bytes, self.step_flops["server"] * y.shape[0])
                 self.engine.server_step(k, z_srv, y)
                 if keep:
                     self.buffers[k].append(payload, y)
@@ -355,6 +382,7 @@ class Algorithm:
         self.count_model_exchange("client_model", self.engine.client_bytes(), len(self.survivors))
         if with_aux:
             self.count_model_exchange("aux_model", self.engine.aux_bytes(), len(self.survivors))
+        self.trace_finish(self.engine.client_bytes() + (self.engine.aux_bytes() if with_aux else 0))
         self.check_aggregate()
 
     def check_aggregate(self) -> None:
@@ -379,6 +407,7 @@ class FedAvg(Algorithm):
     whole_model = True
 
     def local_iteration(self, t, it, ks, xs, ys):
+        self.trace_compute(ks, [x.shape[0] for x in xs], "full")
         with self.phase("client"):
             self.engine.full_step(ks, xs, ys)
 
@@ -390,6 +419,7 @@ class FedAvg(Algorithm):
         self.ledger.add("down", "client_model", self.engine.client_bytes(), count=n)
         self.ledger.add("up", "server_model", self.engine.server_bytes(), count=n)
         self.ledger.add("down", "server_model", self.engine.server_bytes(), count=n)
+        self.trace_finish(self.engine.client_bytes() + self.engine.server_bytes())
         self.check_aggregate()
 
 
@@ -405,6 +435,9 @@ class SplitFed(Algorithm):
                 g = self.engine.server_step(k, z_srv, y, want_grad=True)
                 computed.append(g)
                 grads.append(self.send_gradient(k, g))
+                if self.trace is not None:  # the client waits for the server's answer
+                    self.trace.request(k, self._last_up_bytes, self.step_flops["server"] * y.shape[0],
+                                       tensor_bytes(g))
         # the input gradient is non-finite whenever the server's loss is; the server's parameters
         # are checked at the end of the round (check_aggregate)
         self.watch("server gradient", ks, computed, "server")
@@ -439,6 +472,7 @@ class CSEFSL(Algorithm):
     def local_iteration(self, t, it, ks, xs, ys):
         zs = self.client_forward(ks, xs)
         self.periodic_upload(it, ks, zs, ys)
+        self.trace_compute(ks, [y.shape[0] for y in ys], "aux")
         with self.phase("client"):
             grads = self.engine.aux_local_step(ks, zs, ys)
         self.client_update(ks, zs, grads, "local auxiliary gradient")
@@ -464,6 +498,7 @@ class FSLSAGE(Algorithm):
                 self.align(ks)
             self.watch_models("aux", ks, "server")
             self.guard.verify("alignment")
+        self.trace_compute(ks, [y.shape[0] for y in ys], "aux")
         with self.phase("client"):
             grads = self.engine.aux_estimate(ks, zs, ys)
         self.client_update(ks, zs, grads, "gradient estimate")
@@ -486,8 +521,11 @@ class FSLSAGE(Algorithm):
             self.round_extra.setdefault("estimate_quality", []).extend(
                 {"client": b["client"], "cosine_before": b["cosine"], "norm_ratio_before": b["norm_ratio"],
                  "cosine_after": a["cosine"], "norm_ratio_after": a["norm_ratio"]} for b, a in zip(before, after))
-        for _ in ks:
+        for k, (Z, _) in zip(ks, data):
             self.ledger.add("down", "aux_model", self.engine.aux_bytes())
+            if self.trace is not None:  # the client waits for its aligned auxiliary
+                self.trace.request(k, 0, self.step_flops["align_row"] * Z.shape[0] * self.cfg.align_epochs,
+                                   self.engine.aux_bytes())
 
     def end_of_round(self, t):
         self.fedavg_clients()

@@ -37,6 +37,7 @@ class Config:
     clients: int = 10
     clients_per_round: int = 0  # M sampled per round (uniform, without replacement); 0: all
     dropout_prob: float = 0.0  # a participant fails during the round with this probability
+    client_profile: str | None = None  # simulated clock: a preset (fsl_fast.clock.PRESETS) or a JSON file
     rounds: int = 20
     local_epochs: int = 1
     batch_size: int = 0
@@ -156,6 +157,8 @@ class Config:
             if importlib.util.find_spec("tensorboard") is None:
                 raise ConfigError("--tensorboard: the tensorboard package is not installed "
                                   "(pip install tensorboard, or fsl_fast[tensorboard])")
+        if self.distributed and self.client_profile:
+            raise ConfigError("--client-profile: the simulated clock runs in process only")
         if self.distributed and self.warm_start:
             raise ConfigError("--warm-start: in-process runs only (start the distributed run from scratch)")
         if self.threads < 0:

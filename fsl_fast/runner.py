@@ -46,6 +46,12 @@ class Run:
         except ValueError as e:  # unknown name, unsupported aux, input too small: user errors
             raise ConfigError(f"--model/--aux: {e}") from None
         cls = ALGORITHM_CLASSES[cfg.algorithm]
+        self.profile = flops = None
+        if cfg.client_profile:  # the simulated clock (fsl_fast.clock), counted on the plain models
+            from fsl_fast.clock import Profile, step_flops
+
+            self.profile = Profile.load(cfg.client_profile, cfg.clients, cfg.seed)
+            flops = step_flops(self.split, self.data.in_shape)
         self.engine = build_engine(cfg, self.split, cfg.clients, cls, cfg.device)
         self.gens = [torch.Generator().manual_seed(data_seed(cfg.seed, k)) for k in range(cfg.clients)]
         self.loaders = [ClientLoader(self.data, self.parts[k], cfg.batch_size, self.gens[k], train=True)
@@ -55,6 +61,7 @@ class Run:
         self.weights = [s / total for s in sizes]
         self.ledger = Ledger()
         self.algo = cls(cfg, self.engine, self.loaders, self.weights, self.ledger)
+        self.algo.step_flops = flops
         self.metrics: list[dict] = []
         self.next_round = 0
         self.config_changes: list[dict] = []  # settings changed by --resume (round, old, new)
@@ -138,6 +145,12 @@ class Run:
         rec["comm_gib_paper"] = rec["comm_bytes_paper"] / GIB
         rec.update({f"seconds_{k}": v for k, v in sorted(times.items())})
         rec["seconds_round"] = time.perf_counter() - t0
+        if self.profile is not None:
+            from fsl_fast.clock import simulate
+
+            prev = self.metrics[-1].get("sim_seconds_total", 0.0) if self.metrics else 0.0
+            rec["sim_seconds"] = simulate(self.algo.trace, self.profile)
+            rec["sim_seconds_total"] = prev + rec["sim_seconds"]
         self.metrics.append(rec)
         self.next_round = t + 1
         return rec

@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--dropout-prob", type=float, default=None,
       help="each participant fails during a round with this probability, after a uniformly drawn "
            "number of its local iterations; its update is discarded (seeded; default 0)")
+    a("--client-profile", default=None, metavar="PRESET|FILE",
+      help="simulated clock: per-client compute speed, bandwidths and latency from a preset (uniform, "
+           "mobile) or a JSON file; metrics.jsonl gets each round's simulated seconds (docs/clock.md)")
     a("--rounds", type=int, default=None, help=f"default {d.rounds}")
     a("--local-epochs", type=int, default=None, help=f"default {d.local_epochs}")
     a("--batch-size", type=int, default=None, help="default: 256 for CIFAR, 32 for mnist5k")
