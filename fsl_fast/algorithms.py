@@ -237,6 +237,25 @@ class Algorithm:
         g = torch.Generator().manual_seed(participation_seed(self.cfg.seed, t))
         return sorted(torch.randperm(self.m, generator=g)[:M].tolist())
 
+    def _park_buffers(self) -> None:
+        """--client-store: FSL-SAGE's alignment buffers of clients sitting this round out go to
+        the store; the participants' come back."""
+        store = self.engine.client_store
+        if not self.aligns:
+            return
+        on = set(self.active)
+        for k, b in enumerate(self.buffers):
+            if b is not None and k not in on:
+                store.put("buffer", k, b.state_dict())
+                self.buffers[k] = None
+        for k in self.active:
+            if self.buffers[k] is None:
+                b = AlignBuffer(self.cfg.buffer_size)
+                sd = store.get("buffer", k)
+                if sd is not None:
+                    b.load_state_dict(sd)
+                self.buffers[k] = b
+
     def dropouts(self, t: int, iters: dict) -> dict[int, int]:
         """{client: local iterations it completes} for the participants of round t that fail
         (``--dropout-prob``): client k fails when u_k < p, after floor(v_k * iters_k) iterations,
@@ -277,6 +296,9 @@ class Algorithm:
         self.guard.seconds = 0.0
         self.guard.discard()
         self.active = self.participants(t)
+        if hasattr(self.engine, "participate"):  # --client-store: the round's clients move in
+            self.engine.participate(self.active)
+            self._park_buffers()
         if self.step_flops is not None:
             from fsl_fast.clock import RoundTrace
 
@@ -392,11 +414,17 @@ class Algorithm:
         self.guard.verify("aggregation")
 
     def state_dict(self) -> dict:
-        return {"buffers": [b.state_dict() for b in self.buffers]}
+        # (None: a buffer parked in the client store)
+        return {"buffers": [None if b is None else b.state_dict() for b in self.buffers]}
 
     def load_state_dict(self, sd: dict) -> None:
-        for b, s in zip(self.buffers, sd["buffers"]):
-            b.load_state_dict(s)
+        for k, s in enumerate(sd["buffers"]):
+            if s is None:
+                self.buffers[k] = None
+            else:
+                if self.buffers[k] is None:
+                    self.buffers[k] = AlignBuffer(self.cfg.buffer_size)
+                self.buffers[k].load_state_dict(s)
 
 
 class FedAvg(Algorithm):

@@ -37,6 +37,7 @@ class Config:
     clients: int = 10
     clients_per_round: int = 0  # M sampled per round (uniform, without replacement); 0: all
     dropout_prob: float = 0.0  # a participant fails during the round with this probability
+    client_store: str = "off"  # off | memory | disk: per-client state off the hot set (engines/store.py)
     client_profile: str | None = None  # simulated clock: a preset (fsl_fast.clock.PRESETS) or a JSON file
     rounds: int = 20
     local_epochs: int = 1
@@ -157,6 +158,16 @@ class Config:
             if importlib.util.find_spec("tensorboard") is None:
                 raise ConfigError("--tensorboard: the tensorboard package is not installed "
                                   "(pip install tensorboard, or fsl_fast[tensorboard])")
+        choice("client_store", ("off", "memory", "disk"))
+        if self.client_store != "off":
+            if not self.fused:
+                raise ConfigError("--client-store: the fused engine's option (add --fused)")
+            if not 0 < self.clients_per_round:
+                raise ConfigError("--client-store: needs --clients-per-round M (memory then grows with M)")
+            if self.distributed:
+                raise ConfigError("--client-store: in-process runs only")
+            if self.warm_start:
+                raise ConfigError("--warm-start: not available with --client-store yet")
         if self.distributed and self.client_profile:
             raise ConfigError("--client-profile: the simulated clock runs in process only")
         if self.distributed and self.warm_start:

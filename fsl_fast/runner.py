@@ -386,6 +386,9 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
         TensorBoard.require()  # before anything is written
     run = Run(cfg)
     ckpt = out / CHECKPOINT
+    store = getattr(run.engine, "client_store", None)
+    if store is not None and store.mode == "disk":
+        store.bind(out / "client_store")
     try:
         if resume:
             if ckpt.is_file():

@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--clients", type=int, default=None, help=f"default {d.clients}")
     a("--clients-per-round", type=int, default=None,
       help="sample M clients per round, uniformly without replacement, seeded (0 = all, the default)")
+    a("--client-store", choices=("off", "memory", "disk"), default=None,
+      help="with --fused and --clients-per-round M: keep only the M clients of the round in the engine "
+           "and park the others' state (optimizer moments, FSL-SAGE auxiliaries and buffers) in memory "
+           "or in files under OUT/client_store (lossless; off = every client in the engine, the default)")
     a("--dropout-prob", type=float, default=None,
       help="each participant fails during a round with this probability, after a uniformly drawn "
            "number of its local iterations; its update is discarded (seeded; default 0)")

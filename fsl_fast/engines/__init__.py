@@ -3,6 +3,10 @@ advances all clients together over flat buffers with the fused ops."""
 
 
 def build_engine(cfg, split, num_clients, algorithm_cls, device):
+    if getattr(cfg, "client_store", "off") != "off":
+        from fsl_fast.engines.store import SlotEngine
+
+        return SlotEngine(cfg, split, num_clients, algorithm_cls, device)
     if cfg.fused:
         from fsl_fast.engines.fused import FusedEngine
 
