@@ -297,8 +297,9 @@ class Algorithm:
         self.guard.discard()
         self.active = self.participants(t)
         if hasattr(self.engine, "participate"):  # --client-store: the round's clients move in
-            self.engine.participate(self.active)
-            self._park_buffers()
+            with self.phase("store"):
+                self.engine.participate(self.active)
+                self._park_buffers()
         if self.step_flops is not None:
             from fsl_fast.clock import RoundTrace
 
