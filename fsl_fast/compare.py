@@ -68,6 +68,15 @@ class Variant:
 
 
 @dataclass
+class _Seeded(Variant):
+    seed: int = 0
+
+    @property
+    def label(self) -> str:
+        return f"{super().label}, seed {self.seed}"
+
+
+@dataclass
 class RunSummary:
     variant: Variant
     rounds: int
@@ -291,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--quantize-sage", nargs="?", const="int8", default=None, choices=("int8", "int4"),
       help="also run FSL-SAGE with this uplink compression (int8 when given without a value)")
     a("--engine", choices=("fused", "reference"), default="fused")
+    a("--seeds", default=None, metavar="S1,S2,...",
+      help="run every configuration once per seed (into OUT/<run>/seed-<S>) and report mean and "
+           "spread over the seeds; the plot shows the mean curve and the min-max band")
     a("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -342,14 +354,17 @@ def main(argv=None) -> int:
                 raise ConfigError("--quantize-sage: needs fsl_sage in --algorithms")
             variants.insert(1, Variant("fsl_sage", args.quantize_sage))
         rounds = _per_run_rounds(args.rounds_for, args.rounds, {v.name for v in variants})
+        seeds = _seeds(args.seeds, given)
         out = Path(args.out) if args.out else Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
         cfgs = {}
         for v in variants:
-            cfgs[v.name] = Config(**given, algorithm=v.algorithm, rounds=rounds[v.name],
-                                  partition=args.partition, alpha=args.alpha, quantize=v.quantize,
-                                  fused=args.engine == "fused",
-                                  comm_budget_gib=args.budget_gib if args.stop_at_budget else None).resolved()
-        base = cfgs[variants[0].name]
+            for s in seeds or [None]:
+                kw = dict(given, **({"seed": s} if s is not None else {}))
+                cfgs[v.name, s] = Config(**kw, algorithm=v.algorithm, rounds=rounds[v.name],
+                                         partition=args.partition, alpha=args.alpha, quantize=v.quantize,
+                                         fused=args.engine == "fused",
+                                         comm_budget_gib=args.budget_gib if args.stop_at_budget else None).resolved()
+        base = cfgs[variants[0].name, seeds[0] if seeds else None]
         if base.data_dir is not None and not Path(base.data_dir).is_dir():
             raise ConfigError(f"--data-dir: {base.data_dir} is not a directory")
         out.mkdir(parents=True, exist_ok=True)
@@ -358,15 +373,24 @@ def main(argv=None) -> int:
             print(msg, file=sys.stderr, flush=True)
 
         metrics = {}
-        for v in variants:
-            m, how = ensure_run(cfgs[v.name], out / v.name, progress=not args.no_progress, log=log)
-            log(f"{v.name}: {how}, {len(m)} rounds, best test accuracy "
+        for (name, s), cfg in cfgs.items():
+            where = out / name if s is None else out / name / f"seed-{s}"
+            m, how = ensure_run(cfg, where, progress=not args.no_progress, log=log)
+            log(f"{name}{'' if s is None else f' seed {s}'}: {how}, {len(m)} rounds, best test accuracy "
                 f"{max(r['test_accuracy'] for r in m if r['test_accuracy'] is not None):.4f}, {m[-1]['comm_bytes_paper'] / GIB:.4f} GiB")
-            metrics[v.name] = m
+            metrics[name, s] = m
         budget = args.budget_gib
         if budget is None:
             budget = min(m[-1]["comm_bytes_paper"] for m in metrics.values()) / GIB
-        rows = [summarize_run(v, metrics[v.name], args.target, budget) for v in variants]
+        if seeds:
+            per_seed = {(v.name, s): summarize_run(v, metrics[v.name, s], args.target, budget)
+                        for v in variants for s in seeds}
+            write_seed_summary(out, variants, seeds, per_seed, base, args, budget, argv)
+            rows = [per_seed[v.name, seeds[0]] for v in variants]
+            print(json.dumps({"out": str(out), "budget_gib": budget, "target": args.target, "seeds": seeds,
+                              "gib_to_target": {f"{n}/seed-{s}": r.gib_to_target for (n, s), r in per_seed.items()}}))
+            return 0
+        rows = [summarize_run(v, metrics[v.name, None], args.target, budget) for v in variants]
         write_summary(out, rows, base, args, budget, argv)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -385,6 +409,124 @@ def main(argv=None) -> int:
     print(json.dumps({"out": str(out), "budget_gib": budget, "target": args.target,
                       "gib_to_target": {r.variant.name: r.gib_to_target for r in rows}}))
     return 0
+
+
+def _seeds(spec: str | None, given: dict) -> list[int] | None:
+    if spec is None:
+        return None
+    if "seed" in given:
+        raise ConfigError("--seeds: give either --seed or --seeds")
+    try:
+        seeds = [int(s) for s in spec.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds: expected comma-separated non-negative integers, got {spec!r}") from None
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds: expected distinct non-negative integers, got {spec!r}")
+    return seeds
+
+
+def spread(values: list) -> dict | None:
+    """Mean, sample standard deviation (0 for one value), min and max of the values that are not
+    None, and how many there were; None when there are none."""
+    v = [x for x in values if x is not None]
+    if not v:
+        return None
+    mean = sum(v) / len(v)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
+    return {"mean": mean, "sd": sd, "min": min(v), "max": max(v), "n": len(v)}
+
+
+def _ms(s: dict | None, spec: str = ".4f") -> str:
+    if s is None:
+        return "-"
+    return f"{format(s['mean'], spec)} ± {format(s['sd'], spec)}"
+
+
+SEED_COLUMNS = ("run", "seeds", "best_mean", "best_sd", "final_mean", "final_sd", "acc_at_budget_mean",
+                "acc_at_budget_sd", "reached_target", "gib_to_target_mean", "gib_to_target_sd",
+                "gib_to_target_min", "gib_to_target_max", "total_gib_mean")
+
+
+def write_seed_summary(out: Path, variants, seeds, per_seed: dict, cfg: Config, args, budget: float, argv) -> None:
+    """summary.md: mean ± sample sd over the seeds per run, then every (run, seed); summary.csv:
+    the aggregates; summary_per_seed.csv: the single runs' columns (run = NAME/seed-S);
+    accuracy_vs_gib.png: mean curves with min-max bands."""
+    cmd = " ".join(["python -m fsl_fast.compare"] + list(sys.argv[1:] if argv is None else argv))
+    agg = {}
+    for v in variants:
+        rs = [per_seed[v.name, s] for s in seeds]
+        agg[v.name] = {"best": spread([r.best_acc for r in rs]), "final": spread([r.final_acc for r in rs]),
+                       "at_budget": spread([r.acc_at_budget for r in rs]),
+                       "gib": spread([r.gib_to_target for r in rs]), "total": spread([r.total_gib for r in rs])}
+    head = (f"| run | seeds | best test acc | final acc | acc at budget {budget:.4g} GiB | reached "
+            f"{args.target:.4g} | GiB to {args.target:.4g} (over those that reached it) | total GiB |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for v in variants:
+        a = agg[v.name]
+        reached = a["gib"]["n"] if a["gib"] else 0
+        lines.append(f"| {v.label} | {len(seeds)} | {_ms(a['best'])} | {_ms(a['final'])} | {_ms(a['at_budget'])} | "
+                     f"{reached}/{len(seeds)} | {_ms(a['gib'])} | {a['total']['mean']:.4f} |")
+    rows = [per_seed[v.name, s] for v in variants for s in seeds]
+    labelled = [RunSummary(**{**r.__dict__, "variant": _Seeded(v.algorithm, v.quantize, s)})
+                for r, (v, s) in zip(rows, [(v, s) for v in variants for s in seeds])]
+    md = [f"# Comparison over seeds {', '.join(map(str, seeds))}: {_setting(cfg, args.engine)}", "",
+          f"Command: `{cmd}`", "",
+          f"Mean ± sample standard deviation over the seeds. Target test accuracy {args.target:g}; "
+          f"communication budget {budget:.4f} GiB. GiB = 2^30 bytes, paper convention.", "",
+          "\n".join(lines), "", "## Every run", "",
+          markdown_table(labelled, args.target, budget)]
+    (out / "summary.md").write_text("\n".join(md) + "\n")
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(SEED_COLUMNS)
+    for v in variants:
+        a = agg[v.name]
+        g = a["gib"]
+        w.writerow([v.name, len(seeds), repr(a["best"]["mean"]), repr(a["best"]["sd"]), repr(a["final"]["mean"]),
+                    repr(a["final"]["sd"]), "" if a["at_budget"] is None else repr(a["at_budget"]["mean"]),
+                    "" if a["at_budget"] is None else repr(a["at_budget"]["sd"]), 0 if g is None else g["n"],
+                    "" if g is None else repr(g["mean"]), "" if g is None else repr(g["sd"]),
+                    "" if g is None else repr(g["min"]), "" if g is None else repr(g["max"]),
+                    repr(a["total"]["mean"])])
+    (out / "summary.csv").write_text(buf.getvalue())
+    per = csv_text(rows, args.target, budget).splitlines()
+    named = [per[0]] + [f"{v.name}/seed-{s}," + line.split(",", 1)[1]
+                        for (v, s), line in zip([(v, s) for v in variants for s in seeds], per[1:])]
+    (out / "summary_per_seed.csv").write_text("\n".join(named) + "\n")
+    _plot_seeds(variants, seeds, per_seed, out / "accuracy_vs_gib.png", cfg, args, budget)
+
+
+def _plot_seeds(variants, seeds, per_seed, path: Path, cfg, args, budget) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
+    xs_all = []
+    for v in variants:
+        curves = [per_seed[v.name, s].curve for s in seeds]
+        n = min(len(c) for c in curves)
+        gib = [sum(c[i][0] for c in curves) / len(curves) for i in range(n)]
+        accs = [[c[i][1] for c in curves] for i in range(n)]
+        mean = [sum(a) / len(a) for a in accs]
+        color, marker = STYLE[v.algorithm]
+        ax.plot(gib, mean, color=color, marker=marker, markersize=2.5, linewidth=1.2,
+                linestyle="--" if v.quantize != "none" else "-", label=f"{v.label} (mean of {len(seeds)})")
+        ax.fill_between(gib, [min(a) for a in accs], [max(a) for a in accs], color=color, alpha=0.15, linewidth=0)
+        xs_all += gib
+    ax.axhline(args.target, color="gray", linewidth=0.8, linestyle=":")
+    ax.axvline(budget, color="gray", linewidth=0.8, linestyle="-.")
+    if min(xs_all) > 0 and max(xs_all) / min(xs_all) > 20:
+        ax.set_xscale("log")
+    ax.set_xlabel("communication (GiB, paper convention)")
+    ax.set_ylabel("test accuracy (band: min-max over seeds)")
+    ax.set_title(f"{cfg.dataset}, {cfg.model}, {cfg.clients} clients, seeds {', '.join(map(str, seeds))}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def _setting(cfg: Config, engine: str) -> str:

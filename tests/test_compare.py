@@ -181,3 +181,48 @@ def test_compare_stop_at_budget(tmp_path, monkeypatch):
     assert compare.main(argv[:2] + ["--algorithms", "fsl_sage", "--budget-gib", "0.001"] + TINY) == 0
     assert int(_csv(out)["fsl_sage"]["rounds"]) == 2  # --rounds 2 of the longer run, no budget stop
     assert compare.main(["--out", str(tmp_path / "x"), "--stop-at-budget"] + TINY) == 2
+
+
+def test_compare_over_seeds(tmp_path, monkeypatch):
+    """--seeds: one run per seed per configuration; mean and sample sd by hand; reuse."""
+    import math
+    import statistics
+
+    out = tmp_path / "seeds"
+    argv = ["--out", str(out), "--algorithms", "fsl_sage,splitfed_v2", "--seeds", "0,3,5", "--target", "0.3"] + TINY
+    assert compare.main(argv) == 0
+    for name in ("fsl_sage", "splitfed_v2"):
+        for s in (0, 3, 5):
+            cfg = json.loads((out / name / f"seed-{s}" / "config.json").read_text())
+            assert cfg["seed"] == s and cfg["algorithm"] == name
+    with open(out / "summary.csv") as f:
+        agg = {r["run"]: r for r in csv.DictReader(f)}
+    for name in ("fsl_sage", "splitfed_v2"):
+        ms = [_metrics(out / name / f"seed-{s}") for s in (0, 3, 5)]
+        best = [max(r["test_accuracy"] for r in m) for m in ms]
+        final = [m[-1]["test_accuracy"] for m in ms]
+        assert float(agg[name]["best_mean"]) == pytest.approx(statistics.mean(best))
+        assert float(agg[name]["best_sd"]) == pytest.approx(statistics.stdev(best))
+        assert float(agg[name]["final_mean"]) == pytest.approx(statistics.mean(final))
+        hit = [next((r["comm_bytes_paper"] / GIB for r in m if r["test_accuracy"] >= 0.3), None) for m in ms]
+        got = [h for h in hit if h is not None]
+        assert int(agg[name]["reached_target"]) == len(got)
+        if got:
+            assert float(agg[name]["gib_to_target_mean"]) == pytest.approx(statistics.mean(got))
+    with open(out / "summary_per_seed.csv") as f:
+        per = {r["run"] for r in csv.DictReader(f)}
+    assert per == {f"{n}/seed-{s}" for n in ("fsl_sage", "splitfed_v2") for s in (0, 3, 5)}
+    md = (out / "summary.md").read_text()
+    assert "FSL-SAGE, seed 3" in md and "±" in md
+    assert (out / "accuracy_vs_gib.png").read_bytes()[:4] == b"\x89PNG"
+    monkeypatch.setattr(runner, "train", lambda *a, **k: (_ for _ in ()).throw(AssertionError("retrained")))
+    assert compare.main(argv) == 0  # everything reused
+    assert compare.spread([1.0, None, 3.0]) == {"mean": 2.0, "sd": math.sqrt(2.0), "min": 1.0, "max": 3.0, "n": 2}
+    assert compare.spread([None]) is None
+
+
+@pytest.mark.parametrize("extra,msg", [(["--seeds", "0,0"], "distinct"), (["--seeds", "a"], "integers"),
+                                       (["--seeds", "0,1", "--seed", "2"], "either --seed or --seeds")])
+def test_compare_bad_seeds(tmp_path, capsys, extra, msg):
+    assert compare.main(["--out", str(tmp_path / "x")] + TINY + extra) == 2
+    assert msg in capsys.readouterr().err
