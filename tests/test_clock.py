@@ -3,7 +3,6 @@ both engines, resume."""
 import json
 
 import pytest
-import torch
 
 from fsl_fast.clock import PRESETS, Profile, RoundTrace, simulate, step_flops
 from fsl_fast.config import Config, ConfigError

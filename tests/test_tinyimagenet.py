@@ -17,7 +17,6 @@ def _write(root, per_class=4, val=(("v0.JPEG", "n03"), ("v1.JPEG", "n01"), ("v2.
     base = root / "tiny-imagenet-200"
     (base / "val" / "images").mkdir(parents=True)
     (base / "wnids.txt").write_text("\n".join(WNIDS) + "\n")
-    pix = {}
     for w in WNIDS:
         d = base / "train" / w / "images"
         d.mkdir(parents=True)

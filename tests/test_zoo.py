@@ -1,7 +1,6 @@
 """The authors' model zoo: resnet50 (bottleneck), resnet56 and resnet110 (CIFAR 3-stage) split where
 the authors split them; parameter counts against hand-computed values; both engines, both
 precisions."""
-import dataclasses
 
 import pytest
 import torch
