@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--dist-timeout", type=float, default=None, help="seconds a rank waits for a peer before failing (300)")
     a("--dist-fedavg", choices=DIST_FEDAVG, default=None, help="ordered (default: running sum passed "
       "through the client ranks in client order, bit-equal to the in-process run) | allreduce (one all-reduce)")
+    a("--config", default=None, metavar="FILE",
+      help="options from a file: TOML (.toml), JSON (.json: a run's config.json reruns that run) or "
+           "YAML (.yaml/.yml, needs PyYAML), flat keys named as the options with underscores "
+           "(clients_per_round = 50); options given on the command line win")
     a("--out", default=None, help="run directory (default runs/<algorithm>-<time>)")
     a("--resume", default=None, metavar="DIR", help="continue the run in DIR (its config; --rounds and "
       "--comm-budget-gib may be raised)")
@@ -113,15 +117,64 @@ RESUME_OVERRIDABLE = ("rounds", "comm_budget_gib", "threads", "device", "dist_ti
 RESUME_CHANGEABLE = ("lr", "weight_decay", "aux_lr")
 
 
+def read_config_file(path: str) -> dict:
+    """Flat {option: value} from a TOML, JSON or YAML file (keys as the Config fields; a run's
+    config.json also carries ``format_version``, checked). ConfigError (exit 2) for a file that
+    cannot be read, an unknown key or a key that is not a training option."""
+    import dataclasses
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config: {path} not found")
+    suffix = p.suffix.lower()
+    try:
+        text = p.read_text()
+        if suffix == ".toml":
+            import tomllib
+
+            d = tomllib.loads(text)
+        elif suffix == ".json":
+            d = json.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise ConfigError(f"--config: {path} is YAML, which needs PyYAML (pip install pyyaml); "
+                                  "or use TOML") from None
+            d = yaml.safe_load(text)
+        else:
+            raise ConfigError(f"--config: {path}: expected a .toml, .json, .yaml or .yml file")
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any parse error: one line
+        raise ConfigError(f"--config: cannot read {path}: {str(e).splitlines()[0][:200]}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"--config: {path} must hold a table of option = value")
+    if "format_version" in d:
+        from fsl_fast.faults import check_version
+
+        check_version("run configuration", d.pop("format_version"), path)
+    fields = {f.name for f in dataclasses.fields(Config)}
+    for k in d:
+        if k not in fields:
+            hint = f" (did you mean {k.replace('-', '_')}?)" if k.replace("-", "_") in fields else ""
+            raise ConfigError(f"--config: {path}: unknown option {k!r}{hint}")
+    return d
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from fsl_fast.data import DataError
     from fsl_fast.faults import EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_IO, Divergence, RunIOError
     given = {k: v for k, v in vars(args).items()
-             if v is not None and k not in ("out", "resume", "no_progress")}
+             if v is not None and k not in ("out", "resume", "no_progress", "config")}
     changes = {}
     out = None
     try:
+        if args.config:
+            if args.resume:
+                raise ConfigError("--config: not with --resume (a resumed run keeps its own config.json)")
+            given = {**read_config_file(args.config), **given}
         if args.resume:
             out = Path(args.resume)
             cfg_file = out / "config.json"
