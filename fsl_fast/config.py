@@ -20,60 +20,99 @@ OPTIMIZERS = ("adam", "sgd")  # client and server
 DIST_FEDAVG = ("ordered", "allreduce")  # distributed FedAvg: chain in client order | one all-reduce
 
 
+def _o(default, help: str, *, choices=None, type=None, metavar=None):
+    """A Config field that is a command-line option (see Config.cli_options)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "type": type, "metavar": metavar})
+
+
 class ConfigError(ValueError):
     """A bad option value; the CLI prints the message and exits with status 2."""
 
 
 @dataclass
 class Config:
-    algorithm: str = "fsl_sage"
-    model: str = "auto"
-    aux: str = "default"
-    dataset: str = "mnist5k"
-    data_dir: str | None = None
-    partition: str = "iid"
-    alpha: float | None = None
-    shards_per_client: int = 2  # --partition shards
-    clients: int = 10
-    clients_per_round: int = 0  # M sampled per round (uniform, without replacement); 0: all
-    dropout_prob: float = 0.0  # a participant fails during the round with this probability
-    client_store: str = "off"  # off | memory | disk: per-client state off the hot set (engines/store.py)
-    client_profile: str | None = None  # simulated clock: a preset (fsl_fast.clock.PRESETS) or a JSON file
-    rounds: int = 20
-    local_epochs: int = 1
-    batch_size: int = 0
-    server_update_interval: int = 5
-    align_interval: int = 10
-    align_epochs: int = 100
-    align_batch_size: int = 1000
-    buffer_size: int = 1000
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    aux_lr: float = 1e-3
-    optimizer: str = "adam"  # client and server optimizer (the auxiliary keeps Adam with aux_lr)
-    momentum: float = 0.0  # SGD only
-    nesterov: bool = False  # SGD only
-    lr_schedule: str = "constant"  # constant | cosine | multistep:M1,M2,...:GAMMA (per round)
-    warm_start: str | None = None  # run directory (or its checkpoint) whose models start this run
-    seed: int = 0
-    schedule: str = "sequential"
-    comm_budget_gib: float | None = None
-    quantize: str = "none"
-    quantize_group_size: int = 0
-    stochastic_rounding: bool = False
-    fused: bool = False
-    client_batching: str = "auto"
-    precision: str = "fp32"
-    log_estimate_quality: bool = False
-    device: str = "cpu"
-    threads: int = 0
-    eval_batch_size: int = 1000
-    eval_every: int = 1  # test evaluation every N rounds (and the last round, the budget's round)
-    tensorboard: bool = False  # also write the per-round scalars as TensorBoard events (out/tensorboard)
+    # Every option of ``python -m fsl_fast.train`` is a field here: its name (--name-with-dashes),
+    # type, default, help and choices; the command line is generated from them (cli_options()).
+    algorithm: str = _o("fsl_sage", "which algorithm to train", choices=ALGORITHMS)
+    model: str = _o("auto", "cnn | simple_conv | resnet18 | resnet50 | resnet56 | resnet110 | auto (resnet18 "
+                    "for CIFAR and Tiny ImageNet, cnn otherwise) | package.module:factory (your own: "
+                    "factory(in_shape, num_classes) -> (client, server, aux))")
+    aux: str = _o("default", "auxiliary model: default | linear | layer3 (resnet18, resnet50) | layer2 "
+                  "(resnet56, resnet110); for a factory model, any name other than default is passed "
+                  "to it as aux=NAME")
+    dataset: str = _o("mnist5k", " | ".join(DATASETS) + " | synthetic:CxHxW[:N] (mnist5k is embedded)")
+    data_dir: str | None = _o(None, "folder holding the dataset's files (CIFAR pickles or .tar.gz, LEAF "
+                              "FEMNIST JSON, Tiny ImageNet folders)", type=str)
+    partition: str = _o("iid", "iid | dirichlet | shards (the authors' noniid: sorted by label, "
+                        "--shards-per-client each)", choices=PARTITIONS)
+    alpha: float | None = _o(None, "Dirichlet concentration (with --partition dirichlet)", type=float)
+    shards_per_client: int = _o(2, "shards per client with --partition shards")
+    clients: int = _o(10, "number of clients")
+    clients_per_round: int = _o(0, "sample M clients per round, uniformly without replacement, seeded "
+                                "(0 = all)")
+    client_store: str = _o("off", "with --fused and --clients-per-round M: keep only the M clients of the "
+                           "round in the engine and park the others' state (optimizer moments, FSL-SAGE "
+                           "auxiliaries and buffers) in memory or in files under OUT/client_store "
+                           "(lossless; off = every client in the engine)", choices=("off", "memory", "disk"))
+    dropout_prob: float = _o(0.0, "each participant fails during a round with this probability, after a "
+                             "uniformly drawn number of its local iterations; its update is discarded "
+                             "(seeded)")
+    client_profile: str | None = _o(None, "simulated clock: per-client compute speed, bandwidths and "
+                                    "latency from a preset (uniform, mobile) or a JSON file; metrics.jsonl "
+                                    "gets each round's simulated seconds", type=str, metavar="PRESET|FILE")
+    rounds: int = _o(20, "training rounds")
+    local_epochs: int = _o(1, "local epochs per round")
+    batch_size: int = _o(0, "0 = auto: 256 for CIFAR and Tiny ImageNet, 32 otherwise")
+    server_update_interval: int = _o(5, "q: upload every q-th local iteration")
+    align_interval: int = _o(10, "l: align every l rounds")
+    align_epochs: int = _o(100, "alignment epochs")
+    align_batch_size: int = _o(1000, "alignment batch size")
+    buffer_size: int = _o(1000, "alignment buffer rows per client")
+    lr: float = _o(1e-3, "client and server learning rate")
+    weight_decay: float = _o(1e-4, "client and server L2 weight decay")
+    aux_lr: float = _o(1e-3, "auxiliary Adam learning rate")
+    optimizer: str = _o("adam", "client and server optimizer: adam (the paper) | sgd; the auxiliary keeps "
+                        "Adam", choices=OPTIMIZERS)
+    momentum: float = _o(0.0, "SGD momentum")
+    nesterov: bool = _o(False, "SGD with Nesterov momentum")
+    lr_schedule: str = _o("constant", "per-round learning-rate schedule of client and server: constant | "
+                          "cosine[:T] (to 0 at round T, default T = --rounds) | multistep:M1,M2,...:GAMMA "
+                          "(times GAMMA from each milestone round on)", metavar="SPEC")
+    warm_start: str | None = _o(None, "start from the models of another run (its directory or checkpoint "
+                                "file): client, server and, when that run kept one per client of this run, "
+                                "the auxiliaries; optimizers, schedule and round counter start fresh",
+                                type=str, metavar="RUN")
+    seed: int = _o(0, "seed of data order, partition, initial models and every draw")
+    schedule: str = _o("sequential", "sequential (the authors' code) | parallel", choices=SCHEDULES)
+    comm_budget_gib: float | None = _o(None, "stop when the paper-convention total reaches this", type=float)
+    quantize: str = _o("none", "uplink smashed-data compression", choices=QUANTIZE)
+    quantize_group_size: int = _o(0, "0 = per-row scales for int8; int4 default 32")
+    stochastic_rounding: bool = _o(False, "stochastic rounding in --quantize")
+    fused: bool = _o(False, "use the fused engine (fast path)")
+    client_batching: str = _o("auto", "fused engine: run clients one by one (loop) or as one vmapped "
+                              "computation (auto: vmap on CUDA)", choices=("auto", "loop", "vmap"))
+    precision: str = _o("fp32", "fp32 | bf16: torch convolutions and matrix products of client, server "
+                        "and auxiliary models in bfloat16 (AMX / tensor cores); weights, optimizer states, "
+                        "FedAvg, the loss, the alignment targets and the wire stay fp32", choices=PRECISIONS)
+    log_estimate_quality: bool = _o(False, "FSL-SAGE: before and after each alignment, log per aligned "
+                                    "client the cosine between the auxiliary's gradient estimate and the "
+                                    "true cut-layer gradient on its buffer, and their norm ratio "
+                                    "(metrics.jsonl estimate_quality; costs a server pass)")
+    eval_every: int = _o(1, "evaluate on the test set every N rounds, and always in the last round and "
+                         "the round that reaches --comm-budget-gib; other rounds log test_accuracy null",
+                         metavar="N")
+    tensorboard: bool = _o(False, "also write each round's scalars (metrics.jsonl's numbers) as TensorBoard "
+                           "events into OUT/tensorboard (needs the tensorboard package)")
+    device: str = _o("cpu", "cpu | cuda[:N]")
+    threads: int = _o(0, "torch intra-op threads (0 = torch default)")
+    eval_batch_size: int = 1000  # (not a command-line option)
     # distributed runtime (fsl_fast/distributed.py; launched by torchrun)
-    distributed: bool = False
-    dist_timeout: float = 300.0
-    dist_fedavg: str = "ordered"
+    distributed: bool = _o(False, "distributed runtime: launch with torchrun; rank 0 = server, ranks 1.. "
+                           "host the clients")
+    dist_timeout: float = _o(300.0, "seconds a rank waits for a peer before failing")
+    dist_fedavg: str = _o("ordered", "ordered (running sum passed through the client ranks in client "
+                          "order, bit-equal to the in-process run) | allreduce (one all-reduce)",
+                          choices=DIST_FEDAVG)
     extra: dict = field(default_factory=dict)
 
     # -- resolution --------------------------------------------------------------------------
@@ -97,18 +136,13 @@ class Config:
             if v not in allowed:
                 raise ConfigError(f"--{name.replace('_', '-')}: unknown value {v!r} (choose from {', '.join(allowed)})")
 
-        choice("algorithm", ALGORITHMS)
-        choice("schedule", SCHEDULES)
+        for f in dataclasses.fields(self):  # the options with a fixed set of values
+            if f.metadata.get("choices"):
+                choice(f.name, f.metadata["choices"])
         if not self.dataset.startswith("synthetic:"):
             choice("dataset", DATASETS)
-        choice("partition", PARTITIONS)
-        choice("quantize", QUANTIZE)
-        choice("client_batching", ("auto", "loop", "vmap"))
-        choice("precision", PRECISIONS)
-        choice("dist_fedavg", DIST_FEDAVG)
         from fsl_fast.optim import parse_lr_schedule
 
-        choice("optimizer", OPTIMIZERS)
         if not (0.0 <= self.momentum < float("inf")):
             raise ConfigError(f"--momentum: must be >= 0, got {self.momentum!r}")
         if self.optimizer != "sgd" and (self.momentum or self.nesterov):
@@ -158,7 +192,6 @@ class Config:
             if importlib.util.find_spec("tensorboard") is None:
                 raise ConfigError("--tensorboard: the tensorboard package is not installed "
                                   "(pip install tensorboard, or fsl_fast[tensorboard])")
-        choice("client_store", ("off", "memory", "disk"))
         if self.client_store != "off":
             if not self.fused:
                 raise ConfigError("--client-store: the fused engine's option (add --fused)")
@@ -204,6 +237,32 @@ class Config:
 
             if not torch.cuda.is_available():
                 raise ConfigError(f"--device {self.device}: CUDA is not available on this machine")
+
+    @classmethod
+    def cli_options(cls):
+        """(field name, option string, argparse keyword arguments) of every command-line option, in
+        field order: booleans are flags; every default is None on the parser (so a run knows what
+        was given) and shown in the help from the field."""
+        out = []
+        for f in dataclasses.fields(cls):
+            md = f.metadata
+            if "help" not in md:
+                continue
+            kw = {"default": None}
+            shown = f.default
+            if isinstance(f.default, bool):
+                kw["action"] = "store_true"
+                help_text = md["help"]
+            else:
+                kw["type"] = md["type"] or type(f.default)
+                if md["choices"]:
+                    kw["choices"] = md["choices"]
+                if md["metavar"]:
+                    kw["metavar"] = md["metavar"]
+                help_text = md["help"] + ("" if shown is None else f" (default {shown})")
+            kw["help"] = help_text.replace("%", "%%")
+            out.append((f.name, "--" + f.name.replace("_", "-"), kw))
+        return out
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

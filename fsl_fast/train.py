@@ -8,8 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from fsl_fast.config import (ALGORITHMS, DATASETS, DIST_FEDAVG, OPTIMIZERS, PARTITIONS, PRECISIONS, QUANTIZE, SCHEDULES,
-                             Config, ConfigError)
+from fsl_fast.config import Config, ConfigError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -18,86 +17,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = Config()
+    """The command line, generated from the Config fields (config.Config.cli_options: one source
+    for every option's name, type, default, help and choices), plus the run-directory options."""
     p = _Parser(prog="python -m fsl_fast.train", description=__doc__)
     a = p.add_argument
-    a("--algorithm", choices=ALGORITHMS, default=None, help=f"default {d.algorithm}")
-    a("--model", default=None, help="cnn | simple_conv | resnet18 | auto (resnet18 for CIFAR, cnn for "
-      "mnist5k) | package.module:factory (your own: factory(in_shape, num_classes) -> (client, server, aux))")
-    a("--aux", default=None, help="auxiliary model: default | linear | layer3 (resnet18); for a factory "
-      "model, any name other than default is passed to it as aux=NAME")
-    a("--dataset", default=None, help=f"{' | '.join(DATASETS)} | synthetic:CxHxW (default {d.dataset}, embedded)")
-    a("--data-dir", default=None, help="folder holding CIFAR python-pickle folders or .tar.gz")
-    a("--partition", choices=PARTITIONS, default=None,
-      help="iid (default) | dirichlet | shards (the authors' noniid: sorted by label, --shards-per-client each)")
-    a("--shards-per-client", type=int, default=None, help="shards per client with --partition shards (2)")
-    a("--alpha", type=float, default=None, help="Dirichlet concentration (with --partition dirichlet)")
-    a("--clients", type=int, default=None, help=f"default {d.clients}")
-    a("--clients-per-round", type=int, default=None,
-      help="sample M clients per round, uniformly without replacement, seeded (0 = all, the default)")
-    a("--client-store", choices=("off", "memory", "disk"), default=None,
-      help="with --fused and --clients-per-round M: keep only the M clients of the round in the engine "
-           "and park the others' state (optimizer moments, FSL-SAGE auxiliaries and buffers) in memory "
-           "or in files under OUT/client_store (lossless; off = every client in the engine, the default)")
-    a("--dropout-prob", type=float, default=None,
-      help="each participant fails during a round with this probability, after a uniformly drawn "
-           "number of its local iterations; its update is discarded (seeded; default 0)")
-    a("--client-profile", default=None, metavar="PRESET|FILE",
-      help="simulated clock: per-client compute speed, bandwidths and latency from a preset (uniform, "
-           "mobile) or a JSON file; metrics.jsonl gets each round's simulated seconds (docs/clock.md)")
-    a("--rounds", type=int, default=None, help=f"default {d.rounds}")
-    a("--local-epochs", type=int, default=None, help=f"default {d.local_epochs}")
-    a("--batch-size", type=int, default=None, help="default: 256 for CIFAR, 32 for mnist5k")
-    a("--server-update-interval", type=int, default=None, help="q: upload every q-th iteration (5)")
-    a("--align-interval", type=int, default=None, help="l: align every l rounds (10)")
-    a("--align-epochs", type=int, default=None, help="default 100")
-    a("--align-batch-size", type=int, default=None, help="default 1000")
-    a("--buffer-size", type=int, default=None, help="alignment buffer rows per client (1000)")
-    a("--lr", type=float, default=None, help="client and server learning rate (1e-3)")
-    a("--weight-decay", type=float, default=None, help="client and server L2 weight decay (1e-4)")
-    a("--optimizer", choices=OPTIMIZERS, default=None,
-      help="client and server optimizer: adam (default, the paper) | sgd; the auxiliary keeps Adam")
-    a("--momentum", type=float, default=None, help="SGD momentum (0)")
-    a("--nesterov", action="store_true", default=None, help="SGD with Nesterov momentum")
-    a("--lr-schedule", default=None, metavar="SPEC",
-      help="per-round learning-rate schedule of client and server: constant (default) | cosine[:T] (to 0 "
-           "at round T, default T = --rounds) | multistep:M1,M2,...:GAMMA (times GAMMA from each "
-           "milestone round on)")
-    a("--aux-lr", type=float, default=None, help="auxiliary Adam learning rate (1e-3)")
-    a("--warm-start", default=None, metavar="RUN",
-      help="start from the models of another run (its directory or checkpoint file): client, server "
-           "and, when that run kept one per client of this run, the auxiliaries; optimizers, "
-           "schedule and round counter start fresh")
-    a("--seed", type=int, default=None, help="default 0")
-    a("--schedule", choices=SCHEDULES, default=None, help="sequential (authors' code, default) | parallel")
-    a("--comm-budget-gib", type=float, default=None, help="stop when the paper-convention total reaches this")
-    a("--quantize", choices=QUANTIZE, default=None, help="uplink smashed-data compression (none)")
-    a("--quantize-group-size", type=int, default=None, help="0 = per-row scales for int8; int4 default 32")
-    a("--stochastic-rounding", action="store_true", default=None, help="stochastic rounding in --quantize")
-    a("--fused", action="store_true", default=None, help="use the fused engine (fast path)")
-    a("--client-batching", choices=("auto", "loop", "vmap"), default=None,
-      help="fused engine: run clients one by one (loop) or as one vmapped computation (auto: vmap on CUDA)")
-    a("--precision", choices=PRECISIONS, default=None,
-      help="fp32 (default) | bf16: torch convolutions and matrix products of client, server and "
-           "auxiliary models in bfloat16 (AMX / tensor cores); weights, optimizer states, FedAvg, "
-           "the loss, the alignment targets and the wire stay fp32")
-    a("--log-estimate-quality", action="store_true", default=None,
-      help="FSL-SAGE: before and after each alignment, log per aligned client the cosine between the "
-           "auxiliary's gradient estimate and the true cut-layer gradient on its buffer, and their "
-           "norm ratio (metrics.jsonl estimate_quality; costs a server pass)")
-    a("--eval-every", type=int, default=None, metavar="N",
-      help="evaluate on the test set every N rounds (1), and always in the last round and the round "
-           "that reaches --comm-budget-gib; other rounds log test_accuracy null")
-    a("--tensorboard", action="store_true", default=None,
-      help="also write each round's scalars (metrics.jsonl's numbers) as TensorBoard events into "
-           "OUT/tensorboard (needs the tensorboard package: pip install tensorboard)")
-    a("--device", default=None, help="cpu (default) | cuda[:N]")
-    a("--threads", type=int, default=None, help="torch intra-op threads (0 = torch default)")
-    a("--distributed", action="store_true", default=None,
-      help="distributed runtime: launch with torchrun; rank 0 = server, ranks 1.. host the clients")
-    a("--dist-timeout", type=float, default=None, help="seconds a rank waits for a peer before failing (300)")
-    a("--dist-fedavg", choices=DIST_FEDAVG, default=None, help="ordered (default: running sum passed "
-      "through the client ranks in client order, bit-equal to the in-process run) | allreduce (one all-reduce)")
+    for _, flag, kw in Config.cli_options():
+        a(flag, **kw)
     a("--config", default=None, metavar="FILE",
       help="options from a file: TOML (.toml), JSON (.json: a run's config.json reruns that run) or "
            "YAML (.yaml/.yml, needs PyYAML), flat keys named as the options with underscores "
