@@ -316,6 +316,8 @@ def _parse(argv) -> tuple[argparse.Namespace, dict]:
     tp.allow_abbrev = False
     targs = tp.parse_args(rest)
     given = {k: v for k, v in vars(targs).items() if v is not None and k != "no_progress"}
+    if "config" in given:  # --config FILE: training options shared by every run (command line wins)
+        given = {**train_cli.read_config_file(given.pop("config")), **given}
     owned = sorted(k for k in given if k in OWNED)
     if owned:
         raise ConfigError(f"--{owned[0].replace('_', '-')}: not a per-study training option here "

@@ -226,3 +226,16 @@ def test_compare_over_seeds(tmp_path, monkeypatch):
 def test_compare_bad_seeds(tmp_path, capsys, extra, msg):
     assert compare.main(["--out", str(tmp_path / "x")] + TINY + extra) == 2
     assert msg in capsys.readouterr().err
+
+
+def test_compare_reads_training_options_from_a_config_file(tmp_path, capsys):
+    f = tmp_path / "opts.toml"
+    f.write_text('dataset = "synthetic:1x28x28"\nclients = 2\nalign_epochs = 2\nalign_interval = 2\nthreads = 1\n')
+    out = tmp_path / "study"
+    assert compare.main(["--out", str(out), "--algorithms", "cse_fsl", "--rounds", "1", "--config", str(f),
+                         "--clients", "3", "--no-progress"]) == 0
+    cfg = json.loads((out / "cse_fsl" / "config.json").read_text())
+    assert (cfg["dataset"], cfg["clients"], cfg["align_epochs"]) == ("synthetic:1x28x28", 3, 2)
+    f.write_text('algorithm = "fedavg"\n')  # compare owns the algorithm
+    assert compare.main(["--out", str(tmp_path / "x"), "--config", str(f), "--no-progress"]) == 2
+    assert "--algorithm: not a per-study training option" in capsys.readouterr().err
