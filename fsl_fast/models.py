@@ -118,6 +118,13 @@ def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, kernel_size=3, stride=stride, padding=1, bias=False)
 
 
+def _projection(cin: int, cout: int, stride: int):
+    """The residual shortcut's 1x1 convolution + BN when the shape changes, else None."""
+    if stride == 1 and cin == cout:
+        return None
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convs with BN; the shortcut is a 1x1 conv + BN when the shape changes."""
 
@@ -128,11 +135,7 @@ class BasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = _conv3x3(cout, cout)
         self.bn2 = nn.BatchNorm2d(cout)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(cin, cout, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(cout)
-            )
+        self.downsample = _projection(cin, cout, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
@@ -155,30 +158,40 @@ def _resnet_init(module: nn.Module) -> None:
             nn.init.zeros_(mod.bias)
 
 
-def _resnet18(in_shape, num_classes: int, aux: str):
+def _split_resnet(in_shape, num_classes: int, aux: str, make_layer, channels):
+    """A torchvision-style ResNet (7x7/2 stem + max-pool, four layers) split as the authors split
+    it: client = stem + layer1 + layer2, server = layer3 + layer4 + pool + fc; the "layer3"
+    auxiliary is a fresh layer3 + pool + fc, "linear" pool + fc. ``make_layer(i)`` builds layer i;
+    ``channels[i]`` is its output width."""
     client = nn.Sequential(OrderedDict(
         conv1=nn.Conv2d(in_shape[0], 64, kernel_size=7, stride=2, padding=3, bias=False),
         bn1=nn.BatchNorm2d(64),
         relu=nn.ReLU(inplace=True),
         maxpool=nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
-        layer1=_resnet_layer(64, 64, 1),
-        layer2=_resnet_layer(64, 128, 2),
+        layer1=make_layer(1),
+        layer2=make_layer(2),
     ))
     _resnet_init(client)
     server = nn.Sequential(OrderedDict(
-        layer3=_resnet_layer(128, 256, 2),
-        layer4=_resnet_layer(256, 512, 2),
+        layer3=make_layer(3),
+        layer4=make_layer(4),
         avgpool=nn.AdaptiveAvgPool2d(1),
         flatten=nn.Flatten(1),
-        fc=nn.Linear(512, num_classes),
+        fc=nn.Linear(channels[4], num_classes),
     ))
     _resnet_init(server)
     if aux == "layer3":
-        aux_mod = ConvAux(_resnet_layer(128, 256, 2), 256, num_classes)
+        aux_mod = ConvAux(make_layer(3), channels[3], num_classes)
         _resnet_init(aux_mod)
     else:
-        aux_mod = LinearAux(128, num_classes, pool=True)
+        aux_mod = LinearAux(channels[2], num_classes, pool=True)
     return client, server, aux_mod
+
+
+def _resnet18(in_shape, num_classes: int, aux: str):
+    widths = (64, 64, 128, 256, 512)
+    return _split_resnet(in_shape, num_classes, aux,
+                         lambda i: _resnet_layer(widths[i - 1], widths[i], 1 if i == 1 else 2), widths)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,11 +214,7 @@ class Bottleneck(nn.Module):
         self.conv3 = nn.Conv2d(width, cout, kernel_size=1, bias=False)
         self.bn3 = nn.BatchNorm2d(cout)
         self.relu = nn.ReLU(inplace=True)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(cin, cout, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(cout)
-            )
+        self.downsample = _projection(cin, cout, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
@@ -221,31 +230,13 @@ def _bottleneck_layer(cin: int, width: int, stride: int, blocks: int) -> nn.Sequ
 
 
 def _resnet50(in_shape, num_classes: int, aux: str):
-    # the authors' split: client = stem + layer1 + layer2 (512 channels at 1/8 of the input),
-    # server = layer3 + layer4 + pool + fc; "layer3" auxiliary = layer3 + pool + fc(1024)
-    client = nn.Sequential(OrderedDict(
-        conv1=nn.Conv2d(in_shape[0], 64, kernel_size=7, stride=2, padding=3, bias=False),
-        bn1=nn.BatchNorm2d(64),
-        relu=nn.ReLU(inplace=True),
-        maxpool=nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
-        layer1=_bottleneck_layer(64, 64, 1, 3),
-        layer2=_bottleneck_layer(256, 128, 2, 4),
-    ))
-    _resnet_init(client)
-    server = nn.Sequential(OrderedDict(
-        layer3=_bottleneck_layer(512, 256, 2, 6),
-        layer4=_bottleneck_layer(1024, 512, 2, 3),
-        avgpool=nn.AdaptiveAvgPool2d(1),
-        flatten=nn.Flatten(1),
-        fc=nn.Linear(2048, num_classes),
-    ))
-    _resnet_init(server)
-    if aux == "layer3":
-        aux_mod = ConvAux(_bottleneck_layer(512, 256, 2, 6), 1024, num_classes)
-        _resnet_init(aux_mod)
-    else:
-        aux_mod = LinearAux(512, num_classes, pool=True)
-    return client, server, aux_mod
+    # the authors' split, as resnet18's: cut after layer2 (512 channels at 1/8 of the input);
+    # "layer3" auxiliary = layer3 + pool + fc(1024)
+    widths, blocks = (64, 64, 128, 256, 512), (0, 3, 4, 6, 3)
+    cin = (64, 64, 256, 512, 1024)
+    return _split_resnet(in_shape, num_classes, aux,
+                         lambda i: _bottleneck_layer(cin[i], widths[i], 1 if i == 1 else 2, blocks[i]),
+                         tuple(4 * w if i else w for i, w in enumerate(widths)))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -35,7 +35,14 @@ class Run:
         n = int(self.data.y_train.shape[0])
         if cfg.clients > n:
             raise ConfigError(f"--clients: {cfg.clients} clients but only {n} training samples")
-        self.parts = self._partition(cfg, partition, DataError)
+        if self.data.owners is not None:  # femnist: one client per writer
+            self.parts = list(self.data.owners)
+        else:
+            try:
+                self.parts = partition(self.data.y_train.numpy(), cfg.clients, cfg.partition, cfg.alpha,
+                                       cfg.seed, shards_per_client=cfg.shards_per_client)
+            except DataError as e:
+                raise ConfigError(f"--partition {cfg.partition}: {e}") from None
         empty = [k for k, p in enumerate(self.parts) if len(p) == 0]
         if empty:
             raise ConfigError(f"partition left clients {empty} without samples; use fewer --clients")
@@ -66,15 +73,6 @@ class Run:
         self.next_round = 0
         self.config_changes: list[dict] = []  # settings changed by --resume (round, old, new)
         self.warm_started: dict | None = None  # --warm-start: what was loaded from where
-
-    def _partition(self, cfg, partition, DataError):
-        if self.data.owners is not None:  # femnist: one client per writer
-            return list(self.data.owners)
-        try:
-            return partition(self.data.y_train.numpy(), cfg.clients, cfg.partition, cfg.alpha, cfg.seed,
-                             shards_per_client=cfg.shards_per_client)
-        except DataError as e:
-            raise ConfigError(f"--partition {cfg.partition}: {e}") from None
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict:

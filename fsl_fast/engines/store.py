@@ -253,13 +253,13 @@ class SlotEngine(Engine):
 
             aux = self.inner.aux
             m = copy.deepcopy(aux.template)
+            persistent = any(p for n, _, p in self.parts if n == "aux")
             for c in range(self.K):
                 if c in self.slot:
                     out[f"aux{c}"] = {k: v.clone() for k, v in aux.mods[self.slot[c]].state_dict().items()}
                     continue
-                d = self.client_store.get("engine", c)
-                persistent = any(p for n, _, p in self.parts if n == "aux")
                 if persistent:
+                    d = self.client_store.get("engine", c)
                     row, irow = self._aux0 if d is None else (d["aux.row"], d["aux.int"])
                 else:
                     row, irow = aux.flat.global_buffer, aux.flat.global_int_buffer
