@@ -104,6 +104,7 @@ class Algorithm:
         self.weights = weights  # FedAvg weights of all clients (n_k / n)
         self.active = list(range(self.m))  # the clients taking part in the current round
         self.survivors = list(self.active)  # ... and those of them that did not drop out
+        self.lost: set[int] = set()  # clients that left the run for good (their process died)
         self.ledger = ledger
         self.q = cfg.server_update_interval
         self.buffers = [AlignBuffer(cfg.buffer_size) for _ in range(self.m)] if self.uses_aux else []
@@ -309,10 +310,14 @@ class Algorithm:
         self.engine.begin_round(t)
         iters = {k: self.cfg.local_epochs * len(self.loaders[k]) for k in self.active}
         dropped = self.dropouts(t, iters)
-        iters.update(dropped)  # a client that fails stops after that many iterations
-        self.survivors = [k for k in self.active if k not in dropped]
         if getattr(self.cfg, "dropout_prob", 0.0) > 0:
             self.round_extra["dropped"] = [{"client": k, "iterations_done": n} for k, n in sorted(dropped.items())]
+        gone = sorted(k for k in self.active if k in self.lost)
+        if gone:
+            self.round_extra["lost_clients"] = gone
+            dropped.update({k: 0 for k in gone})
+        iters.update(dropped)  # a client that fails stops after that many iterations
+        self.survivors = [k for k in self.active if k not in dropped]
         streams = {k: self._batches(k) for k in self.active}
         if self.cfg.schedule == "sequential":
             for k in self.active:
@@ -324,11 +329,21 @@ class Algorithm:
                 ks = [k for k in self.active if it < iters[k]]
                 batches = [next(streams[k]) for k in ks]
                 self.local_iteration(t, it, ks, [b[0] for b in batches], [b[1] for b in batches])
+        lost = self.unreachable()
+        if lost:  # their updates are discarded, as a dropout's; they take no further part
+            self.lost.update(lost)
+            self.survivors = [k for k in self.survivors if k not in lost]
+            self.round_extra["lost"] = [lost[k] for k in sorted(lost)]
         with self.phase("aggregate"):
             self.end_of_round(t)
         if self.guard.enabled:
             self.times["checks"] = self.guard.seconds  # overlaps the phases above
         return dict(self.times)
+
+    def unreachable(self) -> dict[int, dict]:
+        """Clients found gone during this round's local training, {client: record}: none in
+        process; the distributed runtime's clients of a rank that died (--tolerate-dropouts)."""
+        return {}
 
     def _batches(self, k: int):
         dev = self.engine.device
@@ -386,7 +401,7 @@ class Algorithm:
                 if self.trace is not None:
                     self.trace.send(k, self._last_up_bytes, self.step_flops["server"] * y.shape[0])
                 self.engine.server_step(k, z_srv, y)
-                if keep:
+                if keep and payload is not None:  # (None: an upload that never arrived)
                     self.buffers[k].append(payload, y)
         self.check_servers(ks)
 
@@ -416,9 +431,11 @@ class Algorithm:
 
     def state_dict(self) -> dict:
         # (None: a buffer parked in the client store)
-        return {"buffers": [None if b is None else b.state_dict() for b in self.buffers]}
+        return {"buffers": [None if b is None else b.state_dict() for b in self.buffers],
+                "lost": sorted(self.lost)}
 
     def load_state_dict(self, sd: dict) -> None:
+        self.lost = set(sd.get("lost", []))
         for k, s in enumerate(sd["buffers"]):
             if s is None:
                 self.buffers[k] = None

@@ -113,6 +113,9 @@ class Config:
     dist_fedavg: str = _o("ordered", "ordered (running sum passed through the client ranks in client "
                           "order, bit-equal to the in-process run) | allreduce (one all-reduce)",
                           choices=DIST_FEDAVG)
+    tolerate_dropouts: bool = _o(False, "distributed runtime: a client rank that dies is dropped (its "
+                                 "clients leave the run) and the others go on; launch with "
+                                 "python -m fsl_fast.launch (torchrun stops every worker when one fails)")
     extra: dict = field(default_factory=dict)
 
     # -- resolution --------------------------------------------------------------------------
@@ -201,6 +204,11 @@ class Config:
                 raise ConfigError("--client-store: in-process runs only")
             if self.warm_start:
                 raise ConfigError("--warm-start: not available with --client-store yet")
+        if self.tolerate_dropouts and not self.distributed:
+            raise ConfigError("--tolerate-dropouts: an option of the distributed runtime (add --distributed)")
+        if self.tolerate_dropouts and self.device.startswith("cuda"):
+            raise ConfigError("--tolerate-dropouts: CPU (gloo) only; NCCL cannot drop a rank from a "
+                              "communicator mid-run")
         if self.distributed and self.client_profile:
             raise ConfigError("--client-profile: the simulated clock runs in process only")
         if self.distributed and self.warm_start:

@@ -51,6 +51,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import signal
 import sys
 import threading
@@ -66,6 +67,7 @@ from fsl_fast.faults import EXIT_DIVERGED, EXIT_IO, Divergence, RunIOError
 
 __all__ = [
     "DistributedError",
+    "PeerLost",
     "Topology",
     "client_blocks",
     "Transport",
@@ -93,10 +95,23 @@ _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.in
 _DTYPE_CODE = {d: i + 1 for i, d in enumerate(_DTYPES)}
 WIRE_KINDS = ("smashed", "labels", "gradients", "client_model", "aux_model", "server_model")
 _HEARTBEAT_S = 0.25
+_LOST_AFTER_S = 5.0  # --tolerate-dropouts: a rank whose heartbeat stands still this long is dead
 
 
 class DistributedError(RuntimeError):
     """A peer failed, stalled, or sent something the protocol did not expect."""
+
+
+class PeerLost(DistributedError):
+    """--tolerate-dropouts: a message from a client rank did not arrive; the rank is out of the run."""
+
+    def __init__(self, msg: str, peer: int):
+        super().__init__(msg)
+        self.peer = peer
+
+
+class Retired(Exception):
+    """This rank was dropped from the run (--tolerate-dropouts) and leaves quietly."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,6 +143,10 @@ class Topology:
         self.world_size = world_size
         self.blocks = client_blocks(num_clients, world_size)
         self._owner = {k: r for r, b in enumerate(self.blocks) for k in b}
+        self.live = list(range(world_size))  # ranks still in the run (--tolerate-dropouts drops some)
+
+    def drop(self, ranks) -> None:
+        self.live = [r for r in self.live if r not in set(ranks)]
 
     @property
     def is_server(self) -> bool:
@@ -304,6 +323,14 @@ class Transport:
         self.store_lock = threading.RLock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        # --tolerate-dropouts: client ranks found dead are dropped; the survivors then talk through
+        # a gloo group of their own (_pg, built on the store), ranks renumbered by _group_rank.
+        self.tolerate = False
+        self.lost: set[int] = set()
+        self.lost_why: dict[int, str] = {}
+        self._pg = None
+        self._gen = 0
+        self._group_rank: dict[int, int] = {}
 
     # -- where we are, for messages -----------------------------------------------------------
     def where(self) -> str:
@@ -331,7 +358,7 @@ class Transport:
             with self.store_lock:
                 for r in range(self.topo.world_size):
                     key = f"fsl_fast/exit/{r}"
-                    if r != self.rank and self.store.check([key]):
+                    if r != self.rank and r not in self.lost and self.store.check([key]):
                         code, _, why = self.store.get(key).decode(errors="replace").partition("|")
                         if code != "143":  # stopped by the launcher: not the cause
                             out.append((r, why))
@@ -368,15 +395,20 @@ class Transport:
         tensors = [t.contiguous() for _, t in items]
         if len(tensors) > _MAX_TENSORS or any(t.dim() > _MAX_DIMS for t in tensors):
             raise ValueError(f"transport: at most {_MAX_TENSORS} tensors of at most {_MAX_DIMS} dims")
+        if dst in self.lost:
+            return  # dropped from the run: nothing goes to it any more
         base = _KIND_TAGS[kind] * 8
         hdr = self._header(kind, client, tensors)
         what = f"sending the {_about(kind, client)} to rank {dst}"
         try:
-            works = [dist.isend(hdr, dst, tag=base)]
-            works += [dist.isend(t, dst, tag=base + 1 + j) for j, t in enumerate(tensors)]
+            works = [self._isend(hdr, dst, base)]
+            works += [self._isend(t, dst, base + 1 + j) for j, t in enumerate(tensors)]
         except RuntimeError as e:
+            if self._tolerable(dst):
+                self.mark_lost(dst, _short(e))
+                return
             raise self.error(what + " failed", e) from None
-        self._pending.append((works, [hdr] + tensors, what))
+        self._pending.append((works, [hdr] + tensors, what, dst))
         self.header_bytes += hdr.numel() * hdr.element_size()
         for (lk, _), t in zip(items, tensors):
             key = (direction, lk)
@@ -396,8 +428,10 @@ class Transport:
         tensor, check in (None, "finite", ("labels", num_classes)). Validates before returning."""
         base = _KIND_TAGS[kind] * 8
         what = f"waiting for the {_about(kind, client)} from rank {src}"
+        if src in self.lost:
+            raise PeerLost(f"rank {self.rank}: rank {src} is no longer in the run", src)
         hdr = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
-        self._wait(self._irecv(hdr, src, base, what), what)
+        self._wait_from(src, lambda: self._irecv(hdr, src, base, what), what)
         h = hdr.tolist()
         origin = f"{_about(kind, client)} from rank {src}"
         if h[0] != _MAGIC or h[1] != _KIND_TAGS[kind]:
@@ -417,7 +451,7 @@ class Transport:
                 raise self.error(f"{origin}: tensor {j} ({lk}) expected shape {tuple(shape)} "
                                  f"{dtype}, got {got_shape} {got_dtype}")
             t = torch.empty(shape, dtype=dtype, device=self.device)
-            self._wait(self._irecv(t, src, base + 1 + j, what), what)
+            self._wait_from(src, lambda: self._irecv(t, src, base + 1 + j, what), what)
             if check == "finite" and not bool(torch.isfinite(t).all()):
                 bad = int((~torch.isfinite(t)).sum())
                 raise self.error(f"{origin}: tensor {j} ({lk}, shape {tuple(shape)}) has {bad} "
@@ -433,21 +467,162 @@ class Transport:
 
     def _irecv(self, t, src, tag, what):
         try:
-            return dist.irecv(t, src, tag=tag)
+            if self._pg is None:
+                return dist.irecv(t, src, tag=tag)
+            return self._pg.recv([t], self._group_rank[src], tag)
         except RuntimeError as e:
             raise self.error(what + " failed", e) from None
+
+    def _isend(self, t, dst, tag):
+        if self._pg is None:
+            return dist.isend(t, dst, tag=tag)
+        return self._pg.send([t], self._group_rank[dst], tag)
+
+    def _tolerable(self, peer: int) -> bool:
+        """Whether losing ``peer`` is survivable: --tolerate-dropouts, and a client rank."""
+        return self.tolerate and peer != 0 and self.rank == 0
+
+    def _wait_from(self, peer: int, post, what: str) -> None:
+        """Post (``post()``) and wait for a receive from ``peer``; under --tolerate-dropouts a
+        client rank whose message fails to arrive (closed connection or timeout) is dropped and
+        :class:`PeerLost` raised."""
+        try:
+            self._wait(post(), what)
+        except PeerLost:
+            raise
+        except DistributedError as e:
+            if not self._tolerable(peer):
+                raise
+            self.mark_lost(peer, str(e).split(": ", 1)[-1])
+            raise PeerLost(str(e), peer) from None
 
     def flush(self) -> None:
         """Wait for every posted send (so its buffers may be reused or freed)."""
         pending, self._pending = self._pending, []
-        for works, _keep, what in pending:
+        for works, _keep, what, dst in pending:
             for w in works:
-                self._wait(w, what)
+                if dst in self.lost:
+                    break  # its connection is gone; the send is abandoned
+                try:
+                    self._wait(w, what)
+                except DistributedError as e:
+                    if not self._tolerable(dst):
+                        raise
+                    self.mark_lost(dst, str(e).split(": ", 1)[-1])
+
+    def mark_lost(self, r: int, why: str) -> None:
+        """Drop client rank ``r`` from the run (rank 0, --tolerate-dropouts). The ranks agree on
+        it at the next :meth:`settle`; a key in the store tells ``r`` itself, should it be alive."""
+        if r in self.lost:
+            return
+        self.lost.add(r)
+        self.lost_why[r] = why
+        if self.store is not None:
+            try:
+                with self.store_lock:
+                    self.store.set(f"fsl_fast/lost/{r}", why[:1000])
+            except Exception:  # noqa: BLE001 - the settle step tells it too
+                pass
+
+    # -- membership (--tolerate-dropouts) --------------------------------------------------------
+    def settle(self) -> list[int]:
+        """Called by every rank in the run at the end of each round's local training: rank 0
+        decides which client ranks are gone (a message that did not arrive, an exit, a heartbeat
+        that stood still for _LOST_AFTER_S, or no arrival within --dist-timeout) and publishes the
+        list in the store; every rank reads it, a dropped rank that is still alive leaves
+        (:class:`Retired`), and the survivors continue in a new gloo group of their own. Returns
+        the ranks dropped since the last call (the same list on every survivor). Without
+        --tolerate-dropouts it does nothing (no synchronisation is added)."""
+        if not self.tolerate:
+            return []
+        t, store = self.round, self.store
+        with self.store_lock:
+            store.set(f"fsl_fast/settle/{t}/arrived/{self.rank}", "1")
+        self.blocked = (time.monotonic(), "waiting for the ranks still in the run to finish the round")
+        try:
+            if self.rank == 0:
+                lost = self._decide(t)
+                with self.store_lock:
+                    store.set(f"fsl_fast/settle/{t}/lost", json.dumps(lost))
+            else:
+                lost = json.loads(self._await(f"fsl_fast/settle/{t}/lost"))
+        finally:
+            self.blocked = None
+        if self.rank in lost:
+            raise Retired(f"rank {self.rank}: dropped from the run by the server in round {t}")
+        new = [r for r in lost if r in self.topo.live]
+        self.lost.update(new)
+        if new:
+            self.topo.drop(new)
+            if len(self.topo.live) < 2:
+                raise DistributedError(f"rank {self.rank}: every client rank has left the run "
+                                       f"(in {self.where()}): nothing left to train")
+            self.regroup()
+        return new
+
+    def _await(self, key: str) -> bytes:
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            with self.store_lock:
+                if self.store.check([key]):
+                    return self.store.get(key)
+            if time.monotonic() > deadline:
+                raise self.error(f"no word from rank 0 on the ranks still in the run after "
+                                 f"{self.timeout_s:g} s", probe=True)
+            time.sleep(0.02)
+
+    def _decide(self, t: int) -> list[int]:
+        pending = [r for r in self.topo.live if r != 0 and r not in self.lost]
+        seen: dict[int, tuple[str, float]] = {}
+        start = time.monotonic()
+        while pending:
+            now = time.monotonic()
+            for r in list(pending):
+                with self.store_lock:
+                    arrived = self.store.check([f"fsl_fast/settle/{t}/arrived/{r}"])
+                    exited = self.store.check([f"fsl_fast/exit/{r}"])
+                    why = self.store.get(f"fsl_fast/exit/{r}").decode(errors="replace") if exited else ""
+                    hb_key = f"fsl_fast/hb/{r}"
+                    hb = self.store.get(hb_key).decode() if self.store.check([hb_key]) else ""
+                if arrived:
+                    pending.remove(r)
+                elif exited:
+                    self.mark_lost(r, "it exited: " + why.partition("|")[2])
+                    pending.remove(r)
+                elif r not in seen or seen[r][0] != hb:
+                    seen[r] = (hb, now)
+                elif now - seen[r][1] > _LOST_AFTER_S:
+                    self.mark_lost(r, f"no heartbeat for {_LOST_AFTER_S:g} s")
+                    pending.remove(r)
+            if pending and now - start > self.timeout_s:
+                for r in pending:
+                    self.mark_lost(r, f"did not finish round {t} within --dist-timeout {self.timeout_s:g} s")
+                break
+            time.sleep(0.02)
+        return sorted(r for r in self.lost if r in self.topo.live)
+
+    def regroup(self) -> None:
+        """A new gloo group of the ranks in ``topo.live`` (same order, rank 0 first), rendezvous
+        through the store under a fresh prefix."""
+        self._gen += 1
+        live = self.topo.live
+        self._group_rank = {r: i for i, r in enumerate(live)}
+        addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        store = dist.TCPStore(addr, port, is_master=False, timeout=datetime.timedelta(seconds=self.timeout_s),
+                              use_libuv=True)
+        prefix = dist.PrefixStore(f"fsl_fast/group/{self._gen}/", store)
+        self._pending = []  # sends posted on the old group are abandoned with it
+        self._pg = dist.ProcessGroupGloo(prefix, self._group_rank[self.rank], len(live),
+                                         datetime.timedelta(seconds=self.timeout_s))
+        self._pg_store = store
 
     # -- collectives ---------------------------------------------------------------------------
     def all_reduce_sum(self, t: torch.Tensor, what: str) -> None:
         try:
-            work = dist.all_reduce(t, op=dist.ReduceOp.SUM, async_op=True)
+            if self._pg is None:
+                work = dist.all_reduce(t, op=dist.ReduceOp.SUM, async_op=True)
+            else:
+                work = self._pg.allreduce([t])  # sum by default
         except RuntimeError as e:
             raise self.error(what + " failed", e) from None
         self._wait(work, what)
@@ -455,7 +630,12 @@ class Transport:
     def broadcast_tensor(self, x: torch.Tensor, what: str) -> None:
         """Rank 0's ``x`` into ``x`` on every rank (not counted here: see DistributedEngine)."""
         try:
-            work = dist.broadcast(x, src=0, async_op=True)
+            if self._pg is None:
+                work = dist.broadcast(x, src=0, async_op=True)
+            else:
+                opts = dist.BroadcastOptions()
+                opts.rootRank = 0
+                work = self._pg.broadcast([x], opts)
         except RuntimeError as e:
             raise self.error(what + " failed", e) from None
         self._wait(work, what)
@@ -465,6 +645,14 @@ class Transport:
 
     def broadcast_object(self, obj, what: str):
         """Rank 0's ``obj`` on every rank (pickled; control messages only)."""
+        if self._pg is not None:  # the survivors' own group: length, then the pickled bytes
+            data = pickle.dumps(obj) if self.rank == 0 else b""
+            n = torch.tensor([len(data)], dtype=torch.int64)
+            self.broadcast_tensor(n, what)
+            buf = (torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.rank == 0
+                   else torch.empty(int(n), dtype=torch.uint8))
+            self.broadcast_tensor(buf, what)
+            return obj if self.rank == 0 else pickle.loads(buf.numpy().tobytes())
         box = [obj]
         self.blocked = (time.monotonic(), what)
         try:
@@ -536,7 +724,7 @@ class Transport:
             with self.store_lock:
                 for r in range(self.topo.world_size):
                     key = f"fsl_fast/hb/{r}"
-                    if r != self.rank:
+                    if r != self.rank and r not in self.lost:
                         vals[r] = self.store.get(key).decode() if self.store.check([key]) else ""
                         if self.store.check([f"fsl_fast/exit/{r}"]):
                             vals[r] = "exited"
@@ -616,6 +804,11 @@ class DistributedEngine:
         self.device = inner.device
         self.z_shapes: dict[int, tuple] = {}
         self.fedavg_mode = inner.cfg.dist_fedavg
+        self._steps = 0  # local steps started this round (for the FSL_FAST_KILL_AT drill)
+        drill = os.environ.get("FSL_FAST_KILL_AT", "")
+        self._kill_at = tuple(int(v) for v in drill.split(":")) if drill else None
+        if self._kill_at is not None and len(self._kill_at) != 3:
+            raise ConfigError(f"FSL_FAST_KILL_AT: expected RANK:ROUND:STEP, got {drill!r}")
 
     def __getattr__(self, name):  # sizes, sync, eval_models, state_dict, ... of the inner engine
         return getattr(self.inner, name)
@@ -641,7 +834,19 @@ class DistributedEngine:
 
     def begin_round(self, t: int) -> None:
         self.t.round = t
+        self._steps = 0
         self.inner.begin_round(t)
+
+    def _drill(self) -> None:
+        """Fault drill: FSL_FAST_KILL_AT=RANK:ROUND:STEP kills this process (SIGKILL, as the
+        kernel's OOM killer would) when rank RANK starts its STEP-th local step (from 0) of round
+        ROUND, for testing --tolerate-dropouts and the failure paths at a reproducible point."""
+        if self._kill_at == (self.topo.rank, self.t.round, self._steps):
+            sys.stderr.write(f"rank {self.topo.rank}: FSL_FAST_KILL_AT: killing myself at step "
+                             f"{self._steps} of round {self.t.round}\n")
+            sys.stderr.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        self._steps += 1
 
     def computes(self, side: str, k: int | None = None) -> bool:
         if side == "server":
@@ -651,6 +856,8 @@ class DistributedEngine:
     # -- client side ---------------------------------------------------------------------------
     def client_forward(self, ks, xs):
         idx, lk, (lx,) = self._local(ks, xs)
+        if lk:
+            self._drill()
         zs = self.inner.client_forward(lk, lx) if lk else []
         for k, z in zip(lk, zs):
             self.z_shapes[k] = tuple(z.shape)
@@ -675,11 +882,12 @@ class DistributedEngine:
     def full_step(self, ks, xs, ys):
         idx, lk, (lx, ly) = self._local(ks, xs, ys)
         if lk:
+            self._drill()
             self.inner.full_step(lk, lx, ly)
 
     # -- server side ---------------------------------------------------------------------------
     def server_step(self, k, z, y, want_grad=False):
-        if not self.topo.is_server:
+        if not self.topo.is_server or z is None:  # (None: client k's upload never arrived)
             return None
         return self.inner.server_step(k, z, y, want_grad=want_grad)
 
@@ -726,7 +934,8 @@ class DistributedEngine:
           bits, and training amplifies that over rounds).
         """
         topo, t = self.topo, self.t
-        rank, world = topo.rank, topo.world_size
+        rank, live = topo.rank, topo.live  # (live: every rank unless --tolerate-dropouts lost some)
+        pos = live.index(rank)
         # Every rank holds every model slot with the same layout, so any slot describes it.
         f0, i0 = self.models.flat(kind, 0)
         has_int = i0.numel() > 0
@@ -735,8 +944,8 @@ class DistributedEngine:
         if has_int:
             specs.append((wire_kind, tuple(i0.shape), torch.float32, "finite"))
         ordered = self.fedavg_mode == "ordered"
-        if ordered and rank >= 2:
-            got = t.recv(rank - 1, "model_sum", -1, specs, "up")
+        if ordered and pos >= 2:
+            got = t.recv(live[pos - 1], "model_sum", -1, specs, "up")
             acc, acc_i = got[0], (got[1] if has_int else torch.zeros(0, device=f0.device))
         else:
             acc = torch.zeros(f0.shape, dtype=torch.float32, device=f0.device)
@@ -751,12 +960,12 @@ class DistributedEngine:
         tensors = [acc] + ([acc_i] if has_int else [])
         nbytes = sum(x.numel() * x.element_size() for x in tensors)
         if ordered:
-            if rank >= 1:
-                t.send(rank + 1 if rank + 1 < world else 0, "model_sum", -1,
+            if pos >= 1:
+                t.send(live[pos + 1] if pos + 1 < len(live) else 0, "model_sum", -1,
                        [(wire_kind, x) for x in tensors], "up")
                 t.flush()
             else:
-                tensors = t.recv(world - 1, "model_sum", -1, specs, "up")
+                tensors = t.recv(live[-1], "model_sum", -1, specs, "up")
             for x in tensors:
                 t.broadcast_tensor(x, f"receiving the averaged {kind} model")
         else:
@@ -765,7 +974,7 @@ class DistributedEngine:
             if not topo.is_server:
                 t.count("up", wire_kind, nbytes)
         if topo.is_server:
-            t.count("down", wire_kind, nbytes * (world - 1))
+            t.count("down", wire_kind, nbytes * (len(live) - 1))
         acc = tensors[0]
         if not bool(torch.isfinite(acc).all()):
             raise t.error(f"the averaged {kind} model is not finite")
@@ -853,21 +1062,27 @@ class _DistributedMessages:
                 items = [("smashed", p.codes), ("smashed", p.scales)]
             t.send(0, "smashed", k, items + [("labels", y)], "up")
             return None, None
-        if not topo.is_server:
-            return None, None
+        if not topo.is_server or owner in t.lost:
+            return None, None  # (lost: --tolerate-dropouts dropped the client's rank)
         b = int(y.shape[0])
         shape = (b,) + tuple(self.dist_cut_shape)
         labels = ("labels", (b,), torch.int64, ("labels", self.dist_num_classes))
-        if quant is None:
-            z_srv, y_in = t.recv(owner, "smashed", k, [("smashed", shape, torch.float32, "finite"), labels], "up")
-            payload = z_srv
-            nbytes = z_srv.numel() * z_srv.element_size()
-        else:
-            codes_shape, scales_shape, codes_dtype, gs = _quantized_shapes(shape, self._bits(),
-                                                                           self.cfg.quantize_group_size)
-            codes, scales, y_in = t.recv(owner, "smashed", k, [
-                ("smashed", codes_shape, codes_dtype, None),
-                ("smashed", scales_shape, torch.float32, "finite"), labels], "up")
+        try:
+            if quant is None:
+                z_srv, y_in = t.recv(owner, "smashed", k, [("smashed", shape, torch.float32, "finite"), labels],
+                                     "up")
+                payload = z_srv
+                nbytes = z_srv.numel() * z_srv.element_size()
+            else:
+                codes_shape, scales_shape, codes_dtype, gs = _quantized_shapes(shape, self._bits(),
+                                                                               self.cfg.quantize_group_size)
+                codes, scales, y_in = t.recv(owner, "smashed", k, [
+                    ("smashed", codes_shape, codes_dtype, None),
+                    ("smashed", scales_shape, torch.float32, "finite"), labels], "up")
+        except PeerLost:
+            return None, None  # the algorithm skips an upload that did not arrive
+        self.dist_uploads[k] = self.dist_uploads.get(k, 0) + 1
+        if quant is not None:
             payload = quant.QuantizedTensor(codes, scales, torch.Size(shape), torch.float32, self._bits(), gs)
             nbytes = payload.nbytes
             z_srv = quant.dequantize(payload)
@@ -882,6 +1097,8 @@ class _DistributedMessages:
     def send_gradient(self, k, g):
         topo, t = self.dist_topo, self.dist_transport
         if topo.is_server:
+            if g is None:  # client k's upload never arrived (--tolerate-dropouts)
+                return None
             # Posted after this iteration's last upload has been received (client_backward):
             # NCCL runs the point-to-point operations of a pair of ranks on one stream in posting
             # order, so sending g_0 before receiving z_1 from the same rank would deadlock.
@@ -896,9 +1113,27 @@ class _DistributedMessages:
 
     def align(self, ks):
         if self.dist_topo.is_server:
+            # A client of a dropped rank is aligned only if its upload of this iteration arrived
+            # (as an in-process dropout after that iteration would be).
+            lost = self.dist_transport.lost
+            ks = [k for k in ks if self.dist_topo.owner(k) not in lost or self.dist_uploads.get(k, 0)]
             super().align(ks)  # buffers -> engine.align (sends the auxiliaries) -> ledger
         else:
             self.engine.align(ks, None)
+
+    def unreachable(self) -> dict[int, dict]:
+        """Clients whose rank left the run during this round's local training (every rank gets
+        the same keys; rank 0's records say how many of their uploads arrived)."""
+        new = self.dist_transport.settle()
+        uploads, self.dist_uploads = self.dist_uploads, {}
+        out = {}
+        for r in new:
+            why = self.dist_transport.lost_why.get(r, "")
+            for k in self.dist_topo.blocks[r]:
+                out[k] = {"client": k, "rank": r, "uploads_received": uploads.get(k, 0)}
+                if why:
+                    out[k]["why"] = why
+        return out
 
 
 def _quantized_shapes(shape, bits: int, group_size: int):
@@ -935,6 +1170,7 @@ def attach(run, transport: Transport) -> None:
     algo_cls.dist_cut_shape = tuple(run.split.cut_shape)
     algo_cls.dist_num_classes = int(run.data.num_classes)
     algo = algo_cls(run.cfg, engine, loaders, run.weights, run.ledger)
+    algo.dist_uploads = {}  # uploads received from each client this round (rank 0)
     if not topo.is_server:
         algo.buffers = [_NullBuffer() for _ in algo.buffers]
     run.engine, run.loaders, run.algo = engine, loaders, algo
@@ -990,6 +1226,12 @@ def train_distributed(cfg, out: Path, resume: bool = False, progress: bool = Tru
         _die(f"rank {rank}: stopped by the launcher (SIGTERM) in {where}{waiting}{extra}", 143)
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    if cfg.tolerate_dropouts and os.environ.get("TORCHELASTIC_RUN_ID"):
+        raise ConfigError("--tolerate-dropouts: torchrun stops every worker when one fails; launch "
+                          "with python -m fsl_fast.launch --nproc-per-node N ... instead")
+    if cfg.tolerate_dropouts and not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
+        raise ConfigError("--tolerate-dropouts: needs MASTER_ADDR and MASTER_PORT (the store the ranks "
+                          "agree through); python -m fsl_fast.launch sets them")
     try:
         topo = Topology(rank, world, cfg.clients)  # ConfigError on every rank alike
         if cfg.device.startswith("cuda"):
@@ -1002,9 +1244,17 @@ def train_distributed(cfg, out: Path, resume: bool = False, progress: bool = Tru
         timeout = datetime.timedelta(seconds=cfg.dist_timeout)
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
         transport = Transport(topo, device, cfg.dist_timeout, store=_store_client())
+        transport.tolerate = bool(cfg.tolerate_dropouts)
+        if transport.tolerate and transport.store is None:
+            raise DistributedError(f"rank {rank}: --tolerate-dropouts: cannot reach the store at "
+                                   f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}")
         _ACTIVE.append(transport)
         transport.start_liveness()
         return _train(cfg, out, resume, progress, transport, device, changes)
+    except Retired as e:  # dropped by the others (--tolerate-dropouts): not a failure of the run
+        sys.stderr.write(f"{e}; leaving\n")
+        sys.stderr.flush()
+        os._exit(0)
     except DistributedError as e:
         _die(str(e), 1)
     except Divergence as e:  # this rank saw it; the others fail naming this rank (see _die)
@@ -1070,8 +1320,10 @@ def _train(cfg, out: Path, resume: bool, progress: bool, transport: Transport, d
         faults.atomic_torch_save(run.state_dict(), _shard(out, rank, t))
         transport.barrier("committing the checkpoint")
         if rank == 0:
-            faults.atomic_write_text(out / MANIFEST, faults.dumps({"format_version": faults.FORMAT_VERSION,
-                                                        "world_size": topo.world_size, "round": t}) + "\n")
+            manifest = {"format_version": faults.FORMAT_VERSION, "world_size": topo.world_size, "round": t}
+            if transport.lost:
+                manifest["lost_ranks"] = sorted(transport.lost)
+            faults.atomic_write_text(out / MANIFEST, faults.dumps(manifest) + "\n")
             faults.append_line(out / "metrics.jsonl", faults.dumps(rec) + "\n")
             _shard(out, 0, t - 1).unlink(missing_ok=True)
         else:
@@ -1088,6 +1340,8 @@ def _train(cfg, out: Path, resume: bool, progress: bool, transport: Transport, d
     results = summarize(cfg, run.metrics, loop.stopped, time.perf_counter() - t_start)
     if rank == 0:
         results["world_size"] = topo.world_size
+        if transport.lost:
+            results["lost_ranks"] = sorted(transport.lost)
         results["executors"] = run.engine.inner.executor_record()  # rank 0's
         if run.config_changes:
             results["config_changes"] = run.config_changes
@@ -1120,6 +1374,13 @@ def _resume(run, out: Path, transport: Transport) -> None:
     if "error" in info:
         raise ConfigError(info["error"])
     t = int(info["round"])
+    lost = [int(r) for r in info.get("lost_ranks", [])]
+    if lost:  # ranks dropped earlier (--tolerate-dropouts) stay out; their clients stay lost
+        if topo.rank in lost:
+            raise Retired(f"rank {topo.rank}: --resume: this rank was dropped from the run before round {t + 1}")
+        transport.lost.update(lost)
+        topo.drop(lost)
+        transport.regroup()
     path = _shard(out, topo.rank, t)
     err = ""
     try:

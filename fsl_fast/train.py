@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Options --resume may change: these leave the results as an uninterrupted run's ...
 RESUME_OVERRIDABLE = ("rounds", "comm_budget_gib", "threads", "device", "dist_timeout", "log_estimate_quality",
-                      "eval_every", "tensorboard")
+                      "eval_every", "tensorboard", "tolerate_dropouts")
 # ... and these change training from the resumed round on (e.g. a lower --lr after a divergence);
 # config.json takes the new values and results.json lists the change.
 RESUME_CHANGEABLE = ("lr", "weight_decay", "aux_lr")

@@ -470,3 +470,113 @@ def test_divergence_ends_every_rank_naming_the_rank_that_saw_it(tmp_path):
         assert line is not None, err[-3000:]
         assert r in saw or any(f"[rank {s} exited: round 0, client " in line for s in saw), line
     print("\n".join(ours))
+
+
+# ---------------------------------------------------------------------------------------------
+# --tolerate-dropouts (python -m fsl_fast.launch; a rank killed at a reproducible step)
+
+
+def _run_launch(args, nproc=3, timeout=240, kill_at=None):
+    env = _env()
+    if kill_at:
+        env["FSL_FAST_KILL_AT"] = kill_at
+    cmd = [sys.executable, "-m", "fsl_fast.launch", "--nproc-per-node", str(nproc)] + args
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"fsl_fast.launch did not finish in {timeout} s:\n{err[-3000:]}")
+    return proc.returncode, out, err
+
+
+def _as_dropouts(monkeypatch, lost_row, q):
+    """The in-process run in which the lost rank's clients drop out where it died: in its round
+    after the iterations whose uploads reached the server, then at iteration 0 of every later
+    round."""
+    from fsl_fast.algorithms import Algorithm
+
+    t_lost = lost_row["round"]
+    done = {r["client"]: (r["uploads_received"] - 1) * q + 1 if r["uploads_received"] else 0
+            for r in lost_row["lost"]}
+
+    def dropouts(self, t, iters):
+        return {} if t < t_lost else dict(done) if t == t_lost else {k: 0 for k in done}
+
+    monkeypatch.setattr(Algorithm, "dropouts", dropouts)
+
+
+@pytest.mark.parametrize("algorithm,rank,step", [("fsl_sage", 2, 3), ("splitfed_v2", 2, 2), ("fedavg", 1, 2)])
+def test_tolerated_rank_death_equals_in_process_dropouts(tmp_path, monkeypatch, algorithm, rank, step):
+    """Client rank ``rank`` (2 clients of 4) is killed at its local step ``step`` of round 1: the
+    run goes on without it, and every round's metrics equal the in-process run in which its
+    clients drop out at that point (and at iteration 0 of later rounds); for FSL-SAGE --resume
+    then continues without it."""
+    out = tmp_path / "dist"
+    q = 2 if algorithm == "fsl_sage" else 1
+    args = ["--algorithm", algorithm, "--rounds", "3", "--server-update-interval", str(q)] + TINY
+    rc, _, err = _run_launch(args + ["--out", str(out), "--dist-timeout", "60", "--tolerate-dropouts"],
+                             kill_at=f"{rank}:1:{step}")
+    assert rc == 0, err[-3000:]
+    assert f"rank {rank} ended by SIGKILL" in err, err[-3000:]
+    dm = _metrics(out)
+    assert [r["round"] for r in dm] == [0, 1, 2]
+    lost = dm[1]["lost"]
+    gone = [0, 1] if rank == 1 else [2, 3]
+    assert [(r["client"], r["rank"]) for r in lost] == [(k, rank) for k in gone], lost
+    # Steps 0..step-1 ran; the uploads of those that upload (every q-th) reached the server.
+    uploads = 0 if algorithm == "fedavg" else len(range(0, step, q))
+    assert [r["uploads_received"] for r in lost] == [uploads] * 2, lost
+    assert "lost" not in dm[0] and "lost_clients" not in dm[1] and dm[2]["lost_clients"] == gone
+    assert dm[2]["bytes_up_client_model"] * 2 == dm[0]["bytes_up_client_model"]
+    res = json.loads((out / "results.json").read_text())
+    assert res["lost_ranks"] == [rank] and res["rounds_completed"] == 3
+    assert json.loads((out / "checkpoints/dist.json").read_text())["lost_ranks"] == [rank]
+    _as_dropouts(monkeypatch, dm[1], q)
+    local = _local(tmp_path, args)
+    if algorithm == "fedavg":
+        # FedAvg's clients compute their own training statistics: the lost rank's steps of round
+        # 1 went down with it (in process they are counted; the models are equal either way).
+        for key in ("train_loss", "train_accuracy", "train_samples"):
+            local[1].pop(key)
+    _same_metrics(dm, local)
+    if algorithm != "fsl_sage":
+        return
+    # --resume with the same world size: rank 2 starts, sees that it was dropped, and leaves.
+    rc, _, err = _run_launch(["--resume", str(out), "--rounds", "4", "--no-progress"])
+    assert rc == 0, err[-3000:]
+    assert "rank 2: --resume: this rank was dropped from the run" in err, err[-3000:]
+    dm = _metrics(out)
+    assert len(dm) == 4 and dm[3]["lost_clients"] == [2, 3]
+    _same_metrics(dm, _local(tmp_path, args[:2] + ["--rounds", "4"] + args[4:], name="local4"))
+
+
+def test_rank_death_without_tolerance_still_stops_the_run(tmp_path):
+    out = tmp_path / "dist"
+    args = ["--algorithm", "fsl_sage", "--rounds", "3", "--dist-timeout", "30"] + TINY
+    rc, _, err = _run_launch(args + ["--out", str(out)], kill_at="2:1:1")
+    assert rc == 1, err[-3000:]
+    line = next((x for x in err.splitlines() if x.startswith("error: rank 0:")), None)
+    assert line is not None and "round 1" in line, err[-3000:]
+    assert len(_metrics(out)) == 1  # round 0 committed, round 1 not
+
+
+@pytest.mark.parametrize("argv,env,needle", [
+    ([], {}, "--tolerate-dropouts: an option of the distributed runtime"),
+    (["--distributed"], {"RANK": "0", "WORLD_SIZE": "3", "TORCHELASTIC_RUN_ID": "x", "MASTER_ADDR": "127.0.0.1",
+                         "MASTER_PORT": "1"}, "torchrun stops every worker"),
+    (["--distributed"], {"RANK": "0", "WORLD_SIZE": "3"}, "needs MASTER_ADDR and MASTER_PORT"),
+    (["--distributed", "--device", "cuda"], {}, "CPU (gloo) only"),
+])
+def test_bad_tolerate_dropouts(tmp_path, capsys, monkeypatch, argv, env, needle):
+    for k in ("RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    out = tmp_path / "r"
+    assert main(["--tolerate-dropouts", "--out", str(out)] + TINY + argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err, err
+    assert not out.exists()
