@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from bench.common import pick
-from fsl_fast import aux_fast as X
+from fsl_fast.ops import aux_conv as X
 from fsl_fast.ops import _backend
 from fsl_fast.ops import aux as A
 
@@ -241,7 +241,7 @@ def test_layer3_align_batched_clients(benchmark, device):
 @pytest.mark.parametrize("engine", ["reference", "fused"])
 def test_layer3_alignment_quality_fp32_vs_bf16(benchmark, engine):
     """A whole alignment of the paper's layer3 auxiliary on one buffer in fp32 and in bf16 (the
-    reference engine: autograd double backward under autocast; the fused engine: the aux_fast pass
+    reference engine: autograd double backward under autocast; the fused engine: the ops.aux_conv pass
     with fp32 or bf16 convolution products): seconds, and the cosine / norm ratio of its gradient
     estimate against the true cut-layer gradient before and after. Buffer: the client's smashed
     data of random 32x32 images, labels at random (a fit of the server's current gradients, which

@@ -720,12 +720,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_pool_relu_bwd(const at::Tens
               op, ": shapes do not match: grad_y ", grad_y.sizes(), ", xp ", xp.sizes(),
               ", weight ", w.sizes());
   const int64_t sample = Hp * Wp * Ci, slack = slack_floats(K, Ci, Wp);
-  TORCH_CHECK(xp.storage_offset() == 0 &&
-                  xp.storage().nbytes() >= static_cast<size_t>((N * sample + slack) * 4),
-              op, ": xp must be the padded input returned by conv_pool_relu_fwd (it carries slack)");
+  // The forward returns xp with zeroed slack after it, which the kernels read past the end. A copy
+  // of it (a clone; torch's functionalization and AOT autograd make such copies) lacks the slack:
+  // it is copied once more, into a buffer that has it.
+  at::Tensor xp_use = xp;
+  if (!(xp.storage_offset() == 0 &&
+        xp.storage().nbytes() >= static_cast<size_t>((N * sample + slack) * 4))) {
+    at::Tensor store = at::zeros({N * sample + slack}, xp.options());
+    store.narrow(0, 0, N * sample).copy_(xp.reshape({N * sample}));
+    xp_use = store.narrow(0, 0, N * sample).view({N, Hp, Wp, Ci});
+  }
   const int64_t R = (K * Ci + L - 1) / L;
   const int64_t jmax = H * Wp;  // a cell's row must be < H; idx from the forward always is
-  const float* xpd = xp.data_ptr<float>();
+  const float* xpd = xp_use.data_ptr<float>();
   at::Tensor gw = at::empty(w.sizes(), w.options());
   at::Tensor gb = G > 1 || w.dim() == 5 ? at::empty({G, Co}, w.options()) : at::empty({Co}, w.options());
   const auto gx_fmt = gx_cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;

@@ -5,37 +5,15 @@ added to the gradient, bias corrections from each row's own step count), applied
 once. Rows are clients; ``step(rows)`` advances only the clients that took part, so clients that
 finished their local iterations early keep their state, as separate optimizers would.
 
-The update itself is the op ``adam_step``: the C++ kernel (csrc/adam.cpp, one pass, no
-temporaries) for float32 CPU tensors, else the eager reference below (also the ground truth of
-tests/test_optim.py).
+The update itself is the op ``adam_step`` (fsl_fast.ops.adam): the C++ kernel (csrc/adam.cpp, one
+pass, no temporaries) for float32 CPU tensors, else the eager reference.
 """
 from __future__ import annotations
 
 import torch
 
 from fsl_fast.ops import _backend
-
-
-def adam_step_reference(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step) -> None:
-    """torch.optim.Adam's single-tensor update of (p, m, v) in place, in eager ops."""
-    if weight_decay:
-        g = g.add(p, alpha=weight_decay)
-    m.lerp_(g, 1 - beta1)
-    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    bc1 = 1 - beta1 ** step
-    bc2_sqrt = (1 - beta2 ** step) ** 0.5
-    denom = (v.sqrt() / bc2_sqrt).add_(eps)
-    p.addcdiv_(m, denom, value=-lr / bc1)
-
-
-def _adam_step_cpp(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step) -> None:
-    if p.dtype != torch.float32:
-        return adam_step_reference(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step)
-    _backend.extension()
-    torch.ops.fsl_fast.adam_step(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step)
-
-
-_backend.register("adam_step", reference=adam_step_reference, cpp=_adam_step_cpp)
+from fsl_fast.ops import adam as _adam  # noqa: F401 - registers the adam_step op
 
 
 class FlatAdam:

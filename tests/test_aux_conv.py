@@ -1,4 +1,4 @@
-"""Convolutional auxiliary alignment fast path (fsl_fast.aux_fast) against reverse-over-reverse
+"""Convolutional auxiliary alignment fast path (fsl_fast.ops.aux_conv) against reverse-over-reverse
 autograd on the nn.Module, with the trunk in train mode (batch-statistics BatchNorm) and in eval
 mode. Metric: relative Frobenius error per gradient tensor."""
 import copy
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fsl_fast import aux_fast as X
+from fsl_fast.ops import aux_conv as X
 
 TOL = {torch.float64: 1e-11, torch.float32: 2e-5}  # fp32: two long GEMM chains, both sides fp32
 

@@ -88,6 +88,10 @@ def extension():
                         f"prebuilt fsl_fast._C failed to import ({prebuilt_err}); "
                         f"JIT build failed ({type(jit_err).__name__}: {str(jit_err).strip()[-400:]})"
                     )
+        if _ext["module"] is not None:
+            from fsl_fast.ops import library
+
+            library.register()  # fake kernels and autograd formulas of the ops
     return _ext["module"]
 
 

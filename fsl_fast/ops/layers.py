@@ -29,9 +29,9 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from fsl_fast.ops import _backend
+from fsl_fast.ops.library import ops
 
 __all__ = [
     "pool_relu",
@@ -117,58 +117,21 @@ def conv_pool_relu_reference(x, weight, bias, kernel_size: int, stride: int, pad
 
 
 # ---------------------------------------------------------------------------------------------
-# C++ backend: autograd Functions over torch.ops.fsl_fast.{pool_relu,lrn}_{fwd,bwd}
-
-
-def _ops():
-    _backend.extension()
-    return torch.ops.fsl_fast
-
+# C++ backend: torch.ops.fsl_fast.{pool_relu,lrn,conv_pool_relu}_{fwd,bwd}; the forward ops carry
+# their autograd formulas (fsl_fast.ops.library)
 
 
 def _fp32(x: torch.Tensor) -> torch.Tensor:
     """The C++ layer kernels are fp32: a bf16 input (autocast) is widened, exactly."""
     return x.float() if x.dtype == torch.bfloat16 else x
 
-class _PoolReLUFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, k, s, p):
-        y, idx = _ops().pool_relu_fwd(x, k, s, p)
-        ctx.save_for_backward(idx)
-        ctx.hw = (x.shape[2], x.shape[3])
-        ctx.mark_non_differentiable(idx)
-        return y
-
-    @staticmethod
-    @once_differentiable  # the C++ backward has no derivative; double backward raises clearly
-    def backward(ctx, gy):
-        (idx,) = ctx.saved_tensors
-        gx = _ops().pool_relu_bwd(gy.contiguous(), idx, ctx.hw[0], ctx.hw[1])
-        return gx, None, None, None
-
-
-class _LRNFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, n, alpha, beta, k):
-        y, s = _ops().lrn_fwd(x, n, alpha, beta, k)
-        ctx.save_for_backward(x, s)
-        ctx.args = (n, alpha, beta, k)
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, gy):
-        x, s = ctx.saved_tensors
-        gx = _ops().lrn_bwd(gy.contiguous(), x, s, *ctx.args)
-        return gx, None, None, None, None
-
 
 def _pool_relu_cpp(x, kernel_size, stride, padding):
-    return _PoolReLUFn.apply(x.contiguous(), kernel_size, stride, padding)
+    return ops().pool_relu_fwd(x.contiguous(), kernel_size, stride, padding)[0]
 
 
 def _lrn_cpp(x, size, alpha, beta, k):
-    return _LRNFn.apply(x.contiguous(), size, alpha, beta, k)
+    return ops().lrn_fwd(x.contiguous(), size, alpha, beta, k)[0]
 
 
 def _layout(x: torch.Tensor) -> torch.Tensor:
@@ -178,36 +141,11 @@ def _layout(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous()
 
 
-class _ConvPoolReLUFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w, b, k, s, p, cl_out=False):
-        bias = b if b is not None else w.new_empty(0)
-        x = _layout(x)
-        y, idx, xp = _ops().conv_pool_relu_fwd(x, w, bias, k, s, p, cl_out, True)
-        ctx.save_for_backward(idx, xp, w)
-        ctx.pool = (k, s, p)
-        # grad_x comes back in x's layout (channels-last from a previous conv block)
-        ctx.x_cl = not x.is_contiguous()
-        ctx.has_bias = b is not None
-        ctx.mark_non_differentiable(idx)
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, gy):
-        idx, xp, w = ctx.saved_tensors
-        gx, gw, gb = _ops().conv_pool_relu_bwd(gy, idx, xp, w, ctx.needs_input_grad[0], *ctx.pool,
-                                               ctx.x_cl)
-        return (gx if ctx.needs_input_grad[0] else None, gw if ctx.needs_input_grad[1] else None,
-                gb if ctx.has_bias and ctx.needs_input_grad[2] else None, None, None, None, None)
-
-
 def _conv_block_apply(x, w, b, k, s, p, cl_out):
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b)):
-        return _ConvPoolReLUFn.apply(x, w, b, k, s, p, cl_out)
-    # no autograd (evaluation): no graph, and the kernel skips the argmax it would save
     bias = b if b is not None else w.new_empty(0)
-    return _ops().conv_pool_relu_fwd(_layout(x), w, bias, k, s, p, cl_out, False)[0]
+    # without autograd (evaluation) the kernel skips the argmax it would save for the backward
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b))
+    return ops().conv_pool_relu_fwd(_layout(x), w, bias, k, s, p, cl_out, save)[0]
 
 
 def conv_pool_relu_supported(in_channels: int, kernel: int) -> bool:
@@ -301,7 +239,7 @@ def conv_pool_relu_grouped_saving(x: torch.Tensor, weight: torch.Tensor, bias, k
     w = weight.contiguous()
     b = bias.contiguous() if bias is not None else w.new_empty(0)
     x = _layout(x)
-    y, idx, xp = _ops().conv_pool_relu_fwd(x, w, b, kernel_size, stride, padding, bool(channels_last_out), True)
+    y, idx, xp = ops().conv_pool_relu_fwd(x, w, b, kernel_size, stride, padding, bool(channels_last_out), True)
     return y, (idx, xp, w, (kernel_size, stride, padding), not x.is_contiguous())
 
 
@@ -309,7 +247,7 @@ def conv_pool_relu_grouped_backward(gy: torch.Tensor, saved, need_input_grad: bo
     """Gradients ``(gx, gw [G, ...], gb [G, Cout])`` of a :func:`conv_pool_relu_grouped_saving`
     call given the gradient ``gy`` of its output; ``gx`` is undefined unless ``need_input_grad``."""
     idx, xp, w, pool, x_cl = saved
-    return _ops().conv_pool_relu_bwd(gy, idx, xp, w, bool(need_input_grad), *pool, x_cl)
+    return ops().conv_pool_relu_bwd(gy, idx, xp, w, bool(need_input_grad), *pool, x_cl)
 
 
 def conv_pool_relu(x: torch.Tensor, weight: torch.Tensor, bias, kernel_size, stride=None,

@@ -239,7 +239,7 @@ def _run(m, x, H, W):
         return _bn(m, x), H, W
     if isinstance(m, nn.ReLU):
         return F.relu(x), H, W
-    raise TypeError(f"aux_fast: cannot lower {type(m).__name__}")
+    raise TypeError(f"aux_conv: cannot lower {type(m).__name__}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -601,7 +601,7 @@ def _build(ms, H, W, what="trunk", gd=torch.float32):
         return _BN(ms), H, W
     if isinstance(m, nn.ReLU):
         return _ReLU(), H, W
-    raise TypeError(f"aux_fast: cannot lower {type(m).__name__}")
+    raise TypeError(f"aux_conv: cannot lower {type(m).__name__}")
 
 
 @torch.no_grad()
