@@ -85,7 +85,7 @@ struct RowScratch {
   std::vector<float> inv24;
   std::vector<int8_t> codes;
   RowScratch(int64_t M, int64_t G, int bits)
-      : amax(G), inv24(G), codes(bits == 4 ? M + 1 : 0) {}
+      : amax(G), inv24(G), codes(bits == 8 ? 0 : M + 3) {}
 };
 
 // One row of M floats: groups of gs (last one shorter); idx0 = flat index of the row's first
@@ -99,7 +99,7 @@ struct RowScratch {
 template <int BITS, bool STOCH>
 void quantize_row(const float* x, int64_t M, int64_t gs, uint32_t idx0, uint32_t key,
                   void* codes, float* scales, RowScratch& w, const float* next) {
-  constexpr int32_t qmax = BITS == 8 ? 127 : 7;
+  constexpr int32_t qmax = BITS == 8 ? 127 : (BITS == 4 ? 7 : 1);
   constexpr float kQ = static_cast<float>(qmax);
   constexpr int64_t kChunk = 1024;  // elements between prefetch bursts (4 KiB)
   const int64_t G = (M + gs - 1) / gs;
@@ -140,6 +140,15 @@ void quantize_row(const float* x, int64_t M, int64_t gs, uint32_t idx0, uint32_t
     for (int64_t p = 0; p < bytes; ++p)
       packed[p] = static_cast<uint8_t>((tmp[2 * p] & 0xF) |
                                        (static_cast<uint8_t>(tmp[2 * p + 1]) << 4));
+  }
+  if (BITS == 2) {  // element 4p + t in bits 2t, 2t + 1 of byte p; unused pairs 0
+    int8_t* tmp = w.codes.data();
+    tmp[M] = tmp[M + 1] = tmp[M + 2] = 0;
+    uint8_t* packed = static_cast<uint8_t*>(codes);
+    const int64_t bytes = (M + 3) / 4;
+    for (int64_t p = 0; p < bytes; ++p)
+      packed[p] = static_cast<uint8_t>((tmp[4 * p] & 3) | ((tmp[4 * p + 1] & 3) << 2) |
+                                       ((tmp[4 * p + 2] & 3) << 4) | ((tmp[4 * p + 3] & 3) << 6));
   }
 }
 
@@ -186,15 +195,18 @@ void quantize_dispatch(const at::Tensor& x, int64_t bits, int64_t gs, bool stoch
   if (bits == 8) {
     if (stochastic) quantize_all<T, 8, true>(x, gs, key, codes, scales);
     else quantize_all<T, 8, false>(x, gs, key, codes, scales);
-  } else {
+  } else if (bits == 4) {
     if (stochastic) quantize_all<T, 4, true>(x, gs, key, codes, scales);
     else quantize_all<T, 4, false>(x, gs, key, codes, scales);
+  } else {
+    if (stochastic) quantize_all<T, 2, true>(x, gs, key, codes, scales);
+    else quantize_all<T, 2, false>(x, gs, key, codes, scales);
   }
 }
 
 void check_args(const at::Tensor& x, int64_t bits, int64_t gs, int64_t key,
                 const at::Tensor& codes, const at::Tensor& scales) {
-  TORCH_CHECK(bits == 8 || bits == 4, "quantize_rows_: bits must be 8 or 4, got ", bits);
+  TORCH_CHECK(bits == 8 || bits == 4 || bits == 2, "quantize_rows_: bits must be 8, 4 or 2, got ", bits);
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(),
               "quantize_rows_: x must be a contiguous 2-D [N, M] tensor, got shape ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf ||
@@ -203,10 +215,10 @@ void check_args(const at::Tensor& x, int64_t bits, int64_t gs, int64_t key,
   const int64_t N = x.size(0), M = x.size(1);
   TORCH_CHECK(M < (int64_t(1) << 31), "quantize_rows_: rows of 2^31 or more elements are not "
               "supported (32-bit loop counters), got M = ", M);
-  TORCH_CHECK(gs >= 1 && (bits == 8 || gs % 2 == 0),
-              "quantize_rows_: group_size must be >= 1 (and even for int4), got ", gs);
+  TORCH_CHECK(gs >= 1 && (bits == 8 || gs % (8 / bits) == 0),
+              "quantize_rows_: group_size must be >= 1 (even for int4, divisible by 4 for int2), got ", gs);
   TORCH_CHECK(key >= 0 && key <= 0xFFFFFFFFLL, "quantize_rows_: key must fit 32 bits, got ", key);
-  const int64_t C = bits == 8 ? M : (M + 1) / 2;
+  const int64_t C = bits == 8 ? M : (bits == 4 ? (M + 1) / 2 : (M + 3) / 4);
   const int64_t G = M == 0 ? (bits == 8 ? 1 : 0) : (M + gs - 1) / gs;
   TORCH_CHECK(codes.is_contiguous() && codes.dim() == 2 && codes.size(0) == N &&
                   codes.size(1) == C &&
@@ -270,6 +282,14 @@ void dequantize_row(const uint8_t* codes, const float* scales, int64_t M, int64_
     }
     c = tmp;
   }
+  if (BITS == 2) {
+    const int64_t bytes = (M + 3) / 4;
+    for (int64_t p = 0; p < bytes; ++p) {
+      const int32_t b = codes[p];
+      for (int t = 0; t < 4; ++t) tmp[4 * p + t] = static_cast<int8_t>((((b >> (2 * t)) & 3) ^ 2) - 2);
+    }
+    c = tmp;
+  }
   int64_t g = 0;
   for (int64_t c0 = 0; c0 < M; c0 += gs, ++g) {
     const int64_t len = std::min(gs, M - c0);
@@ -288,24 +308,25 @@ void dequantize_all(const at::Tensor& codes, const at::Tensor& scales, int64_t b
   const float* sp = scales.data_ptr<float>();
   T* op = out.data_ptr<T>();
   at::parallel_for(0, N, 1, [&](int64_t r0, int64_t r1) {
-    std::vector<int8_t> tmp(bits == 4 ? M + 1 : 0);
+    std::vector<int8_t> tmp(bits == 8 ? 0 : M + 3);
     for (int64_t r = r0; r < r1; ++r) {
       if (bits == 8) dequantize_row<T, 8>(cp + r * C, sp + r * G, M, gs, op + r * M, nullptr);
-      else dequantize_row<T, 4>(cp + r * C, sp + r * G, M, gs, op + r * M, tmp.data());
+      else if (bits == 4) dequantize_row<T, 4>(cp + r * C, sp + r * G, M, gs, op + r * M, tmp.data());
+      else dequantize_row<T, 2>(cp + r * C, sp + r * G, M, gs, op + r * M, tmp.data());
     }
   });
 }
 
 void dequantize_rows_cpu(const at::Tensor& codes, const at::Tensor& scales, int64_t bits,
                          int64_t gs, at::Tensor out) {
-  TORCH_CHECK(bits == 8 || bits == 4, "quantize_dequantize_: bits must be 8 or 4, got ", bits);
+  TORCH_CHECK(bits == 8 || bits == 4 || bits == 2, "quantize_dequantize_: bits must be 8, 4 or 2, got ", bits);
   TORCH_CHECK(out.dim() == 2 && out.is_contiguous(),
               "quantize_dequantize_: out must be a contiguous 2-D [N, M] tensor, got ",
               out.sizes());
   const int64_t N = out.size(0), M = out.size(1);
-  TORCH_CHECK(gs >= 1 && (bits == 8 || gs % 2 == 0),
-              "quantize_dequantize_: group_size must be >= 1 (and even for int4), got ", gs);
-  const int64_t C = bits == 8 ? M : (M + 1) / 2;
+  TORCH_CHECK(gs >= 1 && (bits == 8 || gs % (8 / bits) == 0),
+              "quantize_dequantize_: group_size must be >= 1 (even for int4, divisible by 4 for int2), got ", gs);
+  const int64_t C = bits == 8 ? M : (bits == 4 ? (M + 1) / 2 : (M + 3) / 4);
   const int64_t G = M == 0 ? scales.size(1) : (M + gs - 1) / gs;
   TORCH_CHECK(codes.is_contiguous() && codes.dim() == 2 && codes.size(0) == N &&
                   codes.size(1) == C &&

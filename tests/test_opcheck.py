@@ -108,8 +108,10 @@ CASES = {
     "lrn_bwd": {"4d": _lrn_bwd},
     "pool_relu_fwd": {"pad1": _pool_fwd},
     "pool_relu_bwd": {"pad1": _pool_bwd},
-    "quantize_rows_": {"int8_row": lambda: _quantize(8, 0), "int4_g16": lambda: _quantize(4, 16)},
-    "quantize_dequantize_": {"int8_row": lambda: _dequantize(8, 0), "int4_g16": lambda: _dequantize(4, 16)},
+    "quantize_rows_": {"int8_row": lambda: _quantize(8, 0), "int4_g16": lambda: _quantize(4, 16),
+                       "int2_g8": lambda: _quantize(2, 8)},
+    "quantize_dequantize_": {"int8_row": lambda: _dequantize(8, 0), "int4_g16": lambda: _dequantize(4, 16),
+                             "int2_g8": lambda: _dequantize(2, 8)},
 }
 
 

@@ -42,7 +42,7 @@ ALL = [pytest.param(("reference", "cpu"), id="reference")] + BACKENDS
 
 SHAPES = [(1, 7), (4, 129), (2, 1000), (3, 5, 7, 9), (1, 65536), (6,)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-CONFIGS = [(8, None), (8, 64), (8, 7), (4, None), (4, 6)]
+CONFIGS = [(8, None), (8, 64), (8, 7), (4, None), (4, 6), (2, None), (2, 12)]
 
 
 def _x(shape, dtype, device):
@@ -248,7 +248,7 @@ def test_nonfinite_input_raises(be, bad, cfg):
 
 def test_bad_arguments():
     x = torch.randn(4, 10)
-    with pytest.raises(ValueError, match="bits must be 8 or 4"):
+    with pytest.raises(ValueError, match="bits must be 8, 4 or 2"):
         quantize(x, bits=3)
     for gs in (0, -2):
         with pytest.raises(ValueError, match="group_size must be positive"):

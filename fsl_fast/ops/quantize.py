@@ -7,8 +7,8 @@ bit, and tests check codes and scales for equality with :func:`quantize_referenc
   ``x.reshape(N, M)``. Each row is cut into groups of ``group_size`` consecutive elements (the
   last one may be shorter); ``group_size=None`` means one group per row for int8 and 32 for int4.
 * ``a`` = the largest ``|x|`` of a group, in float32 (taken as the maximum of the bit patterns with
-  the sign bit cleared, so a NaN or an Inf always wins and is reported). ``qmax`` is 127 (int8) or
-  7 (int4); codes are symmetric in ``[-qmax, qmax]``.
+  the sign bit cleared, so a NaN or an Inf always wins and is reported). ``qmax`` is 127 (int8),
+  7 (int4) or 1 (int2); codes are symmetric in ``[-qmax, qmax]``.
 * A group with ``a < 2**-95`` (all zeros included) gets ``scale = 0`` and codes 0; it dequantizes
   to exact zeros. Otherwise ``scale = fl(a / qmax)`` and ``inv = fl(qmax / a)``, both IEEE
   float32 divisions rounded to nearest (never an approximate reciprocal).
@@ -27,7 +27,10 @@ bit, and tests check codes and scales for equality with :func:`quantize_referenc
 * int8: ``codes`` int8 ``[N, M]``. int4: ``codes`` uint8 ``[N, ceil(M / 2)]``, element ``2j`` in
   the low nibble and ``2j + 1`` in the high nibble of byte ``j``, two's complement nibbles; odd
   ``M`` leaves the last high nibble 0. ``group_size`` must be even for int4 so groups never share
-  a byte. ``scales`` float32 ``[N, G]``, ``G = ceil(M / group_size)`` (1 for per-row int8).
+  a byte. int2 (``qmax`` 1: codes -1, 0, 1): ``codes`` uint8 ``[N, ceil(M / 4)]``, element
+  ``4j + t`` in bits ``2t, 2t + 1`` of byte ``j`` (two's complement), unused pairs 0;
+  ``group_size`` divisible by 4, default 32. No CUDA/Triton int2 kernel yet: on CUDA tensors int2
+  runs the PyTorch reference. ``scales`` float32 ``[N, G]``, ``G = ceil(M / group_size)`` (1 for per-row int8).
 * Dequantize: ``fl(code * scale)`` in float32, then rounded to nearest-even into the output dtype.
 * Non-finite input raises ``ValueError`` naming the first bad row (the kernels report it through
   a non-finite scale; ``out=`` buffers then hold unspecified values).
@@ -54,8 +57,9 @@ __all__ = [
     "TINY_ABSMAX",
 ]
 
-QMAX = {8: 127, 4: 7}
+QMAX = {8: 127, 4: 7, 2: 1}
 DEFAULT_INT4_GROUP = 32
+DEFAULT_INT2_GROUP = 32
 # Groups whose absmax is below this are zero groups. 2**-95 keeps scale (>= 2**-102) and inv
 # (<= 127 * 2**95) normal floats, so flush-to-zero (CUDA --use_fast_math, Triton's libdevice) and
 # IEEE backends agree: a subnormal |x| then gives m * 2**24 < 1, i.e. code 0 either way.
@@ -113,7 +117,8 @@ def rng24_reference(index: torch.Tensor, key: int) -> torch.Tensor:
 class QuantizedTensor:
     """Codes and scales of a quantized activation, plus what is needed to undo it.
 
-    codes: int8 ``[N, M]`` (bits=8) or uint8 ``[N, ceil(M/2)]`` (bits=4, packed);
+    codes: int8 ``[N, M]`` (bits=8), uint8 ``[N, ceil(M/2)]`` (bits=4, packed) or uint8
+    ``[N, ceil(M/4)]`` (bits=2, packed);
     scales: float32 ``[N, G]``; shape/dtype: the original tensor's; group_size: None means per row
     (int8 only).
     """
@@ -176,7 +181,7 @@ class _Plan:
 
 def _plan(shape, bits, group_size) -> _Plan:
     if isinstance(bits, bool) or bits not in QMAX:
-        raise ValueError(f"quantize: bits must be 8 or 4, got {bits!r}")
+        raise ValueError(f"quantize: bits must be 8, 4 or 2, got {bits!r}")
     if len(shape) < 1:
         raise ValueError("quantize: x must have at least one dimension (the sample dimension N); "
                          "got a 0-d tensor")
@@ -188,6 +193,13 @@ def _plan(shape, bits, group_size) -> _Plan:
                             f"{type(group_size).__name__}")
         if group_size <= 0:
             raise ValueError(f"quantize: group_size must be positive, got {group_size}")
+    if bits == 2:
+        if group_size is None:
+            group_size = DEFAULT_INT2_GROUP
+        if group_size % 4:
+            raise ValueError(f"quantize: int2 needs a group_size divisible by 4 (groups must not share "
+                             f"a packed byte), got {group_size}")
+        return _Plan(n, m, 2, group_size, group_size, -(-m // group_size), -(-m // 4))
     if bits == 4:
         if group_size is None:
             group_size = DEFAULT_INT4_GROUP
@@ -283,8 +295,8 @@ def _check_q(q) -> _Plan:
     if not isinstance(q, QuantizedTensor):
         raise TypeError(f"dequantize: q must be a QuantizedTensor, got {type(q).__name__}")
     p = _plan(q.shape, q.bits, q.group_size)
-    if q.group_size is None and q.bits == 4:
-        raise ValueError("dequantize: int4 QuantizedTensor needs its group_size")
+    if q.group_size is None and q.bits in (4, 2):
+        raise ValueError(f"dequantize: int{q.bits} QuantizedTensor needs its group_size")
     _check_buffer("q.codes", q.codes, (p.n, p.code_cols), _codes_dtype(p.bits), q.codes.device)
     _check_buffer("q.scales", q.scales, (p.n, p.groups), torch.float32, q.codes.device)
     return p
@@ -362,8 +374,12 @@ def _reference_quantize(x2, bits, gs, stochastic, key, codes, scales):
     scales.copy_(scale)
     if bits == 8:
         codes.copy_(code[:, :m])
-    else:
+    elif bits == 4:
         packed = (code[:, 0::2] & 0xF) | ((code[:, 1::2] & 0xF) << 4)
+        codes.copy_(packed[:, : codes.shape[1]])
+    else:  # four 2-bit two's complement codes per byte, element 4j + t at bits 2t..2t+1
+        packed = ((code[:, 0::4] & 3) | ((code[:, 1::4] & 3) << 2) | ((code[:, 2::4] & 3) << 4)
+                  | ((code[:, 3::4] & 3) << 6))
         codes.copy_(packed[:, : codes.shape[1]])
 
 
@@ -371,30 +387,45 @@ def _reference_dequantize(codes, scales, bits, gs, out2):
     n, m = out2.shape
     if bits == 8:
         c = codes.to(torch.int32)
-    else:
+    elif bits == 4:
         b = codes.to(torch.int32)
         lo = ((b & 0xF) ^ 8) - 8
         hi = ((b >> 4) ^ 8) - 8
         c = torch.stack((lo, hi), dim=2).view(n, -1)[:, :m]
+    else:
+        b = codes.to(torch.int32)
+        c = torch.stack([(((b >> (2 * t)) & 3) ^ 2) - 2 for t in range(4)], dim=2).view(n, -1)[:, :m]
     s = scales.repeat_interleave(gs, dim=1)[:, :m]
     out2.copy_(c.to(torch.float32) * s)
 
 
+# int2 has a C++ CPU kernel; on CUDA tensors it runs the PyTorch reference whichever backend was
+# picked (no CUDA or Triton int2 kernel yet; the codes are the same by the contract).
+
+
 def _cpp_quantize(x2, bits, gs, stochastic, key, codes, scales):
+    if bits == 2 and x2.device.type != "cpu":
+        return _reference_quantize(x2, bits, gs, stochastic, key, codes, scales)
     torch.ops.fsl_fast.quantize_rows_(x2, bits, gs, stochastic, key, codes, scales)
 
 
 def _cpp_dequantize(codes, scales, bits, gs, out2):
+    if bits == 2 and codes.device.type != "cpu":
+        return _reference_dequantize(codes, scales, bits, gs, out2)
     torch.ops.fsl_fast.quantize_dequantize_(codes, scales, bits, gs, out2)
 
 
 def _triton_quantize(x2, bits, gs, stochastic, key, codes, scales):
+    if bits == 2:
+        return _reference_quantize(x2, bits, gs, stochastic, key, codes, scales)
     from fsl_fast.kernels import quantize as k
 
     k.quantize_rows(x2, bits, gs, stochastic, key, codes, scales)
 
 
 def _triton_dequantize(codes, scales, bits, gs, out2):
+    if bits == 2:
+        return _reference_dequantize(codes, scales, bits, gs, out2)
     from fsl_fast.kernels import quantize as k
 
     k.dequantize_rows(codes, scales, bits, gs, out2)
