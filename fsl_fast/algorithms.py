@@ -25,7 +25,8 @@ from fsl_fast.ledger import Ledger, tensor_bytes
 class AlignBuffer:
     """Server-side FIFO of one client's uploaded smashed data: keeps the newest ``capacity`` rows.
 
-    Chunks are stored as sent (a QuantizedTensor when the uplink is quantized) and decoded on use.
+    Chunks are stored as sent (a QuantizedTensor or a top-k ``Sparse`` when the uplink has a
+    codec) and decoded on use.
     """
 
     def __init__(self, capacity: int):
@@ -58,6 +59,8 @@ class AlignBuffer:
         for p, y in self.chunks:
             if isinstance(p, torch.Tensor):
                 out.append({"z": p, "y": y})
+            elif hasattr(p, "index"):  # fsl_fast.codec.Sparse
+                out.append({"s": p.state_dict(), "y": y})
             else:
                 out.append({"q": p.state_dict(), "y": y})
         return {"chunks": out}
@@ -67,6 +70,10 @@ class AlignBuffer:
         for c in sd["chunks"]:
             if "z" in c:
                 self.chunks.append((c["z"], c["y"]))
+            elif "s" in c:
+                from fsl_fast.codec import Sparse
+
+                self.chunks.append((Sparse.from_state_dict(c["s"]), c["y"]))
             else:
                 from fsl_fast.ops.quantize import QuantizedTensor
 
@@ -111,7 +118,6 @@ class Algorithm:
         self.times: dict[str, float] = {}
         self._round = 0
         self._upload_counter = 0
-        self._quant = None
         # non-finite numbers end the run at the end of the phase where they appear (faults.py)
         self.guard = FiniteGuard()
         self.round_extra: dict = {}  # extra per-round metrics (estimate_quality)
@@ -120,10 +126,18 @@ class Algorithm:
         self.step_flops: dict | None = None
         self.trace = None
         self._last_up_bytes = 0
-        if cfg.quantize != "none":
-            from fsl_fast.ops import quantize as Q
+        from fsl_fast import codec
 
-            self._quant = Q
+        # --uplink / --quantize and --downlink; with ef, the residual of each client's last
+        # message (uplink: kept by the client; downlink: kept by the server for that client)
+        self.uplink = codec.from_config(cfg, "up")
+        self.downlink = codec.from_config(cfg, "down")
+        self.residual_up: list = [None] * self.m
+        self.residual_down: list = [None] * self.m
+        for direction, kind, c in (("up", "smashed", self.uplink), ("down", "gradients", self.downlink)):
+            if not c.lossless:
+                ledger.declare_parts(direction, kind, ["values"] + (["scales"] if c.spec.bits else [])
+                                     + (["indices", "header"] if c.sparse else []))
 
     # -- timing --------------------------------------------------------------------------------
     @contextmanager
@@ -169,23 +183,31 @@ class Algorithm:
     def send_smashed(self, k: int, z: torch.Tensor, y: torch.Tensor):
         """Client k uploads smashed data (and labels). Returns (server's view of z, payload)."""
         z = z.detach()
-        if self._quant is None:
-            payload = z
+        if self.uplink.lossless:
+            payload, z_srv, parts = z, z, None
             nbytes = tensor_bytes(z)
-            z_srv = z
         else:
-            bits = 8 if self.cfg.quantize == "int8" else 4
-            gs = self.cfg.quantize_group_size or None
-            payload = self._quant.quantize(
-                z, bits=bits, group_size=gs, stochastic=self.cfg.stochastic_rounding,
-                seed=self._stochastic_seed(k),
-            )
-            nbytes = payload.nbytes
-            z_srv = self._quant.dequantize(payload)
-        self.ledger.add("up", "smashed", nbytes)
+            payload, z_srv = self.encode(self.uplink, self.residual_up, k, z, self._stochastic_seed(k))
+            parts = self.uplink.parts(payload)
+            nbytes = sum(parts.values())
+        self.ledger.add("up", "smashed", nbytes, parts=parts)
         self.ledger.add("up", "labels", tensor_bytes(y), paper=False)
         self._last_up_bytes = nbytes + tensor_bytes(y)
         return z_srv, payload
+
+    @staticmethod
+    def encode(codec, residuals, k: int, x: torch.Tensor, seed: int):
+        """(message, what the receiver decodes) of ``x`` from client k's side of the link; with
+        ``ef`` the residual of k's last message of this shape is added first and the new one kept."""
+        if codec.spec.ef:
+            r = residuals[k]
+            if r is not None and r.shape == x.shape:
+                x = x + r
+        payload = codec.encode(x, seed)
+        decoded = codec.decode(payload)
+        if codec.spec.ef:
+            residuals[k] = (x - decoded).detach()
+        return payload, decoded
 
     # -- the simulated clock's record (fsl_fast.clock) -------------------------------------------
     def trace_compute(self, ks, rows, kind: str) -> None:
@@ -205,13 +227,18 @@ class Algorithm:
         return (self.cfg.seed * 1_000_003 + self._round * 10_007 + k * 101 + self._upload_counter) % (2**31)
 
     def decode(self, payload) -> torch.Tensor:
-        if isinstance(payload, torch.Tensor):
-            return payload
-        return self._quant.dequantize(payload)
+        return self.uplink.decode(payload)
 
     def send_gradient(self, k: int, g: torch.Tensor) -> torch.Tensor:
-        self.ledger.add("down", "gradients", tensor_bytes(g))
-        return g
+        if self.downlink.lossless:
+            self.ledger.add("down", "gradients", tensor_bytes(g))
+            return g
+        # its own stochastic-rounding keys: a bit flipped from the uplink's of the same upload
+        payload, g_dec = self.encode(self.downlink, self.residual_down, k, g.detach(),
+                                     self._stochastic_seed(k) ^ (1 << 30))
+        parts = self.downlink.parts(payload)
+        self.ledger.add("down", "gradients", sum(parts.values()), parts=parts)
+        return g_dec
 
     def count_model_exchange(self, kind: str, nbytes: int, clients: int) -> None:
         """FedAvg: every client uploads its model and downloads the average."""
@@ -431,11 +458,18 @@ class Algorithm:
 
     def state_dict(self) -> dict:
         # (None: a buffer parked in the client store)
-        return {"buffers": [None if b is None else b.state_dict() for b in self.buffers],
-                "lost": sorted(self.lost)}
+        out = {"buffers": [None if b is None else b.state_dict() for b in self.buffers],
+               "lost": sorted(self.lost)}
+        if self.uplink.spec.ef or self.downlink.spec.ef:
+            out["residual_up"] = list(self.residual_up)
+            out["residual_down"] = list(self.residual_down)
+        return out
 
     def load_state_dict(self, sd: dict) -> None:
         self.lost = set(sd.get("lost", []))
+        if self.uplink.spec.ef or self.downlink.spec.ef:
+            self.residual_up = list(sd.get("residual_up", [None] * self.m))
+            self.residual_down = list(sd.get("residual_down", [None] * self.m))
         for k, s in enumerate(sd["buffers"]):
             if s is None:
                 self.buffers[k] = None

@@ -127,22 +127,41 @@ def main(argv=None) -> int:
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--rounds", type=int, default=11)
     p.add_argument("--budget-gib", type=float, default=None, help="also print the round that reaches it")
+    p.add_argument("--uplink", default="none", help="smashed-data codec, as in fsl_fast.train (e.g. topk:0.05,int4); "
+                   "top-k positions are counted at their largest size (bitmap or widest gaps)")
+    p.add_argument("--downlink", default="none", help="SplitFed gradient codec, as in fsl_fast.train")
+    p.add_argument("--quantize", default="none", choices=("none", "int8", "int4"), help="the same as --uplink int8|int4")
     a = p.parse_args(argv)
+    from fsl_fast.config import ConfigError
+
+    codecs = {"uplink": a.uplink, "quantize": a.quantize}
+    try:
+        Config(uplink=a.uplink, quantize=a.quantize).resolved()
+        if a.downlink != "none":
+            Config(algorithm="splitfed_v2", downlink=a.downlink).resolved()
+    except ConfigError as e:
+        p.error(str(e))
     algos = ALGORITHMS if a.algorithm == "all" else (a.algorithm,)
     budget_col = f" rounds to {a.budget_gib:g} GiB |" if a.budget_gib else ""
     print(f"| algorithm | bytes/round (paper) | alignment round | round 0 total incl. broadcast+labels | "
-          f"GiB after {a.rounds} rounds |{budget_col}")
-    print("|---|---|---|---|---|" + ("---|" if a.budget_gib else ""))
+          f"GiB after {a.rounds} rounds |{budget_col} smashed data up / round | its components |")
+    print("|---|---|---|---|---|" + ("---|" if a.budget_gib else "") + "---|---|")
     for algo in algos:
+        down = {"downlink": a.downlink} if algo.startswith("splitfed") else {}
         recs = dry_run(algo, model=a.model, aux=a.aux, clients=a.clients,
                        samples_per_client=a.samples_per_client, batch_size=a.batch_size,
-                       num_classes=a.num_classes, rounds=a.rounds, clients_per_round=a.clients_per_round)
+                       num_classes=a.num_classes, rounds=a.rounds, clients_per_round=a.clients_per_round,
+                       **codecs, **down)
         plain = recs[1]["round_bytes_paper"] if len(recs) > 1 else recs[0]["round_bytes_paper"]
         extra = recs[0]["round_bytes_paper"] - plain
         row = (f"| {algo} | {plain:,} | {'+' + format(extra, ',') if extra else '-'} | "
                f"{recs[0]['round_bytes']:,} | {recs[-1]['comm_bytes_paper'] / GIB:.3f} |")
         if a.budget_gib:
             row += f" {rounds_to_budget(recs, a.budget_gib * GIB, Config().align_interval)} |"
+        last = recs[-1]
+        parts = ", ".join(f"{k[len('bytes_up_smashed_'):]} {v:,}" for k, v in last.items()
+                          if k.startswith("bytes_up_smashed_"))
+        row += f" {last['bytes_up_smashed']:,} | {parts or '-'} |"
         print(row)
     return 0
 

@@ -85,9 +85,15 @@ class Config:
     seed: int = _o(0, "seed of data order, partition, initial models and every draw")
     schedule: str = _o("sequential", "sequential (the authors' code) | parallel", choices=SCHEDULES)
     comm_budget_gib: float | None = _o(None, "stop when the paper-convention total reaches this", type=float)
-    quantize: str = _o("none", "uplink smashed-data compression", choices=QUANTIZE)
-    quantize_group_size: int = _o(0, "0 = per-row scales for int8; int4 default 32")
-    stochastic_rounding: bool = _o(False, "stochastic rounding in --quantize")
+    quantize: str = _o("none", "uplink smashed-data quantization (the same as --uplink int8|int4)",
+                       choices=QUANTIZE)
+    quantize_group_size: int = _o(0, "group size of the quantization stage when none is given with "
+                                  ":gG (0 = per-row scales for int8; int4 and int2 default 32)")
+    stochastic_rounding: bool = _o(False, "stochastic rounding in the quantization stages")
+    uplink: str = _o("none", "smashed-data codec: none, or comma-separated stages topk:F, "
+                     "int8|int4|int2[:gG], ef (e.g. topk:0.05,int4 or int2:g64 or int4,ef); docs/codecs.md")
+    downlink: str = _o("none", "SplitFed cut-layer gradient codec (stages as --uplink; ef keeps the "
+                       "residual on the server)")
     fused: bool = _o(False, "use the fused engine (fast path)")
     client_batching: str = _o("auto", "fused engine: run clients one by one (loop) or as one vmapped "
                               "computation (auto: vmap on CUDA)", choices=("auto", "loop", "vmap"))
@@ -236,6 +242,22 @@ class Config:
             raise ConfigError(f"--quantize-group-size: must be >= 0, got {self.quantize_group_size}")
         if self.quantize == "int4" and self.quantize_group_size % 2:
             raise ConfigError(f"--quantize-group-size: int4 needs an even group size, got {self.quantize_group_size}")
+        from fsl_fast import codec
+
+        if self.uplink != "none" and self.quantize != "none" and self.uplink != self.quantize:
+            raise ConfigError(f"--quantize {self.quantize} and --uplink {self.uplink}: give one "
+                              "(--quantize is short for --uplink int8|int4)")
+        up = codec.parse(codec.uplink_text(self), "--uplink")
+        down = codec.parse(self.downlink, "--downlink")
+        if up.bits in (4, 2) and up.group is None and self.quantize_group_size % {4: 2, 2: 4}[up.bits]:
+            raise ConfigError(f"--quantize-group-size: int{up.bits} needs a group size divisible by "
+                              f"{ {4: 2, 2: 4}[up.bits]}, got {self.quantize_group_size}")
+        if not down.lossless and self.algorithm not in ("splitfed_v1", "splitfed_v2"):
+            raise ConfigError(f"--downlink: only SplitFed sends cut-layer gradients down "
+                              f"(--algorithm {self.algorithm} has no such downlink)")
+        if self.distributed and (up.topk is not None or up.ef or up.bits == 2 or not down.lossless):
+            raise ConfigError("--uplink/--downlink: the distributed runtime carries the int8 and int4 "
+                              "uplink only; top-k, int2, ef and downlink codecs run in process")
         if not (self.dist_timeout > 0 and self.dist_timeout < float("inf")):
             raise ConfigError(f"--dist-timeout: must be a positive number of seconds, got {self.dist_timeout!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):

@@ -1049,7 +1049,10 @@ class _DistributedMessages:
     def send_smashed(self, k, z, y):
         topo, t = self.dist_topo, self.dist_transport
         owner = topo.owner(k)
-        quant = self._quant
+        codec = self.uplink  # none, int8 or int4 here (Config refuses the others)
+        quant = None
+        if not codec.lossless:
+            from fsl_fast.ops import quantize as quant
         # The stochastic-rounding key counts every upload of the round, on every rank.
         seed = self._stochastic_seed(k) if quant is not None else 0
         if topo.hosts(k):
@@ -1057,8 +1060,7 @@ class _DistributedMessages:
             if quant is None:
                 items = [("smashed", z)]
             else:
-                p = quant.quantize(z, bits=self._bits(), group_size=self.cfg.quantize_group_size or None,
-                                   stochastic=self.cfg.stochastic_rounding, seed=seed)
+                p = codec.encode(z, seed)
                 items = [("smashed", p.codes), ("smashed", p.scales)]
             t.send(0, "smashed", k, items + [("labels", y)], "up")
             return None, None
@@ -1075,7 +1077,7 @@ class _DistributedMessages:
                 nbytes = z_srv.numel() * z_srv.element_size()
             else:
                 codes_shape, scales_shape, codes_dtype, gs = _quantized_shapes(shape, self._bits(),
-                                                                               self.cfg.quantize_group_size)
+                                                                               codec.group or 0)
                 codes, scales, y_in = t.recv(owner, "smashed", k, [
                     ("smashed", codes_shape, codes_dtype, None),
                     ("smashed", scales_shape, torch.float32, "finite"), labels], "up")
@@ -1087,12 +1089,12 @@ class _DistributedMessages:
             nbytes = payload.nbytes
             z_srv = quant.dequantize(payload)
         y.copy_(y_in)  # the algorithm's y on the server is this upload's receive buffer
-        self.ledger.add("up", "smashed", nbytes)
+        self.ledger.add("up", "smashed", nbytes, parts=None if quant is None else codec.parts(payload))
         self.ledger.add("up", "labels", y_in.numel() * y_in.element_size(), paper=False)
         return z_srv, payload
 
     def _bits(self) -> int:
-        return 8 if self.cfg.quantize == "int8" else 4
+        return self.uplink.spec.bits
 
     def send_gradient(self, k, g):
         topo, t = self.dist_topo, self.dist_transport

@@ -37,10 +37,28 @@ class Ledger:
         self._round: dict[str, int] = defaultdict(int)
         self._round_total = 0
         self._round_paper = 0
+        self._parts: dict[str, int] = {}  # "up_smashed_indices" -> bytes this round (declared keys)
 
-    def add(self, direction: str, kind: str, nbytes: int, *, paper: bool = True, count: int = 1) -> None:
+    def declare_parts(self, direction: str, kind: str, names) -> None:
+        """Messages of (direction, kind) are split into components ``names`` (a codec's values,
+        scales, indices, header): each round reports them as ``bytes_{direction}_{kind}_{name}``."""
+        for name in names:
+            self._parts.setdefault(f"{direction}_{kind}_{name}", 0)
+
+    def add(self, direction: str, kind: str, nbytes: int, *, paper: bool = True, count: int = 1,
+            parts: dict | None = None) -> None:
         """Record ``count`` messages of ``nbytes`` each. ``paper=False`` keeps it out of the
-        authors' convention (labels, the initial broadcast)."""
+        authors' convention (labels, the initial broadcast). ``parts``: the bytes of one message
+        by component (declared with :meth:`declare_parts`; they must add up to ``nbytes``)."""
+        if parts is not None:
+            if sum(parts.values()) != nbytes:
+                raise ValueError(f"ledger: the components {parts} of a {kind} message do not add up "
+                                 f"to its {nbytes} bytes")
+            for name, b in parts.items():
+                key = f"{direction}_{kind}_{name}"
+                if key not in self._parts:
+                    raise ValueError(f"ledger: component {name!r} of {direction} {kind} was not declared")
+                self._parts[key] += int(b) * int(count)
         if direction not in DIRECTIONS:
             raise ValueError(f"ledger: direction must be one of {DIRECTIONS}, got {direction!r}")
         if kind not in KINDS:
@@ -62,6 +80,9 @@ class Ledger:
         out["round_bytes_paper"] = self._round_paper
         out["comm_bytes"] = self.comm_bytes
         out["comm_bytes_paper"] = self.comm_bytes_paper
+        for key in self._parts:
+            out[f"bytes_{key}"] = self._parts[key]
+            self._parts[key] = 0
         self._round = defaultdict(int)
         self._round_total = 0
         self._round_paper = 0
