@@ -99,18 +99,12 @@ def parse(text: str, option: str = "--uplink") -> Spec:
 # Top-k payload
 
 
-def topk_indices(a: torch.Tensor, k: int) -> torch.Tensor:
-    """Per row of ``a`` [N, M] (magnitudes, finite) the positions of the k largest, ascending;
-    among equal magnitudes the lower positions win. int64 [N, k]."""
-    n, m = a.shape
-    if k >= m:
-        return torch.arange(m, device=a.device).expand(n, m).contiguous()
-    thr = torch.topk(a, k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
-    above = a > thr
-    need = k - above.sum(dim=1, keepdim=True)
-    tied = a == thr
-    keep = above | (tied & (tied.cumsum(dim=1) <= need))
-    return keep.nonzero()[:, 1].view(n, k)
+def topk_indices(a: torch.Tensor, k: int, backend: str | None = None) -> torch.Tensor:
+    """Per row of ``a`` [N, M] (finite) the positions of the k largest magnitudes, ascending;
+    among equal magnitudes the lower positions win. int64 [N, k] (fsl_fast.ops.topk)."""
+    from fsl_fast.ops.topk import topk_rows
+
+    return topk_rows(a, k, backend)[0]
 
 
 def index_coding(index: torch.Tensor, m: int) -> tuple[str, int, int]:
@@ -244,14 +238,14 @@ class Codec:
             return self._quantize(z, seed)
         n = z.shape[0]
         z2 = z.reshape(n, -1)
-        if not bool(torch.isfinite(z2).all()):
-            bad = int((~torch.isfinite(z2)).any(dim=1).nonzero()[0, 0])
-            raise ValueError(f"topk: the tensor of shape {tuple(z.shape)} has non-finite values "
-                             f"(first in row {bad})")
         m = z2.shape[1]
         k = self.k_of(m)
-        index = topk_indices(z2.abs(), k) if m else z2.new_empty((n, 0), dtype=torch.int64)
-        values = torch.gather(z2, 1, index).float()
+        if m:
+            from fsl_fast.ops.topk import topk_rows
+
+            index, values = topk_rows(z2, k)
+        else:
+            index, values = z2.new_empty((n, 0), dtype=torch.int64), z2.new_empty((n, 0))
         coding, width, nb = index_coding(index, m)
         if self.spec.bits is not None:
             values = self._quantize(values, seed)

@@ -13,7 +13,12 @@ import torch
 from fsl_fast import codec as C
 from fsl_fast.algorithms import Algorithm
 from fsl_fast.config import Config, ConfigError
+from fsl_fast.ops import available
+from fsl_fast.ops.topk import topk_rows
 from fsl_fast.train import main
+
+CPP = available("cpp", "cpu")
+needs_cpp = pytest.mark.skipif(not CPP[0], reason=f"needs the C++ extension: {CPP[1]}")
 
 TINY = ["--dataset", "synthetic:1x28x28", "--clients", "4", "--batch-size", "32", "--threads", "1",
         "--no-progress", "--schedule", "parallel", "--align-epochs", "2", "--align-interval", "1"]
@@ -78,6 +83,19 @@ def test_topk_equals_a_stable_sort(seed):
         assert torch.equal(C.topk_indices(a, k), want), k
 
 
+@needs_cpp
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (5, 97), (64, 2048), (4, 20000)])
+@pytest.mark.parametrize("data", ["normal", "ties", "zeros", "tiny"])
+def test_cpp_selection_equals_the_reference(seed, shape, data):
+    x = {"normal": torch.randn(shape), "ties": torch.randint(-3, 4, shape).float(),
+         "zeros": torch.zeros(shape), "tiny": torch.randn(shape) * 1e-40}[data]  # subnormals
+    m = shape[1]
+    for k in sorted({1, min(2, m), max(1, m // 3), max(1, m - 1), m}):
+        ri, rv = topk_rows(x, k, backend="reference")
+        ci, cv = topk_rows(x, k, backend="cpp")
+        assert torch.equal(ri, ci) and torch.equal(rv, cv), (shape, data, k)
+
+
 def test_index_coding_picks_the_smaller_and_counts_exactly():
     # rows of 20: bitmap = 3 bytes per row; gaps [0, 18] and [5, 0] need 5 bits
     idx = torch.tensor([[0, 19], [5, 6]])
@@ -128,7 +146,10 @@ def test_decode_puts_the_kept_values_back(seed):
 def test_nonfinite_input_is_an_error():
     z = torch.randn(3, 10)
     z[1, 4] = float("nan")
-    with pytest.raises(ValueError, match="non-finite values .first in row 1"):
+    for backend in ("reference",) + (("cpp",) if CPP[0] else ()):
+        with pytest.raises(ValueError, match=r"x of shape \(3, 10\) has non-finite values \(first in row 1\)"):
+            topk_rows(z, 5, backend=backend)
+    with pytest.raises(ValueError, match="first in row 1"):
         C.Codec(C.parse("topk:0.5")).encode(z)
 
 

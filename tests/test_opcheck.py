@@ -93,6 +93,10 @@ def _dequantize(bits, gs):
     return (q.codes, q.scales, bits, q.group_size or 50, torch.empty(6, 50))
 
 
+def _topk(k):
+    return (torch.randint(-3, 4, (5, 40)).float(), k, torch.empty(5, k, dtype=torch.int64), torch.empty(5, k))
+
+
 # op -> {case name: argument builder}
 CASES = {
     "adam_step": {"flat": _adam},
@@ -112,6 +116,7 @@ CASES = {
                        "int2_g8": lambda: _quantize(2, 8)},
     "quantize_dequantize_": {"int8_row": lambda: _dequantize(8, 0), "int4_g16": lambda: _dequantize(4, 16),
                              "int2_g8": lambda: _dequantize(2, 8)},
+    "topk_rows_": {"k7_ties": lambda: _topk(7), "k_all": lambda: _topk(40)},
 }
 
 

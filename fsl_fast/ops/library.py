@@ -34,6 +34,7 @@ OPS = {
     "pool_relu_bwd": "python",
     "quantize_rows_": "python",
     "quantize_dequantize_": "python",
+    "topk_rows_": "python",
 }
 DIFFERENTIABLE = ("pool_relu_fwd", "lrn_fwd", "conv_pool_relu_fwd")
 
@@ -129,6 +130,7 @@ _FAKES = {
     "fedavg_broadcast": _nothing,
     "quantize_rows_": _nothing,
     "quantize_dequantize_": _nothing,
+    "topk_rows_": _nothing,
 }
 
 

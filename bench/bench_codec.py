@@ -1,0 +1,87 @@
+"""The top-k codec's encode + decode (fsl_fast/codec.py): the eager PyTorch reference
+(``FSL_FAST_BACKEND=reference``: torch.topk threshold, tie mask, nonzero, gather) against the C++
+selection (csrc/topk.cpp) with the C++ quantization, one process, same messages checked first.
+
+    OMP_NUM_THREADS=1 python -m pytest bench/bench_codec.py --benchmark-only -q
+
+``extra_info``: ``ratio_vs_eager`` (this variant's speed-up over the reference, same shape and
+spec, measured earlier in the process), ``gbps`` (bytes of the dense tensor read by the encoder
+and written by the decoder, per call) and ``copy_gbps`` (a clone of the same tensor, for scale).
+"""
+import os
+import sys
+import time
+
+import pytest
+import torch
+
+from bench.common import pick
+from fsl_fast import codec as C
+from fsl_fast.ops import _backend
+
+SHAPES = pick([(256, 8192), (256, 256, 2, 2)], [(64, 4096)])  # 8 MiB (the target's size), resnet18's cut
+SPECS = ["topk:0.05", "topk:0.05,int4", "topk:0.01,int8"]
+_EAGER: dict = {}
+_ROWS: list = []
+
+
+def _ids(s):
+    return "x".join(map(str, s))
+
+
+def _roundtrip(cod, z):
+    return cod.decode(cod.encode(z, seed=7))
+
+
+def _with_backend(name, fn):
+    old = os.environ.get(_backend.ENV_BACKEND)
+    os.environ[_backend.ENV_BACKEND] = name
+    try:
+        return fn()
+    finally:
+        if old is None:
+            os.environ.pop(_backend.ENV_BACKEND, None)
+        else:
+            os.environ[_backend.ENV_BACKEND] = old
+
+
+def _copy_gbps(z):
+    best = float("inf")
+    for _ in range(7):
+        t = time.perf_counter()
+        z.clone()
+        best = min(best, time.perf_counter() - t)
+    return 2 * z.numel() * 4 / best / 1e9
+
+
+@pytest.mark.parametrize("variant", ["eager", "cpp"])
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+def test_topk_codec(benchmark, shape, spec, variant):
+    if variant == "cpp" and not _backend.available("cpp", "cpu")[0]:
+        pytest.skip(f"C++ extension unavailable: {_backend.available('cpp', 'cpu')[1]}")
+    torch.manual_seed(0)
+    z = torch.randn(shape)
+    cod = C.Codec(C.parse(spec))
+    backend = "reference" if variant == "eager" else "cpp"
+    want = _with_backend("reference", lambda: _roundtrip(cod, z))
+    got = _with_backend(backend, lambda: _roundtrip(cod, z))
+    assert torch.equal(got, want), "the variants' messages differ"
+    benchmark.pedantic(lambda: _with_backend(backend, lambda: _roundtrip(cod, z)), rounds=7, iterations=1,
+                       warmup_rounds=1)
+    med = benchmark.stats.stats.median
+    key = (shape, spec)
+    if variant == "eager":
+        _EAGER[key] = med
+    info = {"gbps": round(2 * z.numel() * 4 / med / 1e9, 2), "copy_gbps": round(_copy_gbps(z), 1)}
+    if variant != "eager" and key in _EAGER:
+        info["ratio_vs_eager"] = round(_EAGER[key] / med, 2)
+    benchmark.extra_info.update(info)
+    _ROWS.append((_ids(shape), spec, variant, med * 1e3, info.get("ratio_vs_eager", "")))
+
+
+def teardown_module(module):
+    if _ROWS:
+        sys.stderr.write("\n| shape | spec | variant | encode+decode (ms) | vs eager |\n|---|---|---|---|---|\n")
+        for r in _ROWS:
+            sys.stderr.write(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.2f} | {r[4]} |\n")
