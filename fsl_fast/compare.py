@@ -55,16 +55,23 @@ class Variant:
     """One run of the study: an algorithm, with or without a compressed uplink."""
 
     algorithm: str
-    quantize: str = "none"
+    quantize: str = "none"  # the uplink codec (--uplink SPEC; int8/int4 as --quantize)
 
     @property
     def name(self) -> str:
-        return self.algorithm if self.quantize == "none" else f"{self.algorithm}-{self.quantize}"
+        slug = self.quantize.replace(":", "").replace(",", "-")
+        return self.algorithm if self.quantize == "none" else f"{self.algorithm}-{slug}"
 
     @property
     def label(self) -> str:
         base = LABELS[self.algorithm]
         return base if self.quantize == "none" else f"{base} ({self.quantize} uplink)"
+
+    def codec_options(self) -> dict:
+        """Config keys of the uplink: --quantize for int8/int4 (as studies before --uplink), else --uplink."""
+        if self.quantize in ("none", "int8", "int4"):
+            return {"quantize": self.quantize}
+        return {"uplink": self.quantize}
 
 
 @dataclass
@@ -236,6 +243,16 @@ def ranking(rows: list[RunSummary]) -> str:
 
 
 # -- plot --------------------------------------------------------------------------------------
+_LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1)), (0, (1, 2)))
+
+
+def _linestyle(v, variants):
+    """Solid for an algorithm's uncompressed run, then one dash pattern per codec variant."""
+    same = [w.quantize for w in variants if w.algorithm == v.algorithm]
+    plain = 0 if v.quantize == "none" else 1 + [q for q in same if q != "none"].index(v.quantize)
+    return _LINESTYLES[plain % len(_LINESTYLES)]
+
+
 STYLE = {"fsl_sage": ("tab:red", "o"), "cse_fsl": ("tab:blue", "s"), "splitfed_v1": ("tab:green", "^"),
          "splitfed_v2": ("tab:olive", "v"), "fedavg": ("tab:purple", "D")}
 
@@ -253,10 +270,9 @@ def plot(rows: list[RunSummary], path: Path, title: str, target: float, budget_g
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
     for r in rows:
         color, marker = STYLE[r.variant.algorithm]
-        dashed = r.variant.quantize != "none"
         gib, acc = zip(*r.curve)
         ax.plot(gib, acc, color=color, marker=marker, markersize=2.5, linewidth=1.2,
-                linestyle="--" if dashed else "-", label=r.variant.label)
+                linestyle=_linestyle(r.variant, [q.variant for q in rows]), label=r.variant.label)
     ax.axhline(target, color="gray", linewidth=0.8, linestyle=":")
     ax.axvline(budget_gib, color="gray", linewidth=0.8, linestyle="-.")
     if log_x:
@@ -299,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
       help="stop each run when it reaches --budget-gib (the authors' protocol); --rounds is then a cap")
     a("--quantize-sage", nargs="?", const="int8", default=None, choices=("int8", "int4"),
       help="also run FSL-SAGE with this uplink compression (int8 when given without a value)")
+    a("--codec", action="append", default=[], metavar="ALGO=SPEC",
+      help="also run ALGO with the uplink codec SPEC (as fsl_fast.train --uplink, e.g. "
+           "fsl_sage=topk:0.05,int4); repeatable")
     a("--engine", choices=("fused", "reference"), default="fused")
     a("--seeds", default=None, metavar="S1,S2,...",
       help="run every configuration once per seed (into OUT/<run>/seed-<S>) and report mean and "
@@ -355,6 +374,15 @@ def main(argv=None) -> int:
             if "fsl_sage" not in algos:
                 raise ConfigError("--quantize-sage: needs fsl_sage in --algorithms")
             variants.insert(1, Variant("fsl_sage", args.quantize_sage))
+        for item in args.codec:
+            algo, sep, spec = item.partition("=")
+            if not sep or algo not in algos or not spec:
+                raise ConfigError(f"--codec: expected ALGO=SPEC with ALGO in --algorithms, got {item!r}")
+            v = Variant(algo, spec)
+            if v.name in {w.name for w in variants}:
+                raise ConfigError(f"--codec: {item!r} is already in the study")
+            last = max(i for i, w in enumerate(variants) if w.algorithm == algo)
+            variants.insert(last + 1, v)
         rounds = _per_run_rounds(args.rounds_for, args.rounds, {v.name for v in variants})
         seeds = _seeds(args.seeds, given)
         out = Path(args.out) if args.out else Path("runs") / f"compare-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -363,7 +391,7 @@ def main(argv=None) -> int:
             for s in seeds or [None]:
                 kw = dict(given, **({"seed": s} if s is not None else {}))
                 cfgs[v.name, s] = Config(**kw, algorithm=v.algorithm, rounds=rounds[v.name],
-                                         partition=args.partition, alpha=args.alpha, quantize=v.quantize,
+                                         partition=args.partition, alpha=args.alpha, **v.codec_options(),
                                          fused=args.engine == "fused",
                                          comm_budget_gib=args.budget_gib if args.stop_at_budget else None).resolved()
         base = cfgs[variants[0].name, seeds[0] if seeds else None]
@@ -514,7 +542,7 @@ def _plot_seeds(variants, seeds, per_seed, path: Path, cfg, args, budget) -> Non
         mean = [sum(a) / len(a) for a in accs]
         color, marker = STYLE[v.algorithm]
         ax.plot(gib, mean, color=color, marker=marker, markersize=2.5, linewidth=1.2,
-                linestyle="--" if v.quantize != "none" else "-", label=f"{v.label} (mean of {len(seeds)})")
+                linestyle=_linestyle(v, variants), label=f"{v.label} (mean of {len(seeds)})")
         ax.fill_between(gib, [min(a) for a in accs], [max(a) for a in accs], color=color, alpha=0.15, linewidth=0)
         xs_all += gib
     ax.axhline(args.target, color="gray", linewidth=0.8, linestyle=":")

@@ -239,3 +239,36 @@ def test_compare_reads_training_options_from_a_config_file(tmp_path, capsys):
     f.write_text('algorithm = "fedavg"\n')  # compare owns the algorithm
     assert compare.main(["--out", str(tmp_path / "x"), "--config", str(f), "--no-progress"]) == 2
     assert "--algorithm: not a per-study training option" in capsys.readouterr().err
+
+
+def test_compare_codec_variants(tmp_path):
+    """--codec ALGO=SPEC: an uplink codec as another variant of the algorithm (its own run, its
+    own row), less smashed data than the uncompressed run."""
+    out = tmp_path / "codecs"
+    argv = ["--out", str(out), "--algorithms", "fsl_sage,splitfed_v2", "--target", "0.3",
+            "--codec", "fsl_sage=topk:0.1,int4", "--codec", "splitfed_v2=int2", "--codec", "fsl_sage=int8"] + TINY
+    assert compare.main(argv) == 0
+    names = ["fsl_sage", "fsl_sage-topk0.1-int4", "fsl_sage-int8", "splitfed_v2", "splitfed_v2-int2"]
+    for name in names:
+        assert (out / name / "results.json").is_file(), name
+    cfg = json.loads((out / "fsl_sage-topk0.1-int4" / "config.json").read_text())
+    assert (cfg["uplink"], cfg["quantize"]) == ("topk:0.1,int4", "none")
+    assert json.loads((out / "fsl_sage-int8" / "config.json").read_text())["quantize"] == "int8"
+    with open(out / "summary.csv") as f:
+        rows = {r["run"]: r for r in csv.DictReader(f)}
+    assert list(rows) == names
+    smashed = {n: sum(r["bytes_up_smashed"] for r in _metrics(out / n)) for n in names}
+    assert smashed["fsl_sage-topk0.1-int4"] * 8 < smashed["fsl_sage"]
+    assert smashed["splitfed_v2-int2"] * 8 < smashed["splitfed_v2"]
+    md = (out / "summary.md").read_text()
+    assert "FSL-SAGE (topk:0.1,int4 uplink)" in md and "SplitFed v2 (int2 uplink)" in md
+
+
+@pytest.mark.parametrize("codec,msg", [("fedavg=int8", "ALGO in --algorithms"), ("fsl_sage", "ALGO=SPEC"),
+                                       ("fsl_sage=topk:7", "topk:F needs"), ("fsl_sage=int8", "already in")])
+def test_compare_bad_codec(tmp_path, capsys, codec, msg):
+    extra = ["--quantize-sage"] if codec == "fsl_sage=int8" else []
+    assert compare.main(["--out", str(tmp_path / "x"), "--algorithms", "fsl_sage", "--codec", codec]
+                        + extra + TINY) == 2
+    assert msg in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
