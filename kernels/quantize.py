@@ -86,13 +86,22 @@ def _quant_tile_kernel(x_ptr, codes_ptr, scales_ptr, M, G, gs, n_groups, key,
     code = _codes(x, inv[:, None], offs, keyu, QMAX, STOCH)
     if BITS == 8:
         tl.store(codes_ptr + offs, code.to(tl.int8), mask=mask)
-    else:
+    elif BITS == 4:
         lo, hi = tl.split(tl.reshape(code, (R, GS_PAD // 2, 2)))
         byte = (lo & 0xF) | ((hi & 0xF) << 4)
         jb = tl.arange(0, GS_PAD // 2)
         mb_cols = (M + 1) // 2
         boffs = row[:, None] * mb_cols + (c0 // 2)[:, None] + jb[None, :]
         bmask = gvalid[:, None] & (jb[None, :] < ((glen + 1) // 2)[:, None])
+        tl.store(codes_ptr + boffs, byte.to(tl.uint8), mask=bmask)
+    else:  # int2: element 4p + t in bits 2t, 2t + 1 of byte p
+        even, odd = tl.split(tl.reshape(code, (R, GS_PAD // 4, 2, 2)))
+        t0, t2 = tl.split(even)
+        t1, t3 = tl.split(odd)
+        byte = (t0 & 3) | ((t1 & 3) << 2) | ((t2 & 3) << 4) | ((t3 & 3) << 6)
+        jb = tl.arange(0, GS_PAD // 4)
+        boffs = row[:, None] * ((M + 3) // 4) + (c0 // 4)[:, None] + jb[None, :]
+        bmask = gvalid[:, None] & (jb[None, :] < ((glen + 3) // 4)[:, None])
         tl.store(codes_ptr + boffs, byte.to(tl.uint8), mask=bmask)
 
 
@@ -116,17 +125,26 @@ def _quant_loop_kernel(x_ptr, codes_ptr, scales_ptr, M, G, gs, key,
     keyu = key.to(tl.uint32)
     bbase = row * ((M + 1) // 2) + c0 // 2
     jb = tl.arange(0, BLOCK // 2)
+    qbase = row * ((M + 3) // 4) + c0 // 4
+    jq = tl.arange(0, BLOCK // 4)
     for s in range(0, glen, BLOCK):
         offs = base + s + j
         x = tl.load(x_ptr + offs, mask=(s + j) < glen, other=0.0).to(tl.float32)
         code = _codes(x, inv, offs, keyu, QMAX, STOCH)
         if BITS == 8:
             tl.store(codes_ptr + offs, code.to(tl.int8), mask=(s + j) < glen)
-        else:
+        elif BITS == 4:
             lo, hi = tl.split(tl.reshape(code, (BLOCK // 2, 2)))
             byte = (lo & 0xF) | ((hi & 0xF) << 4)
             tl.store(codes_ptr + bbase + s // 2 + jb, byte.to(tl.uint8),
                      mask=(s // 2 + jb) < (glen + 1) // 2)
+        else:
+            even, odd = tl.split(tl.reshape(code, (BLOCK // 4, 2, 2)))
+            t0, t2 = tl.split(even)
+            t1, t3 = tl.split(odd)
+            byte = (t0 & 3) | ((t1 & 3) << 2) | ((t2 & 3) << 4) | ((t3 & 3) << 6)
+            tl.store(codes_ptr + qbase + s // 4 + jq, byte.to(tl.uint8),
+                     mask=(s // 4 + jq) < (glen + 3) // 4)
 
 
 @triton.jit
@@ -138,10 +156,14 @@ def _dequant_kernel(codes_ptr, scales_ptr, out_ptr, M, G, gs, n_blk,
     mask = col < M
     if BITS == 8:
         c = tl.load(codes_ptr + row * M + col, mask=mask, other=0).to(tl.int32)
-    else:
+    elif BITS == 4:
         b = tl.load(codes_ptr + row * ((M + 1) // 2) + col // 2, mask=mask, other=0).to(tl.int32)
         nib = tl.where((col & 1) == 1, b >> 4, b & 0xF)
         c = (nib ^ 8) - 8
+    else:
+        b = tl.load(codes_ptr + row * ((M + 3) // 4) + col // 4, mask=mask, other=0).to(tl.int32)
+        pair = (b >> (2 * (col & 3))) & 3
+        c = (pair ^ 2) - 2
     s = tl.load(scales_ptr + row * G + col // gs, mask=mask, other=0.0)
     v = c.to(tl.float32) * s
     tl.store(out_ptr + row * M + col, v.to(out_ptr.dtype.element_ty), mask=mask)
@@ -152,11 +174,11 @@ def quantize_rows(x2: torch.Tensor, bits: int, gs: int, stochastic: bool, key: i
     """x2 [N, M] contiguous; writes codes and scales in place (shapes checked by the caller)."""
     n, m = x2.shape
     g = scales.shape[1]
-    qmax = 127 if bits == 8 else 7
+    qmax = {8: 127, 4: 7, 2: 1}[bits]
     n_groups = n * g
     common = dict(BITS=bits, STOCH=bool(stochastic), QMAX=qmax, QMAXF=float(qmax))
     if gs <= TILE_MAX:
-        gs_pad = max(triton.next_power_of_2(gs), 2)
+        gs_pad = max(triton.next_power_of_2(gs), 4 if bits == 2 else 2)
         r = max(1, TILE_ELEMS // gs_pad)
         grid = (triton.cdiv(n_groups, r),)
         # About 16 elements per thread: an 8192-element tile with 8 warps would hold 32 values

@@ -29,8 +29,9 @@ bit, and tests check codes and scales for equality with :func:`quantize_referenc
   ``M`` leaves the last high nibble 0. ``group_size`` must be even for int4 so groups never share
   a byte. int2 (``qmax`` 1: codes -1, 0, 1): ``codes`` uint8 ``[N, ceil(M / 4)]``, element
   ``4j + t`` in bits ``2t, 2t + 1`` of byte ``j`` (two's complement), unused pairs 0;
-  ``group_size`` divisible by 4, default 32. No CUDA/Triton int2 kernel yet: on CUDA tensors int2
-  runs the PyTorch reference. ``scales`` float32 ``[N, G]``, ``G = ceil(M / group_size)`` (1 for per-row int8).
+  ``group_size`` divisible by 4, default 32. int2 has C++ and Triton kernels; the CUDA backend
+  runs the PyTorch reference for it (no CUDA int2 kernel yet). ``scales`` float32 ``[N, G]``,
+  ``G = ceil(M / group_size)`` (1 for per-row int8).
 * Dequantize: ``fl(code * scale)`` in float32, then rounded to nearest-even into the output dtype.
 * Non-finite input raises ``ValueError`` naming the first bad row (the kernels report it through
   a non-finite scale; ``out=`` buffers then hold unspecified values).
@@ -399,8 +400,8 @@ def _reference_dequantize(codes, scales, bits, gs, out2):
     out2.copy_(c.to(torch.float32) * s)
 
 
-# int2 has a C++ CPU kernel; on CUDA tensors it runs the PyTorch reference whichever backend was
-# picked (no CUDA or Triton int2 kernel yet; the codes are the same by the contract).
+# int2 has C++ and Triton kernels; the CUDA backend has none and runs the PyTorch reference for it
+# (the codes are the same by the contract).
 
 
 def _cpp_quantize(x2, bits, gs, stochastic, key, codes, scales):
@@ -416,16 +417,12 @@ def _cpp_dequantize(codes, scales, bits, gs, out2):
 
 
 def _triton_quantize(x2, bits, gs, stochastic, key, codes, scales):
-    if bits == 2:
-        return _reference_quantize(x2, bits, gs, stochastic, key, codes, scales)
     from fsl_fast.kernels import quantize as k
 
     k.quantize_rows(x2, bits, gs, stochastic, key, codes, scales)
 
 
 def _triton_dequantize(codes, scales, bits, gs, out2):
-    if bits == 2:
-        return _reference_dequantize(codes, scales, bits, gs, out2)
     from fsl_fast.kernels import quantize as k
 
     k.dequantize_rows(codes, scales, bits, gs, out2)

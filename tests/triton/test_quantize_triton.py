@@ -25,7 +25,7 @@ def _dtypes():
 
 # (2, 9000) per-row int8 goes through the looped kernel (groups longer than TILE_MAX = 8192).
 SHAPES = [(1, 7), (3, 129), (2, 5, 3, 3), (2, 9000)]
-CONFIGS = [(8, None), (8, 5), (4, None), (4, 6), (4, 9000)]
+CONFIGS = [(8, None), (8, 5), (4, None), (4, 6), (4, 9000), (2, None), (2, 12), (2, 9008)]
 
 
 @pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
