@@ -1049,7 +1049,7 @@ class _DistributedMessages:
     def send_smashed(self, k, z, y):
         topo, t = self.dist_topo, self.dist_transport
         owner = topo.owner(k)
-        codec = self.uplink  # none, int8 or int4 here (Config refuses the others)
+        codec = self.uplink  # none, int8, int4 or int2 here (Config refuses the others)
         quant = None
         if not codec.lossless:
             from fsl_fast.ops import quantize as quant
@@ -1140,15 +1140,16 @@ class _DistributedMessages:
 
 def _quantized_shapes(shape, bits: int, group_size: int):
     """Codes and scales shapes of fsl_fast.ops.quantize for activations of ``shape`` (its contract:
-    rows = shape[0], M = the rest; int8 per row when group_size is 0; int4 packs two per byte)."""
+    rows = shape[0], M = the rest; int8 per row when group_size is 0; int4 packs two per byte,
+    int2 four; both default to groups of 32)."""
     n, m = shape[0], math.prod(shape[1:])
     gs = group_size or None
-    if bits == 4 and gs is None:
+    if bits in (4, 2) and gs is None:
         gs = 32
     groups = 1 if gs is None else -(-m // gs)
     if bits == 8:
         return (n, m), (n, groups), torch.int8, gs
-    return (n, -(-m // 2)), (n, groups), torch.uint8, gs
+    return (n, -(-m // (8 // bits))), (n, groups), torch.uint8, gs
 
 
 def distributed_algorithm(cls):

@@ -175,7 +175,7 @@ def test_error_feedback_carries_the_residual(seed):
 @pytest.mark.parametrize("kw,needle", [
     (dict(quantize="int8", uplink="int4"), "give one"),
     (dict(algorithm="fsl_sage", downlink="int8"), "only SplitFed"),
-    (dict(distributed=True, uplink="topk:0.1"), "distributed runtime carries the int8 and int4"),
+    (dict(distributed=True, uplink="topk:0.1"), "distributed runtime carries the int8, int4 and int2"),
     (dict(distributed=True, uplink="int8,ef"), "distributed runtime"),
     (dict(uplink="int9"), "unknown stage"),
     (dict(algorithm="splitfed_v2", downlink="topk:3"), "--downlink: topk:F"),

@@ -184,20 +184,25 @@ def test_allreduce_fedavg_matches_within_rounding(tmp_path):
         assert r["wire_up_aux_model"] == r["wire_down_aux_model"] == 2 * aux_b
 
 
-def test_quantized_uplink_equals_in_process(tmp_path):
+@pytest.mark.parametrize("uplink", [["--quantize", "int8"], ["--uplink", "int2:g16"]], ids=["int8", "int2"])
+def test_quantized_uplink_equals_in_process(tmp_path, uplink):
     try:
         import fsl_fast.ops.quantize  # noqa: F401
     except ImportError as e:
         pytest.skip(f"fsl_fast.ops.quantize is not importable yet ({e}); int8 uplink not testable")
-    args = ["--algorithm", "splitfed_v2", "--rounds", "2", "--quantize", "int8"] + TINY
+    args = ["--algorithm", "splitfed_v2", "--rounds", "2"] + uplink + TINY
     out = tmp_path / "dist"
     rc, _, err = _run(args + ["--out", str(out), "--dist-timeout", "60"])
     assert rc == 0, err[-3000:]
     dm = _metrics(out)
     _same_metrics(dm, _local(tmp_path, args))
     for r in dm:
-        # codes (1 byte per value) + one float32 scale per row: about a quarter of float32
+        # int8: codes (1 byte per value) + one float32 scale per row: about a quarter of float32;
+        # int2: a quarter byte per value + a scale per 16 values
         assert r["wire_up_smashed"] == r["bytes_up_smashed"] < r["wire_down_gradients"] / 3
+        assert r["bytes_up_smashed"] == r["bytes_up_smashed_values"] + r["bytes_up_smashed_scales"]
+        if uplink[1].startswith("int2"):
+            assert r["bytes_up_smashed"] * 7 < r["wire_down_gradients"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,7 +412,7 @@ def test_quantized_shapes_follow_the_quantize_contract(seed):
     from fsl_fast.distributed import _quantized_shapes
 
     x = torch.randn(6, 3, 5, 7)
-    for bits, gs in ((8, 0), (8, 16), (4, 0), (4, 10)):
+    for bits, gs in ((8, 0), (8, 16), (4, 0), (4, 10), (2, 0), (2, 12)):
         q = Q.quantize(x, bits=bits, group_size=gs or None)
         cs, ss, cd, g = _quantized_shapes(tuple(x.shape), bits, gs)
         assert (tuple(q.codes.shape), tuple(q.scales.shape), q.codes.dtype, q.group_size) == (cs, ss, cd, g)
