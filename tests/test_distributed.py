@@ -55,15 +55,19 @@ def _launch(args, nproc=3):
                             text=True, start_new_session=True)
 
 
-def _run(args, nproc=3, timeout=240):
-    proc = _launch(args, nproc)
+def _finish(proc, timeout, what):
+    """(returncode, stdout, stderr) of a launched run; kills its process group after ``timeout``."""
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        pytest.fail(f"torchrun did not finish in {timeout} s:\n{err[-3000:]}")
+        pytest.fail(f"{what} did not finish in {timeout} s:\n{err[-3000:]}")
     return proc.returncode, out, err
+
+
+def _run(args, nproc=3, timeout=240):
+    return _finish(_launch(args, nproc), timeout, "torchrun")
 
 
 def _metrics(out: Path):
@@ -488,13 +492,7 @@ def _run_launch(args, nproc=3, timeout=240, kill_at=None):
     cmd = [sys.executable, "-m", "fsl_fast.launch", "--nproc-per-node", str(nproc)] + args
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"fsl_fast.launch did not finish in {timeout} s:\n{err[-3000:]}")
-    return proc.returncode, out, err
+    return _finish(proc, timeout, "fsl_fast.launch")
 
 
 def _as_dropouts(monkeypatch, lost_row, q):

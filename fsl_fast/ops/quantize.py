@@ -194,20 +194,15 @@ def _plan(shape, bits, group_size) -> _Plan:
                             f"{type(group_size).__name__}")
         if group_size <= 0:
             raise ValueError(f"quantize: group_size must be positive, got {group_size}")
-    if bits == 2:
+    if bits in (4, 2):  # packed: 8 // bits codes per byte, and a group never shares a byte
+        per_byte = 8 // bits
         if group_size is None:
-            group_size = DEFAULT_INT2_GROUP
-        if group_size % 4:
-            raise ValueError(f"quantize: int2 needs a group_size divisible by 4 (groups must not share "
-                             f"a packed byte), got {group_size}")
-        return _Plan(n, m, 2, group_size, group_size, -(-m // group_size), -(-m // 4))
-    if bits == 4:
-        if group_size is None:
-            group_size = DEFAULT_INT4_GROUP
-        if group_size % 2:
-            raise ValueError(f"quantize: int4 needs an even group_size (groups must not share a "
-                             f"packed byte), got {group_size}")
-        return _Plan(n, m, 4, group_size, group_size, -(-m // group_size), -(-m // 2))
+            group_size = DEFAULT_INT4_GROUP if bits == 4 else DEFAULT_INT2_GROUP
+        if group_size % per_byte:
+            need = "an even group_size" if bits == 4 else "a group_size divisible by 4"
+            raise ValueError(f"quantize: int{bits} needs {need} (groups must not share a packed byte), "
+                             f"got {group_size}")
+        return _Plan(n, m, bits, group_size, group_size, -(-m // group_size), -(-m // per_byte))
     if group_size is None:
         return _Plan(n, m, 8, None, max(m, 1), 1, m)
     return _Plan(n, m, 8, group_size, group_size, -(-m // group_size), m)
