@@ -14,11 +14,15 @@ from setuptools import setup
 def _extensions():
     if os.environ.get("FSL_FAST_NO_EXT") == "1":
         return [], {}
+    import importlib.util
+
     import torch
     from torch.utils import cpp_extension as ce
 
-    march = os.environ.get("FSL_FAST_MARCH", "native")
-    cxx = ["-O3", "-fopenmp", "-fno-math-errno"] + ([f"-march={march}"] if march else [])
+    spec = importlib.util.spec_from_file_location("fsl_fast_buildflags", os.path.join("fsl_fast", "buildflags.py"))
+    flags = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(flags)
+    cxx = flags.cxx()
     cpu_src = sorted(s for s in glob.glob("csrc/*.cpp") if not s.endswith("_cuda.cpp"))
     want_cuda = os.environ.get("FSL_FAST_CUDA")
     has_cuda = torch.version.cuda is not None and ce.CUDA_HOME is not None
@@ -28,12 +32,12 @@ def _extensions():
             "fsl_fast._C",
             cpu_src + cu_src,
             define_macros=[("FSL_FAST_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
-            extra_link_args=["-fopenmp"],
+            extra_compile_args={"cxx": cxx, "nvcc": flags.NVCC},
+            extra_link_args=flags.LINK,
         )
     else:
         ext = ce.CppExtension(
-            "fsl_fast._C", cpu_src, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"]
+            "fsl_fast._C", cpu_src, extra_compile_args={"cxx": cxx}, extra_link_args=flags.LINK
         )
     return [ext], {"build_ext": ce.BuildExtension.with_options(use_ninja=True)}
 

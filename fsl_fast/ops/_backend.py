@@ -56,13 +56,13 @@ def _jit_build():
         os.environ.get("FSL_FAST_CACHE", Path.home() / ".cache" / "fsl_fast")
     ) / f"jit-torch{torch.__version__.replace('+', '_')}"
     build_dir.mkdir(parents=True, exist_ok=True)
-    march = os.environ.get("FSL_FAST_MARCH", "native")
-    flags = ["-O3", "-fopenmp", "-fno-math-errno"] + ([f"-march={march}"] if march else [])
+    from fsl_fast import buildflags
+
     return ce.load(
         name="fsl_fast_C_jit",
         sources=sources,
-        extra_cflags=flags,
-        extra_ldflags=["-fopenmp"],
+        extra_cflags=buildflags.cxx(),
+        extra_ldflags=buildflags.LINK,
         build_directory=str(build_dir),
         verbose=False,
     )
