@@ -36,7 +36,6 @@ OPS = {
     "quantize_dequantize_": "python",
     "topk_rows_": "python",
 }
-DIFFERENTIABLE = ("pool_relu_fwd", "lrn_fwd", "conv_pool_relu_fwd")
 
 _done: list = []
 
