@@ -85,3 +85,54 @@ def teardown_module(module):
         sys.stderr.write("\n| shape | spec | variant | encode+decode (ms) | vs eager |\n|---|---|---|---|---|\n")
         for r in _ROWS:
             sys.stderr.write(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.2f} | {r[4]} |\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU (bench/gpu_check.sh): encode + decode with the CUDA and Triton selections and quantizers
+# against the eager reference on the device, and the share of a device copy's bandwidth (the
+# dense tensor read by the encoder plus written by the decoder; the target is >= 70% at 64 MiB).
+
+GPU_SHAPES = [(256, 8192), (2048, 8192)]  # 8 and 64 MiB
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the GPU variants need "
+                                                          "torch.cuda.is_available()")
+@pytest.mark.parametrize("variant", ["eager", "cuda", "triton"])
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=_ids)
+def test_gpu_topk_codec(benchmark, shape, spec, variant):
+    backend = "reference" if variant == "eager" else variant
+    ok, why = _backend.available(backend, "cuda")
+    if not ok:
+        pytest.skip(f"{backend} backend unavailable on cuda: {why}")
+    torch.manual_seed(0)
+    z = torch.randn(shape, device="cuda")
+    cod = C.Codec(C.parse(spec))
+    want = _with_backend("reference", lambda: _roundtrip(cod, z))
+    got = _with_backend(backend, lambda: _roundtrip(cod, z))
+    assert torch.equal(got, want), "the variants' messages differ"
+
+    def fn():
+        _with_backend(backend, lambda: _roundtrip(cod, z))
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(fn, rounds=10, iterations=1, warmup_rounds=2)
+    med = benchmark.stats.stats.median
+    dst = torch.empty_like(z)
+    fn_copy = lambda: (dst.copy_(z), torch.cuda.synchronize())  # noqa: E731
+    fn_copy()
+    t = time.perf_counter()
+    for _ in range(20):
+        fn_copy()
+    copy_gbps = 2 * z.numel() * 4 / ((time.perf_counter() - t) / 20) / 1e9
+    key = ("gpu", shape, spec)
+    if variant == "eager":
+        _EAGER[key] = med
+    gbps = 2 * z.numel() * 4 / med / 1e9
+    info = {"gbps": round(gbps, 1), "copy_gbps": round(copy_gbps, 1), "pct_of_copy": round(100 * gbps / copy_gbps, 1),
+            "gpu": torch.cuda.get_device_name(0)}
+    if variant != "eager" and key in _EAGER:
+        info["ratio_vs_eager"] = round(_EAGER[key] / med, 2)
+    benchmark.extra_info.update(info)
+    _ROWS.append((_ids(shape) + " (gpu)", spec, variant, med * 1e3,
+                  f"{info.get('ratio_vs_eager', '')} ({info['pct_of_copy']}% of copy)"))

@@ -27,13 +27,14 @@ $PY -m fsl_fast.env | tee -a "$OUTDIR/device.txt"
 
 stamp "CUDA + Triton tests"
 $PY -m pytest -q -p no:cacheprovider tests/test_quantize.py tests/test_fedavg.py tests/test_flat.py \
-  tests/test_aux.py tests/test_aux_conv.py tests/test_layers.py tests/triton 2>&1 | tail -25 | tee "$OUTDIR/tests.txt"
+  tests/test_aux.py tests/test_aux_conv.py tests/test_layers.py tests/test_codec.py tests/triton 2>&1 | tail -25 | tee "$OUTDIR/tests.txt"
 
 stamp "GPU benchmarks"
 B="--benchmark-only -q -p no:cacheprovider --benchmark-min-rounds=3 --benchmark-max-time=0.1"
 $PY -m pytest bench/bench_quantize.py -k test_gpu $B --benchmark-json="$OUTDIR/bq.json" 2>&1 | tail -3
 $PY -m pytest bench/bench_fedavg.py -k test_gpu $B --benchmark-json="$OUTDIR/bf.json" 2>&1 | tail -3
 $PY -m pytest bench/bench_aux.py -k cuda $B --benchmark-json="$OUTDIR/ba.json" 2>&1 | tail -3
+$PY -m pytest bench/bench_codec.py -k test_gpu -s $B --benchmark-json="$OUTDIR/bc.json" 2>&1 | tail -24
 
 stamp "fused engine on the GPU (fsl_sage, resnet18, 10 clients, synthetic 32x32)"
 PYTHONPATH=. $PY tools/gpu_round.py 2>&1 | tail -12 | tee "$OUTDIR/round.txt"

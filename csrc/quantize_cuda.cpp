@@ -32,10 +32,11 @@ int dtype_code(at::ScalarType t, const char* what) {
 
 void check_common(const char* op, int64_t N, int64_t M, int64_t bits, int64_t gs,
                   const at::Tensor& codes, const at::Tensor& scales, const at::Device& dev) {
-  TORCH_CHECK(bits == 8 || bits == 4, op, ": bits must be 8 or 4, got ", bits);
-  TORCH_CHECK(gs >= 1 && (bits == 8 || gs % 2 == 0), op,
-              ": group_size must be >= 1 (and even for int4), got ", gs);
-  const int64_t C = bits == 8 ? M : (M + 1) / 2;
+  TORCH_CHECK(bits == 8 || bits == 4 || bits == 2, op, ": bits must be 8, 4 or 2, got ", bits);
+  const int64_t per_byte = 8 / bits;
+  TORCH_CHECK(gs >= 1 && gs % per_byte == 0, op,
+              ": group_size must be >= 1 (even for int4, divisible by 4 for int2), got ", gs);
+  const int64_t C = (M + per_byte - 1) / per_byte;
   const int64_t G = (M + gs - 1) / gs;
   TORCH_CHECK(codes.is_cuda() && codes.device() == dev && codes.is_contiguous() &&
                   codes.dim() == 2 && codes.size(0) == N && codes.size(1) == C &&

@@ -1,6 +1,8 @@
 // Uplink activation quantization, CUDA kernels (contract: docs/quantize.md). CUDA runtime only:
 // the torch binding is csrc/quantize_cuda.cpp, which validates tensors and passes the stream.
 //
+// int8 codes are one byte each; int4 packs two per byte (low nibble first), int2 four (element
+// 4p + t in bits 2t, 2t + 1 of byte p), and a group never shares a byte.
 // Short groups (<= kWarpGroupMax elements, e.g. int4 groups of 32 or narrow rows): one warp per
 // group, 8 groups per block. Long groups (per-row int8 of wide rows): one 256-thread block per
 // group with 16-byte loads; the second pass re-reads the group, which is then in L2.
@@ -97,6 +99,28 @@ __device__ __forceinline__ uint8_t pack4(int lo, int hi) {
   return static_cast<uint8_t>((lo & 0xF) | ((hi & 0xF) << 4));
 }
 
+template <int BITS>
+__host__ __device__ constexpr int qmax_of() {
+  return BITS == 8 ? 127 : BITS == 4 ? 7 : 1;
+}
+
+// Byte p of a packed (int4/int2) group of len elements starting at xg, element index ib.
+template <typename T, int BITS, bool STOCH>
+__device__ __forceinline__ uint8_t packed_byte(const T* xg, int64_t p, int64_t len, float inv,
+                                               uint32_t ib, uint32_t key) {
+  constexpr int per = 8 / BITS;
+  uint32_t byte = 0;
+#pragma unroll
+  for (int t = 0; t < per; ++t) {
+    const int64_t e = per * p + t;
+    if (e < len) {
+      const int c = code_of<STOCH>(to_f32(xg[e]), inv, qmax_of<BITS>(), ib + static_cast<uint32_t>(e), key);
+      byte |= (static_cast<uint32_t>(c) & ((1u << BITS) - 1u)) << (BITS * t);
+    }
+  }
+  return static_cast<uint8_t>(byte);
+}
+
 struct Layout {
   int64_t N, M, G, gs, code_cols;
 };
@@ -106,7 +130,7 @@ template <typename T, int BITS, bool STOCH>
 __global__ void __launch_bounds__(kThreads)
     quant_warp_kernel(const T* __restrict__ x, uint8_t* __restrict__ codes,
                       float* __restrict__ scales, Layout L, uint32_t key) {
-  constexpr int qmax = BITS == 8 ? 127 : 7;
+  constexpr int qmax = qmax_of<BITS>();
   const int lane = threadIdx.x & 31;
   const int64_t n_groups = L.N * L.G;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
@@ -131,6 +155,9 @@ __global__ void __launch_bounds__(kThreads)
       int8_t* cg = reinterpret_cast<int8_t*>(codes) + base;
       for (int j = lane; j < len; j += 32)
         cg[j] = static_cast<int8_t>(code_of<STOCH>(to_f32(xg[j]), inv, qmax, ib + j, key));
+    } else if (BITS == 2) {
+      uint8_t* cg = codes + row * L.code_cols + c0 / 4;
+      for (int p = lane; p < (len + 3) / 4; p += 32) cg[p] = packed_byte<T, 2, STOCH>(xg, p, len, inv, ib, key);
     } else {
       uint8_t* cg = codes + row * L.code_cols + c0 / 2;
       const int pairs = (len + 1) / 2;
@@ -163,7 +190,7 @@ template <typename T, int BITS, bool STOCH>
 __global__ void __launch_bounds__(kThreads)
     quant_block_kernel(const T* __restrict__ x, uint8_t* __restrict__ codes,
                        float* __restrict__ scales, Layout L, uint32_t key) {
-  constexpr int qmax = BITS == 8 ? 127 : 7;
+  constexpr int qmax = qmax_of<BITS>();
   __shared__ uint32_t red[kWarps];
   const int64_t n_groups = L.N * L.G;
   for (int64_t gi = blockIdx.x; gi < n_groups; gi += gridDim.x) {
@@ -240,6 +267,10 @@ __global__ void __launch_bounds__(kThreads)
       for (int64_t j = 4 * nv + threadIdx.x; j < len; j += kThreads)
         cg[j] = static_cast<int8_t>(
             code_of<STOCH>(to_f32(xg[j]), inv, qmax, ib + static_cast<uint32_t>(j), key));
+    } else if (BITS == 2) {  // one byte per thread step, re-reading the group (from L2)
+      uint8_t* cg = codes + row * L.code_cols + c0 / 4;  // c0 is a multiple of 4
+      for (int64_t p = threadIdx.x; p < (len + 3) / 4; p += kThreads)
+        cg[p] = packed_byte<T, 2, STOCH>(xg, p, len, inv, ib, key);
     } else {
       uint8_t* cg = codes + row * L.code_cols + c0 / 2;  // c0 is even (even group size)
 #pragma unroll
@@ -292,9 +323,12 @@ __global__ void __launch_bounds__(kThreads)
       int c;
       if (BITS == 8) {
         c = reinterpret_cast<const int8_t*>(codes)[row * L.M + col];
-      } else {
+      } else if (BITS == 4) {
         const int b = codes[row * L.code_cols + (col >> 1)];
         c = ((((col & 1u) ? (b >> 4) : b) & 0xF) ^ 8) - 8;
+      } else {
+        const int b = codes[row * L.code_cols + (col >> 2)];
+        c = (((b >> (2 * (col & 3u))) & 3) ^ 2) - 2;
       }
       store_f32(orow + col, __fmul_rn(static_cast<float>(c), srow[col / gs]));
     }
@@ -318,9 +352,12 @@ cudaError_t launch_quantize(const void* x, const Layout& L, int bits, bool stoch
   if (bits == 8) {
     if (stochastic) FSLQ_LAUNCH(8, true);
     else FSLQ_LAUNCH(8, false);
-  } else {
+  } else if (bits == 4) {
     if (stochastic) FSLQ_LAUNCH(4, true);
     else FSLQ_LAUNCH(4, false);
+  } else {
+    if (stochastic) FSLQ_LAUNCH(2, true);
+    else FSLQ_LAUNCH(2, false);
   }
 #undef FSLQ_LAUNCH
   return cudaGetLastError();
@@ -335,7 +372,8 @@ cudaError_t launch_dequantize(const void* codes, const float* scales, const Layo
   const uint8_t* cp = static_cast<const uint8_t*>(codes);
   OutT* op = static_cast<OutT*>(out);
   if (bits == 8) dequant_kernel<OutT, 8><<<grid, kThreads, 0, stream>>>(cp, scales, op, L);
-  else dequant_kernel<OutT, 4><<<grid, kThreads, 0, stream>>>(cp, scales, op, L);
+  else if (bits == 4) dequant_kernel<OutT, 4><<<grid, kThreads, 0, stream>>>(cp, scales, op, L);
+  else dequant_kernel<OutT, 2><<<grid, kThreads, 0, stream>>>(cp, scales, op, L);
   return cudaGetLastError();
 }
 

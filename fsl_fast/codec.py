@@ -186,6 +186,10 @@ def _value_parts(v) -> dict[str, int]:
             "scales": v.scales.numel() * v.scales.element_size()}
 
 
+class AtMost(int):
+    """A 1-D tensor length known only as an upper bound (the top-k positions in :meth:`Codec.wire_specs`)."""
+
+
 @dataclass
 class Counted:
     """What a message would be on the wire, for tensors without values (the meta device of
@@ -266,6 +270,48 @@ class Codec:
         out.scatter_(1, payload.index, values.float())
         return out.view(payload.shape).to(payload.dtype)
 
+    def wire_specs(self, shape) -> list[tuple[str, object, torch.dtype, str | None]]:
+        """What the receiver of a message for a tensor of ``shape`` expects, tensor by tensor, as
+        :func:`wire` sends it: (component, shape, dtype, check). The positions' length depends on
+        the message; their shape is given as an :class:`AtMost` bound."""
+        n = int(shape[0])
+        m = math.prod(shape[1:]) if len(shape) > 1 else 1
+        cols = self.k_of(m) if self.sparse else m
+        if self.spec.bits is None:
+            out = [("values", (n, cols) if self.sparse else tuple(shape), torch.float32, "finite")]
+        else:
+            from fsl_fast.ops import quantize as Q
+
+            p = Q._plan((n, cols), self.spec.bits, self.group)
+            out = [("values", (n, p.code_cols), torch.int8 if p.bits == 8 else torch.uint8, None),
+                   ("scales", (n, p.groups), torch.float32, "finite")]
+        if self.sparse:
+            out += [("header", (1,), torch.uint8, None), ("indices", AtMost(n * -(-m // 8)), torch.uint8, None)]
+        return out
+
+    def from_wire(self, shape, tensors: list[torch.Tensor]):
+        """The message rebuilt from the tensors of :meth:`wire_specs` (ValueError if malformed)."""
+        from fsl_fast.ops import quantize as Q
+
+        shape = torch.Size(shape)
+        n = int(shape[0])
+        m = math.prod(shape[1:]) if len(shape) > 1 else 1
+        cols = self.k_of(m) if self.sparse else m
+        if self.spec.bits is None:
+            values, rest = tensors[0], tensors[1:]
+        else:
+            p = Q._plan((n, cols), self.spec.bits, self.group)
+            vshape = torch.Size((n, cols)) if self.sparse else shape
+            values = Q.QuantizedTensor(tensors[0], tensors[1], vshape, torch.float32, p.bits, p.group_size)
+            rest = tensors[2:]
+        if not self.sparse:
+            return values
+        head, pos = rest
+        width = int(head[0])
+        coding = "bitmap" if width == 0 else "delta"
+        index = unpack_positions(pos, n, cols, m, coding, width)
+        return Sparse(values, index, shape, torch.float32, coding, width, int(pos.numel()))
+
     @staticmethod
     def parts(payload) -> dict[str, int]:
         """Wire bytes by component."""
@@ -311,3 +357,71 @@ def uplink_text(cfg) -> str:
     if up == "none" and q != "none":
         return q
     return up
+
+
+# ---------------------------------------------------------------------------------------------
+# Wire form: the tensors that carry a message between processes (the distributed runtime).
+# The position bytes are the real packed form whose length the ledger counts in-process.
+
+
+def _bytes_of_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Pack a flat 0/1 tensor, least significant bit first, into uint8 bytes (zero-padded)."""
+    pad = (-bits.numel()) % 8
+    if pad:
+        bits = torch.cat([bits, bits.new_zeros(pad)])
+    w = torch.arange(8, device=bits.device, dtype=torch.int32)
+    return (bits.view(-1, 8).to(torch.int32) << w).sum(dim=1).to(torch.uint8)
+
+
+def _bits_of_bytes(data: torch.Tensor) -> torch.Tensor:
+    w = torch.arange(8, device=data.device, dtype=torch.int32)
+    return ((data.to(torch.int32)[:, None] >> w) & 1).view(-1)
+
+
+def pack_positions(index: torch.Tensor, m: int, coding: str, width: int) -> torch.Tensor:
+    """The position bytes of ``index`` [N, k] (ascending per row, rows of length m) in
+    ``coding``: a bitmap of ceil(m / 8) bytes per row, or the gaps (first position, then the
+    distance to the previous one minus one), each ``width`` bits, in one bit stream over the
+    tensor. Bits go least significant first. The length is ``index_coding``'s byte count."""
+    n, k = index.shape
+    if coding == "bitmap":
+        bits = torch.zeros((n, -(-m // 8) * 8), dtype=torch.uint8, device=index.device)
+        bits.scatter_(1, index, 1)
+        return _bytes_of_bits(bits.view(-1))
+    gaps = torch.cat([index[:, :1], index[:, 1:] - index[:, :-1] - 1], dim=1).reshape(-1)
+    w = torch.arange(width, device=index.device, dtype=torch.int64)
+    return _bytes_of_bits(((gaps[:, None] >> w) & 1).to(torch.uint8).view(-1))
+
+
+def unpack_positions(data: torch.Tensor, n: int, k: int, m: int, coding: str, width: int) -> torch.Tensor:
+    """The inverse of :func:`pack_positions`; ValueError when ``data`` cannot be such a message."""
+    expect = n * -(-m // 8) if coding == "bitmap" else -(-n * k * width // 8)
+    if data.dim() != 1 or data.numel() != expect:
+        raise ValueError(f"top-k positions: {coding} of [{n}, {k}] in rows of {m} takes {expect} bytes, "
+                         f"got {data.numel()}")
+    bits = _bits_of_bytes(data)
+    if coding == "bitmap":
+        bits = bits.view(n, -1)
+        if bool(bits[:, m:].any()) or bool((bits.sum(dim=1) != k).any()):
+            raise ValueError(f"top-k positions: a bitmap row does not hold exactly {k} positions < {m}")
+        return bits.nonzero()[:, 1].view(n, k)
+    w = torch.arange(width, device=data.device, dtype=torch.int64)
+    gaps = (bits[:n * k * width].view(n * k, width).to(torch.int64) << w).sum(dim=1).view(n, k)
+    index = torch.cumsum(gaps + 1, dim=1) - 1
+    if n and k and int(index[:, -1].max()) >= m:
+        raise ValueError(f"top-k positions: a gap-coded row runs past its length {m}")
+    return index
+
+
+def wire(payload) -> list[tuple[str, torch.Tensor]]:
+    """The tensors that carry ``payload`` (a tensor, QuantizedTensor or :class:`Sparse`) between
+    processes, named by ledger component; their bytes are ``Codec.parts(payload)``."""
+    if isinstance(payload, torch.Tensor):
+        return [("values", payload)]
+    if isinstance(payload, Sparse):
+        m = math.prod(payload.shape[1:])
+        head = torch.tensor([0 if payload.coding == "bitmap" else payload.width], dtype=torch.uint8,
+                            device=payload.index.device)
+        pos = pack_positions(payload.index, m, payload.coding, payload.width)
+        return wire(payload.values) + [("header", head), ("indices", pos)]
+    return [("values", payload.codes), ("scales", payload.scales)]

@@ -255,9 +255,6 @@ class Config:
         if not down.lossless and self.algorithm not in ("splitfed_v1", "splitfed_v2"):
             raise ConfigError(f"--downlink: only SplitFed sends cut-layer gradients down "
                               f"(--algorithm {self.algorithm} has no such downlink)")
-        if self.distributed and (up.topk is not None or up.ef or not down.lossless):
-            raise ConfigError("--uplink/--downlink: the distributed runtime carries the int8, int4 and "
-                              "int2 uplink only; top-k, ef and downlink codecs run in process")
         if not (self.dist_timeout > 0 and self.dist_timeout < float("inf")):
             raise ConfigError(f"--dist-timeout: must be a positive number of seconds, got {self.dist_timeout!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):

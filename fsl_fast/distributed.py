@@ -62,6 +62,7 @@ import torch
 import torch.distributed as dist
 
 from fsl_fast import faults
+from fsl_fast.codec import AtMost, wire
 from fsl_fast.config import ConfigError
 from fsl_fast.faults import EXIT_DIVERGED, EXIT_IO, Divergence, RunIOError
 
@@ -81,9 +82,9 @@ __all__ = [
 ]
 
 MANIFEST = "checkpoints/dist.json"
-HEADER_LEN = 32
+HEADER_LEN = 48  # int64s: 5 + _MAX_TENSORS * (2 + _MAX_DIMS) = 45, padded
 _MAGIC = 0x46534C46  # "FSLF"
-_MAX_TENSORS = 3
+_MAX_TENSORS = 5  # a top-k message with quantized values: codes, scales, header, positions, labels
 _MAX_DIMS = 6
 # Message kinds -> tag base. Tags keep the streams of one (sender, receiver) pair apart; messages
 # of one kind between one pair are matched in program order, which SPMD makes identical.
@@ -425,7 +426,9 @@ class Transport:
 
     def recv(self, src: int, kind: str, client: int, specs, direction: str) -> list[torch.Tensor]:
         """Receive one message from ``src``. ``specs``: one (ledger kind, shape, dtype, check) per
-        tensor, check in (None, "finite", ("labels", num_classes)). Validates before returning."""
+        tensor, check in (None, "finite", ("labels", num_classes)); a shape given as
+        ``codec.AtMost(n)`` is a 1-D tensor of at most n elements, its length taken from the
+        message header. Validates before returning."""
         base = _KIND_TAGS[kind] * 8
         what = f"waiting for the {_about(kind, client)} from rank {src}"
         if src in self.lost:
@@ -447,8 +450,13 @@ class Transport:
             code, nd = h[o], h[o + 1]
             got_dtype = _DTYPES[code - 1] if 1 <= code <= len(_DTYPES) else f"dtype code {code}"
             got_shape = tuple(h[o + 2:o + 2 + nd]) if 0 <= nd <= _MAX_DIMS else f"{nd} dims"
-            if got_dtype != dtype or got_shape != tuple(shape):
-                raise self.error(f"{origin}: tensor {j} ({lk}) expected shape {tuple(shape)} "
+            if isinstance(shape, AtMost):
+                fits = isinstance(got_shape, tuple) and len(got_shape) == 1 and 0 <= got_shape[0] <= shape
+                shape, want = (got_shape if fits else None), f"(at most {int(shape)},)"
+            else:
+                shape = want = tuple(shape)
+            if got_dtype != dtype or got_shape != shape:
+                raise self.error(f"{origin}: tensor {j} ({lk}) expected shape {want} "
                                  f"{dtype}, got {got_shape} {got_dtype}")
             t = torch.empty(shape, dtype=dtype, device=self.device)
             self._wait_from(src, lambda: self._irecv(t, src, base + 1 + j, what), what)
@@ -1049,69 +1057,65 @@ class _DistributedMessages:
     def send_smashed(self, k, z, y):
         topo, t = self.dist_topo, self.dist_transport
         owner = topo.owner(k)
-        codec = self.uplink  # none, int8, int4 or int2 here (Config refuses the others)
-        quant = None
-        if not codec.lossless:
-            from fsl_fast.ops import quantize as quant
+        codec = self.uplink
         # The stochastic-rounding key counts every upload of the round, on every rank.
-        seed = self._stochastic_seed(k) if quant is not None else 0
+        seed = self._stochastic_seed(k) if not codec.lossless else 0
         if topo.hosts(k):
             z = z.detach()
-            if quant is None:
-                items = [("smashed", z)]
-            else:
-                p = codec.encode(z, seed)
-                items = [("smashed", p.codes), ("smashed", p.scales)]
-            t.send(0, "smashed", k, items + [("labels", y)], "up")
+            payload = z if codec.lossless else self.encode(codec, self.residual_up, k, z, seed)[0]
+            t.send(0, "smashed", k, [("smashed", w) for _, w in wire(payload)] + [("labels", y)], "up")
             return None, None
         if not topo.is_server or owner in t.lost:
             return None, None  # (lost: --tolerate-dropouts dropped the client's rank)
         b = int(y.shape[0])
         shape = (b,) + tuple(self.dist_cut_shape)
         labels = ("labels", (b,), torch.int64, ("labels", self.dist_num_classes))
+        specs = [("smashed",) + s[1:] for s in codec.wire_specs(shape)]
         try:
-            if quant is None:
-                z_srv, y_in = t.recv(owner, "smashed", k, [("smashed", shape, torch.float32, "finite"), labels],
-                                     "up")
-                payload = z_srv
-                nbytes = z_srv.numel() * z_srv.element_size()
-            else:
-                codes_shape, scales_shape, codes_dtype, gs = _quantized_shapes(shape, self._bits(),
-                                                                               codec.group or 0)
-                codes, scales, y_in = t.recv(owner, "smashed", k, [
-                    ("smashed", codes_shape, codes_dtype, None),
-                    ("smashed", scales_shape, torch.float32, "finite"), labels], "up")
+            *got, y_in = t.recv(owner, "smashed", k, specs + [labels], "up")
+            payload = self._rebuild(codec, shape, got, owner, f"smashed data of client {k}")
         except PeerLost:
             return None, None  # the algorithm skips an upload that did not arrive
         self.dist_uploads[k] = self.dist_uploads.get(k, 0) + 1
-        if quant is not None:
-            payload = quant.QuantizedTensor(codes, scales, torch.Size(shape), torch.float32, self._bits(), gs)
-            nbytes = payload.nbytes
-            z_srv = quant.dequantize(payload)
         y.copy_(y_in)  # the algorithm's y on the server is this upload's receive buffer
-        self.ledger.add("up", "smashed", nbytes, parts=None if quant is None else codec.parts(payload))
+        parts = codec.parts(payload)
+        self.ledger.add("up", "smashed", sum(parts.values()), parts=None if codec.lossless else parts)
         self.ledger.add("up", "labels", y_in.numel() * y_in.element_size(), paper=False)
-        return z_srv, payload
+        return codec.decode(payload), payload
 
-    def _bits(self) -> int:
-        return self.uplink.spec.bits
+    def _rebuild(self, codec, shape, tensors, src, what):
+        try:
+            return codec.from_wire(shape, tensors)
+        except ValueError as e:
+            raise self.dist_transport.error(f"{what} from rank {src}: {e}") from None
 
     def send_gradient(self, k, g):
         topo, t = self.dist_topo, self.dist_transport
+        codec = self.downlink
+        # (every rank draws the key, as every rank draws the uplink's)
+        seed = self._stochastic_seed(k) ^ (1 << 30) if not codec.lossless else 0
         if topo.is_server:
             if g is None:  # client k's upload never arrived (--tolerate-dropouts)
                 return None
+            g = g.detach()
+            payload = g if codec.lossless else self.encode(codec, self.residual_down, k, g, seed)[0]
             # Posted after this iteration's last upload has been received (client_backward):
             # NCCL runs the point-to-point operations of a pair of ranks on one stream in posting
             # order, so sending g_0 before receiving z_1 from the same rank would deadlock.
-            t.defer_send(topo.owner(k), "gradients", k, [("gradients", g)], "down")
-            self.ledger.add("down", "gradients", g.numel() * g.element_size())
+            t.defer_send(topo.owner(k), "gradients", k, [("gradients", w) for _, w in wire(payload)], "down")
+            parts = codec.parts(payload)
+            self.ledger.add("down", "gradients", sum(parts.values()), parts=None if codec.lossless else parts)
             return None
         if not topo.hosts(k):
             return None
-        shape = self.engine.z_shapes[k]
-        return _PendingRecv(lambda: t.recv(0, "gradients", k, [("gradients", shape, torch.float32, "finite")],
-                                           "down")[0])
+        shape = tuple(self.engine.z_shapes[k])
+        specs = [("gradients",) + s[1:] for s in codec.wire_specs(shape)]
+
+        def receive():
+            got = t.recv(0, "gradients", k, specs, "down")
+            return codec.decode(self._rebuild(codec, shape, got, 0, f"gradient of client {k}"))
+
+        return _PendingRecv(receive)
 
     def align(self, ks):
         if self.dist_topo.is_server:
@@ -1136,20 +1140,6 @@ class _DistributedMessages:
                 if why:
                     out[k]["why"] = why
         return out
-
-
-def _quantized_shapes(shape, bits: int, group_size: int):
-    """Codes and scales shapes of fsl_fast.ops.quantize for activations of ``shape`` (its contract:
-    rows = shape[0], M = the rest; int8 per row when group_size is 0; int4 packs two per byte,
-    int2 four; both default to groups of 32)."""
-    n, m = shape[0], math.prod(shape[1:])
-    gs = group_size or None
-    if bits in (4, 2) and gs is None:
-        gs = 32
-    groups = 1 if gs is None else -(-m // gs)
-    if bits == 8:
-        return (n, m), (n, groups), torch.int8, gs
-    return (n, -(-m // (8 // bits))), (n, groups), torch.uint8, gs
 
 
 def distributed_algorithm(cls):

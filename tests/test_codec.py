@@ -19,6 +19,9 @@ from fsl_fast.train import main
 
 CPP = available("cpp", "cpu")
 needs_cpp = pytest.mark.skipif(not CPP[0], reason=f"needs the C++ extension: {CPP[1]}")
+CUDA = available("cuda", "cuda") if torch.cuda.is_available() else (False, "no CUDA device")
+KERNELS = [pytest.param("cpp", marks=needs_cpp),
+           pytest.param("cuda", marks=pytest.mark.skipif(not CUDA[0], reason=f"CUDA top-k kernel: {CUDA[1]}"))]
 
 TINY = ["--dataset", "synthetic:1x28x28", "--clients", "4", "--batch-size", "32", "--threads", "1",
         "--no-progress", "--schedule", "parallel", "--align-epochs", "2", "--align-interval", "1"]
@@ -83,17 +86,17 @@ def test_topk_equals_a_stable_sort(seed):
         assert torch.equal(C.topk_indices(a, k), want), k
 
 
-@needs_cpp
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("shape", [(1, 1), (3, 7), (5, 97), (64, 2048), (4, 20000)])
 @pytest.mark.parametrize("data", ["normal", "ties", "zeros", "tiny"])
-def test_cpp_selection_equals_the_reference(seed, shape, data):
+def test_kernel_selection_equals_the_reference(seed, backend, shape, data):
     x = {"normal": torch.randn(shape), "ties": torch.randint(-3, 4, shape).float(),
          "zeros": torch.zeros(shape), "tiny": torch.randn(shape) * 1e-40}[data]  # subnormals
     m = shape[1]
     for k in sorted({1, min(2, m), max(1, m // 3), max(1, m - 1), m}):
         ri, rv = topk_rows(x, k, backend="reference")
-        ci, cv = topk_rows(x, k, backend="cpp")
-        assert torch.equal(ri, ci) and torch.equal(rv, cv), (shape, data, k)
+        ci, cv = topk_rows(x.to("cuda" if backend == "cuda" else "cpu"), k, backend=backend)
+        assert torch.equal(ri, ci.cpu()) and torch.equal(rv, cv.cpu()), (backend, shape, data, k)
 
 
 def test_index_coding_picks_the_smaller_and_counts_exactly():
@@ -143,12 +146,62 @@ def test_decode_puts_the_kept_values_back(seed):
     assert (torch.gather(d4, 1, p4.index) - vals).abs().le(step / 2 + 1e-6).all()
 
 
+@pytest.mark.parametrize("m,k", [(20, 2), (20, 15), (16, 8), (1000, 3), (9, 9)])
+def test_packed_positions_round_trip_at_the_counted_length(seed, m, k):
+    x = torch.randn(7, m)
+    index = C.topk_indices(x, k)
+    coding, width, nb = C.index_coding(index, m)
+    data = C.pack_positions(index, m, coding, width)
+    assert data.dtype == torch.uint8 and data.numel() == nb, (coding, width, nb, data.numel())
+    assert torch.equal(C.unpack_positions(data, 7, k, m, coding, width), index)
+    # both codings round-trip, whichever is chosen
+    other = ("delta", max(1, m.bit_length())) if coding == "bitmap" else ("bitmap", 0)
+    d2 = C.pack_positions(index, m, *other)
+    assert torch.equal(C.unpack_positions(d2, 7, k, m, *other), index)
+
+
+def test_malformed_positions_are_refused():
+    index = torch.tensor([[1, 4], [0, 2]])
+    data = C.pack_positions(index, 6, "bitmap", 0)
+    with pytest.raises(ValueError, match="takes 2 bytes, got 3"):
+        C.unpack_positions(torch.cat([data, data[:1]]), 2, 2, 6, "bitmap", 0)
+    bad = data.clone()
+    bad[0] |= 1  # a third position in row 0
+    with pytest.raises(ValueError, match="exactly 2 positions"):
+        C.unpack_positions(bad, 2, 2, 6, "bitmap", 0)
+    gaps = C.pack_positions(torch.tensor([[3, 5]]), 8, "delta", 3)
+    with pytest.raises(ValueError, match="runs past its length 5"):
+        C.unpack_positions(gaps, 1, 2, 5, "delta", 3)
+
+
+def test_wire_specs_describe_what_wire_sends(seed):
+    for text in ("none", "int8", "int8:g16", "int4", "int4:g10", "int2", "int2:g12", "topk:0.2",
+                 "topk:0.05,int4", "topk:0.5,int2:g8"):
+        cod = C.Codec(C.parse(text))
+        z = torch.randn(6, 3, 5, 7)
+        p = cod.encode(z, 1)
+        items, specs = C.wire(p), cod.wire_specs(z.shape)
+        assert [n for n, _ in items] == [s[0] for s in specs], text
+        for (name, t), (_, shape, dtype, _) in zip(items, specs):
+            assert t.dtype == dtype, (text, name)
+            if isinstance(shape, C.AtMost):
+                assert t.dim() == 1 and t.numel() <= shape, (text, name)
+            else:
+                assert tuple(t.shape) == tuple(shape), (text, name)
+        sent = {}
+        for name, t in items:
+            sent[name] = sent.get(name, 0) + t.numel() * t.element_size()
+        assert sent == cod.parts(p), text
+        back = cod.from_wire(z.shape, [t.clone() for _, t in items])
+        assert torch.equal(cod.decode(back), cod.decode(p)) and cod.parts(back) == cod.parts(p), text
+
+
 def test_nonfinite_input_is_an_error():
     z = torch.randn(3, 10)
     z[1, 4] = float("nan")
-    for backend in ("reference",) + (("cpp",) if CPP[0] else ()):
+    for backend in ("reference",) + (("cpp",) if CPP[0] else ()) + (("cuda",) if CUDA[0] else ()):
         with pytest.raises(ValueError, match=r"x of shape \(3, 10\) has non-finite values \(first in row 1\)"):
-            topk_rows(z, 5, backend=backend)
+            topk_rows(z.to("cuda" if backend == "cuda" else "cpu"), 5, backend=backend)
     with pytest.raises(ValueError, match="first in row 1"):
         C.Codec(C.parse("topk:0.5")).encode(z)
 
@@ -175,8 +228,6 @@ def test_error_feedback_carries_the_residual(seed):
 @pytest.mark.parametrize("kw,needle", [
     (dict(quantize="int8", uplink="int4"), "give one"),
     (dict(algorithm="fsl_sage", downlink="int8"), "only SplitFed"),
-    (dict(distributed=True, uplink="topk:0.1"), "distributed runtime carries the int8, int4 and int2"),
-    (dict(distributed=True, uplink="int8,ef"), "distributed runtime"),
     (dict(uplink="int9"), "unknown stage"),
     (dict(algorithm="splitfed_v2", downlink="topk:3"), "--downlink: topk:F"),
 ])

@@ -190,10 +190,6 @@ def test_allreduce_fedavg_matches_within_rounding(tmp_path):
 
 @pytest.mark.parametrize("uplink", [["--quantize", "int8"], ["--uplink", "int2:g16"]], ids=["int8", "int2"])
 def test_quantized_uplink_equals_in_process(tmp_path, uplink):
-    try:
-        import fsl_fast.ops.quantize  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"fsl_fast.ops.quantize is not importable yet ({e}); int8 uplink not testable")
     args = ["--algorithm", "splitfed_v2", "--rounds", "2"] + uplink + TINY
     out = tmp_path / "dist"
     rc, _, err = _run(args + ["--out", str(out), "--dist-timeout", "60"])
@@ -207,6 +203,35 @@ def test_quantized_uplink_equals_in_process(tmp_path, uplink):
         assert r["bytes_up_smashed"] == r["bytes_up_smashed_values"] + r["bytes_up_smashed_scales"]
         if uplink[1].startswith("int2"):
             assert r["bytes_up_smashed"] * 7 < r["wire_down_gradients"]
+
+
+@pytest.mark.parametrize("codecs", [
+    ["--algorithm", "splitfed_v2", "--uplink", "topk:0.1,int4", "--downlink", "topk:0.2,ef"],
+    ["--algorithm", "fsl_sage", "--uplink", "topk:0.05,int8,ef", "--stochastic-rounding"],
+    ["--algorithm", "splitfed_v1", "--uplink", "topk:0.5", "--downlink", "int2,ef"],
+], ids=["sfv2-topk-int4-down-topk-ef", "sage-topk-int8-ef-stoch", "sfv1-topk-down-int2-ef"])
+def test_codecs_equal_in_process(tmp_path, codecs):
+    """Top-k positions travel packed, error feedback lives on the sending rank (the client's
+    uplink residual in its shard, the server's downlink residual in rank 0's), and the stochastic
+    keys stay in step: every round equals the in-process run, and the wire carries exactly the
+    bytes the ledger counts, component by component. Resuming a run with ef is exact."""
+    args = ["--rounds", "2"] + codecs + TINY
+    out = tmp_path / "dist"
+    rc, _, err = _run(args + ["--out", str(out), "--dist-timeout", "60"])
+    assert rc == 0, err[-3000:]
+    dm = _metrics(out)
+    _same_metrics(dm, _local(tmp_path, args))
+    for r in dm:
+        assert r["wire_up_smashed"] == r["bytes_up_smashed"] == sum(
+            r.get(f"bytes_up_smashed_{c}", 0) for c in ("values", "scales", "indices", "header"))
+        assert r["bytes_up_smashed_indices"] > 0 and r["bytes_up_smashed_header"] > 0
+        if "--downlink" in codecs:
+            assert r["wire_down_gradients"] == r["bytes_down_gradients"] == sum(
+                r.get(f"bytes_down_gradients_{c}", 0) for c in ("values", "scales", "indices", "header"))
+    if "ef" in " ".join(codecs):
+        rc, _, err = _run(["--resume", str(out), "--rounds", "3", "--no-progress"])
+        assert rc == 0, err[-3000:]
+        _same_metrics(_metrics(out), _local(tmp_path, ["--rounds", "3"] + codecs + TINY, "local3"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,18 +433,26 @@ def test_received_tensors_are_checked(loop_transport, case, needle):
     assert needle in msg, msg
 
 
-def test_quantized_shapes_follow_the_quantize_contract(seed):
-    try:
-        from fsl_fast.ops import quantize as Q
-    except ImportError as e:
-        pytest.skip(f"fsl_fast.ops.quantize is not importable yet ({e})")
-    from fsl_fast.distributed import _quantized_shapes
+def test_codec_messages_cross_the_transport(loop_transport):
+    """Every codec's wire tensors arrive as sent (the top-k positions with a length known only by
+    its bound) and rebuild the message; a position length past the bound is refused."""
+    from fsl_fast import codec as C
+    from fsl_fast.distributed import DistributedError
 
-    x = torch.randn(6, 3, 5, 7)
-    for bits, gs in ((8, 0), (8, 16), (4, 0), (4, 10), (2, 0), (2, 12)):
-        q = Q.quantize(x, bits=bits, group_size=gs or None)
-        cs, ss, cd, g = _quantized_shapes(tuple(x.shape), bits, gs)
-        assert (tuple(q.codes.shape), tuple(q.scales.shape), q.codes.dtype, q.group_size) == (cs, ss, cd, g)
+    tr = loop_transport
+    z = torch.randn(6, 3, 5, 7)
+    for text in ("int8", "int4:g10", "int2", "topk:0.3", "topk:0.02,int4", "topk:0.1,int8:g4"):
+        cod = C.Codec(C.parse(text))
+        p = cod.encode(z, 5)
+        tr.send(0, "smashed", 2, [("smashed", w) for _, w in C.wire(p)], "up")
+        tr.flush()
+        got = tr.recv(2, "smashed", 2, [("smashed",) + s[1:] for s in cod.wire_specs(z.shape)], "up")
+        assert torch.equal(cod.decode(cod.from_wire(z.shape, got)), cod.decode(p)), text
+        assert cod.parts(cod.from_wire(z.shape, got)) == cod.parts(p), text
+    tr.send(0, "smashed", 2, [("smashed", torch.zeros(9, dtype=torch.uint8))], "up")
+    tr.flush()
+    with pytest.raises(DistributedError, match=r"expected shape \(at most 8,\) torch.uint8, got \(9,\)"):
+        tr.recv(2, "smashed", 2, [("smashed", C.AtMost(8), torch.uint8, None)], "up")
 
 
 def _alive(pid: int) -> bool:

@@ -29,8 +29,7 @@ bit, and tests check codes and scales for equality with :func:`quantize_referenc
   ``M`` leaves the last high nibble 0. ``group_size`` must be even for int4 so groups never share
   a byte. int2 (``qmax`` 1: codes -1, 0, 1): ``codes`` uint8 ``[N, ceil(M / 4)]``, element
   ``4j + t`` in bits ``2t, 2t + 1`` of byte ``j`` (two's complement), unused pairs 0;
-  ``group_size`` divisible by 4, default 32. int2 has C++ and Triton kernels; the CUDA backend
-  runs the PyTorch reference for it (no CUDA int2 kernel yet). ``scales`` float32 ``[N, G]``,
+  ``group_size`` divisible by 4, default 32. ``scales`` float32 ``[N, G]``,
   ``G = ceil(M / group_size)`` (1 for per-row int8).
 * Dequantize: ``fl(code * scale)`` in float32, then rounded to nearest-even into the output dtype.
 * Non-finite input raises ``ValueError`` naming the first bad row (the kernels report it through
@@ -395,19 +394,11 @@ def _reference_dequantize(codes, scales, bits, gs, out2):
     out2.copy_(c.to(torch.float32) * s)
 
 
-# int2 has C++ and Triton kernels; the CUDA backend has none and runs the PyTorch reference for it
-# (the codes are the same by the contract).
-
-
 def _cpp_quantize(x2, bits, gs, stochastic, key, codes, scales):
-    if bits == 2 and x2.device.type != "cpu":
-        return _reference_quantize(x2, bits, gs, stochastic, key, codes, scales)
     torch.ops.fsl_fast.quantize_rows_(x2, bits, gs, stochastic, key, codes, scales)
 
 
 def _cpp_dequantize(codes, scales, bits, gs, out2):
-    if bits == 2 and codes.device.type != "cpu":
-        return _reference_dequantize(codes, scales, bits, gs, out2)
     torch.ops.fsl_fast.quantize_dequantize_(codes, scales, bits, gs, out2)
 
 

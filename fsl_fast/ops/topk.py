@@ -5,10 +5,16 @@ of the k largest magnitudes in ascending order, ties going to the lower position
 ``[N, k]``), and x at those positions (float32 ``[N, k]``). A NaN or an infinity in x is a
 ``ValueError`` naming the first row that has one.
 
-Backends: ``reference`` (PyTorch: the k-th largest magnitude by ``torch.topk``, then every
-position above it and the lowest positions equal to it) and ``cpp`` (csrc/topk.cpp: one pass for
-the magnitudes, ``std::nth_element`` for the threshold, one pass to write; the same selection bit
-for bit). No CUDA or Triton kernel yet: CUDA tensors run the reference.
+Backends, all the same selection bit for bit:
+
+- ``reference``: PyTorch, the k-th largest magnitude by ``torch.topk``, then every position above
+  it and the lowest positions equal to it;
+- ``cpp`` (csrc/topk.cpp): a histogram of the magnitudes' top bits, ``std::nth_element`` inside the
+  bucket holding the k-th largest, one ordered pass to write;
+- ``cuda`` (csrc/topk_kernels.cu): one block per row, a 4-digit radix select of the k-th largest
+  bit pattern, block prefix sums for the ordered write;
+- ``triton`` (kernels/topk.py): one program per row, the threshold bit by bit, prefix sums for the
+  ordered write.
 """
 from __future__ import annotations
 
@@ -44,8 +50,8 @@ def _topk_cpp(x2: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         return topk_reference(x2, k)
     _backend.extension()
     n = x2.shape[0]
-    index = torch.empty((n, k), dtype=torch.int64)
-    values = torch.empty((n, k), dtype=torch.float32)
+    index = torch.empty((n, k), dtype=torch.int64, device=x2.device)
+    values = torch.empty((n, k), dtype=torch.float32, device=x2.device)
     try:
         torch.ops.fsl_fast.topk_rows_(x2.contiguous(), k, index, values)
     except RuntimeError as e:
@@ -55,11 +61,25 @@ def _topk_cpp(x2: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return index, values
 
 
-_backend.register("topk", reference=topk_reference, cpp=_topk_cpp)
+def _topk_triton(x2: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from fsl_fast.kernels import topk as kern
+
+    x2 = x2.float().contiguous()
+    n = x2.shape[0]
+    index = torch.empty((n, k), dtype=torch.int64, device=x2.device)
+    values = torch.empty((n, k), dtype=torch.float32, device=x2.device)
+    bad = kern.topk_rows(x2, k, index, values)
+    if bool(bad.any()):
+        raise _nonfinite(x2, int(bad.nonzero()[0, 0]))
+    return index, values
+
+
+_backend.register("topk", reference=topk_reference, cpp=_topk_cpp, cuda=_topk_cpp, triton=_topk_triton)
 
 
 def topk_rows(x2: torch.Tensor, k: int, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """See the module doc. ``backend``: None (auto / FSL_FAST_BACKEND), "reference" or "cpp"."""
+    """See the module doc. ``backend``: None (auto / FSL_FAST_BACKEND), "reference", "cpp", "cuda"
+    or "triton"."""
     if x2.dim() != 2:
         raise ValueError(f"topk_rows: x must be 2-D [N, M], got shape {tuple(x2.shape)}")
     n, m = x2.shape
