@@ -492,8 +492,8 @@ class FedAvg(Algorithm):
             self.engine.full_step(ks, xs, ys)
 
     def end_of_round(self, t):
-        self.check_local_models(("client", "server"))
-        self.average_or_restore(clients=True, servers=True)
+        self.check_local_models(("client", "server") if self.server_copies else ("client",))
+        self.average_or_restore(clients=True, servers=self.server_copies)
         n = len(self.survivors)
         self.ledger.add("up", "client_model", self.engine.client_bytes(), count=n)
         self.ledger.add("down", "client_model", self.engine.client_bytes(), count=n)
@@ -501,6 +501,44 @@ class FedAvg(Algorithm):
         self.ledger.add("down", "server_model", self.engine.server_bytes(), count=n)
         self.trace_finish(self.engine.client_bytes() + self.engine.server_bytes())
         self.check_aggregate()
+
+
+class FedAvgSharedServer(FedAvg):
+    """FedAvg as the FSL-SAGE authors' code runs it (``--fedavg-server shared``): every client
+    trains its client half on top of one server half that all clients share and step in turn (one
+    server optimizer), and only the client halves are averaged. A local step is the whole model's
+    forward, backward and step; it runs as the client forward, the shared server's step returning
+    the cut-layer gradient, and the client's backward, the same arithmetic. Communication is
+    counted as for FedAvg (whole models up and down per client), as the authors count it."""
+
+    server_copies = False
+    whole_model = False  # (the engines run it as a split model with one server)
+
+    def local_iteration(self, t, it, ks, xs, ys):
+        self.trace_compute(ks, [x.shape[0] for x in xs], "full")
+        with self.phase("client"):
+            zs = self.engine.client_forward(ks, xs)
+            self.watch("smashed data", ks, zs)
+            self.guard.verify("client forward")
+            grads = [self.engine.server_step(k, z.detach(), y, want_grad=True) for k, z, y in zip(ks, zs, ys)]
+            self.watch("server gradient", ks, grads, "server")
+            self.guard.verify("server step")
+            self.engine.client_backward(ks, zs, grads)
+
+    def initial_broadcast(self) -> None:
+        super().initial_broadcast()
+        self.ledger.add("down", "server_model", self.engine.server_bytes(), paper=False, count=self.m)
+
+    def end_of_round(self, t):
+        self.check_servers(list(self.survivors) or list(self.active))
+        super().end_of_round(t)
+
+
+def algorithm_class(cfg) -> type:
+    """The Algorithm class that runs ``cfg`` (FedAvg's shared-server variant by --fedavg-server)."""
+    if cfg.algorithm == "fedavg" and getattr(cfg, "fedavg_server", "copies") == "shared":
+        return FedAvgSharedServer
+    return ALGORITHM_CLASSES[cfg.algorithm]
 
 
 class SplitFed(Algorithm):

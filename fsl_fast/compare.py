@@ -42,7 +42,7 @@ LABELS = {"fsl_sage": "FSL-SAGE", "cse_fsl": "CSE-FSL", "splitfed_v1": "SplitFed
 # The authors' figure order: the proposed method first, then the baselines.
 ORDER = ("fsl_sage", "cse_fsl", "splitfed_v1", "splitfed_v2", "fedavg")
 # Options of python -m fsl_fast.train that this command owns or that make no sense per study.
-OWNED = ("algorithm", "rounds", "fused", "quantize", "partition", "alpha", "out", "resume",
+OWNED = ("algorithm", "rounds", "fused", "quantize", "partition", "alpha", "out", "resume", "fedavg_server",
          "distributed", "comm_budget_gib")
 CSV_COLUMNS = ("run", "algorithm", "quantize", "rounds", "best_test_accuracy", "best_round",
                "final_test_accuracy", "budget_gib", "acc_at_budget", "acc_at_budget_round", "target",
@@ -52,26 +52,31 @@ CSV_COLUMNS = ("run", "algorithm", "quantize", "rounds", "best_test_accuracy", "
 
 @dataclass
 class Variant:
-    """One run of the study: an algorithm, with or without a compressed uplink."""
+    """One run of the study: an algorithm, with or without a compressed uplink (FedAvg also with
+    the authors' shared server half)."""
 
     algorithm: str
     quantize: str = "none"  # the uplink codec (--uplink SPEC; int8/int4 as --quantize)
+    fedavg_server: str = "copies"
 
     @property
     def name(self) -> str:
         slug = self.quantize.replace(":", "").replace(",", "-")
-        return self.algorithm if self.quantize == "none" else f"{self.algorithm}-{slug}"
+        base = self.algorithm + ("-shared" if self.fedavg_server == "shared" else "")
+        return base if self.quantize == "none" else f"{base}-{slug}"
 
     @property
     def label(self) -> str:
-        base = LABELS[self.algorithm]
+        base = LABELS[self.algorithm] + (" (shared server)" if self.fedavg_server == "shared" else "")
         return base if self.quantize == "none" else f"{base} ({self.quantize} uplink)"
 
     def codec_options(self) -> dict:
-        """Config keys of the uplink: --quantize for int8/int4 (as studies before --uplink), else --uplink."""
+        """Config keys of the variant: --quantize for int8/int4 (as studies before --uplink), else
+        --uplink; --fedavg-server for the shared-server FedAvg."""
+        out = {"fedavg_server": self.fedavg_server} if self.fedavg_server != "copies" else {}
         if self.quantize in ("none", "int8", "int4"):
-            return {"quantize": self.quantize}
-        return {"uplink": self.quantize}
+            return {**out, "quantize": self.quantize}
+        return {**out, "uplink": self.quantize}
 
 
 @dataclass
@@ -247,10 +252,10 @@ _LINESTYLES = ("-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1)), (0, (1, 2))
 
 
 def _linestyle(v, variants):
-    """Solid for an algorithm's uncompressed run, then one dash pattern per codec variant."""
-    same = [w.quantize for w in variants if w.algorithm == v.algorithm]
-    plain = 0 if v.quantize == "none" else 1 + [q for q in same if q != "none"].index(v.quantize)
-    return _LINESTYLES[plain % len(_LINESTYLES)]
+    """Solid for an algorithm's first run (the uncompressed one), then one dash pattern per other
+    variant of the same algorithm (codecs, FedAvg's shared server)."""
+    same = [w.name for w in variants if w.algorithm == v.algorithm]
+    return _LINESTYLES[same.index(v.name) % len(_LINESTYLES)]
 
 
 STYLE = {"fsl_sage": ("tab:red", "o"), "cse_fsl": ("tab:blue", "s"), "splitfed_v1": ("tab:green", "^"),
@@ -318,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--codec", action="append", default=[], metavar="ALGO=SPEC",
       help="also run ALGO with the uplink codec SPEC (as fsl_fast.train --uplink, e.g. "
            "fsl_sage=topk:0.05,int4); repeatable")
+    a("--fedavg-shared", action="store_true",
+      help="also run FedAvg with one shared server half (--fedavg-server shared: as the FSL-SAGE "
+           "authors' code runs FedAvg); needs fedavg in --algorithms")
     a("--engine", choices=("fused", "reference"), default="fused")
     a("--seeds", default=None, metavar="S1,S2,...",
       help="run every configuration once per seed (into OUT/<run>/seed-<S>) and report mean and "
@@ -374,6 +382,10 @@ def main(argv=None) -> int:
             if "fsl_sage" not in algos:
                 raise ConfigError("--quantize-sage: needs fsl_sage in --algorithms")
             variants.insert(1, Variant("fsl_sage", args.quantize_sage))
+        if args.fedavg_shared:
+            if "fedavg" not in algos:
+                raise ConfigError("--fedavg-shared: needs fedavg in --algorithms")
+            variants.insert(variants.index(Variant("fedavg")) + 1, Variant("fedavg", fedavg_server="shared"))
         for item in args.codec:
             algo, sep, spec = item.partition("=")
             if not sep or algo not in algos or not spec:
@@ -497,7 +509,7 @@ def write_seed_summary(out: Path, variants, seeds, per_seed: dict, cfg: Config, 
         lines.append(f"| {v.label} | {len(seeds)} | {_ms(a['best'])} | {_ms(a['final'])} | {_ms(a['at_budget'])} | "
                      f"{reached}/{len(seeds)} | {_ms(a['gib'])} | {a['total']['mean']:.4f} |")
     rows = [per_seed[v.name, s] for v in variants for s in seeds]
-    labelled = [RunSummary(**{**r.__dict__, "variant": _Seeded(v.algorithm, v.quantize, s)})
+    labelled = [RunSummary(**{**r.__dict__, "variant": _Seeded(v.algorithm, v.quantize, v.fedavg_server, seed=s)})
                 for r, (v, s) in zip(rows, [(v, s) for v in variants for s in seeds])]
     md = [f"# Comparison over seeds {', '.join(map(str, seeds))}: {_setting(cfg, args.engine)}", "",
           f"Command: `{cmd}`", "",

@@ -34,6 +34,10 @@ class Config:
     # Every option of ``python -m fsl_fast.train`` is a field here: its name (--name-with-dashes),
     # type, default, help and choices; the command line is generated from them (cli_options()).
     algorithm: str = _o("fsl_sage", "which algorithm to train", choices=ALGORITHMS)
+    fedavg_server: str = _o("copies", "FedAvg's server half: copies (each client trains its own copy; "
+                            "they are averaged with the clients) | shared (one server half that every "
+                            "client steps in turn, never averaged: how the FSL-SAGE authors' code runs "
+                            "FedAvg)", choices=("copies", "shared"))
     model: str = _o("auto", "cnn | simple_conv | resnet18 | resnet50 | resnet56 | resnet110 | auto (resnet18 "
                     "for CIFAR and Tiny ImageNet, cnn otherwise) | package.module:factory (your own: "
                     "factory(in_shape, num_classes) -> (client, server, aux))")
@@ -210,6 +214,11 @@ class Config:
                 raise ConfigError("--client-store: in-process runs only")
             if self.warm_start:
                 raise ConfigError("--warm-start: not available with --client-store yet")
+        if self.fedavg_server == "shared" and self.algorithm != "fedavg":
+            raise ConfigError(f"--fedavg-server: an option of --algorithm fedavg, not {self.algorithm}")
+        if self.fedavg_server == "shared" and self.distributed:
+            raise ConfigError("--fedavg-server shared: in-process runs only (the shared server half lives "
+                              "in one process)")
         if self.tolerate_dropouts and not self.distributed:
             raise ConfigError("--tolerate-dropouts: an option of the distributed runtime (add --distributed)")
         if self.tolerate_dropouts and self.device.startswith("cuda"):

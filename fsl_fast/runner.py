@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from fsl_fast import faults
-from fsl_fast.algorithms import ALGORITHM_CLASSES
+from fsl_fast.algorithms import algorithm_class
 from fsl_fast.config import Config, ConfigError
 from fsl_fast.engines import build_engine
 from fsl_fast.faults import RunIOError, check_value
@@ -52,7 +52,7 @@ class Run:
             self.split = build_split_model(cfg.model, self.data.in_shape, self.data.num_classes, aux=cfg.aux)
         except ValueError as e:  # unknown name, unsupported aux, input too small: user errors
             raise ConfigError(f"--model/--aux: {e}") from None
-        cls = ALGORITHM_CLASSES[cfg.algorithm]
+        cls = algorithm_class(cfg)
         self.profile = flops = None
         if cfg.client_profile:  # the simulated clock (fsl_fast.clock), counted on the plain models
             from fsl_fast.clock import Profile, step_flops

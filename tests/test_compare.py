@@ -264,6 +264,24 @@ def test_compare_codec_variants(tmp_path):
     assert "FSL-SAGE (topk:0.1,int4 uplink)" in md and "SplitFed v2 (int2 uplink)" in md
 
 
+def test_compare_fedavg_shared_variant(tmp_path, capsys):
+    """--fedavg-shared: FedAvg with the authors' shared server half as its own run and row, next to
+    the per-client copies; it needs fedavg in the study."""
+    out = tmp_path / "fa"
+    argv = ["--out", str(out), "--algorithms", "fedavg,splitfed_v2", "--fedavg-shared", "--target", "0.3"] + TINY
+    assert compare.main(argv) == 0
+    with open(out / "summary.csv") as f:
+        rows = {r["run"]: r for r in csv.DictReader(f)}
+    assert list(rows) == ["splitfed_v2", "fedavg", "fedavg-shared"]
+    assert json.loads((out / "fedavg-shared" / "config.json").read_text())["fedavg_server"] == "shared"
+    assert json.loads((out / "fedavg" / "config.json").read_text())["fedavg_server"] == "copies"
+    shared, v2 = _metrics(out / "fedavg-shared"), _metrics(out / "splitfed_v2")
+    assert [r["test_loss"] for r in shared] == [r["test_loss"] for r in v2]
+    assert "FedAvg (shared server)" in (out / "summary.md").read_text()
+    assert compare.main(["--out", str(tmp_path / "y"), "--algorithms", "fsl_sage", "--fedavg-shared"] + TINY) == 2
+    assert "--fedavg-shared: needs fedavg" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("codec,msg", [("fedavg=int8", "ALGO in --algorithms"), ("fsl_sage", "ALGO=SPEC"),
                                        ("fsl_sage=topk:7", "topk:F needs"), ("fsl_sage=int8", "already in")])
 def test_compare_bad_codec(tmp_path, capsys, codec, msg):
