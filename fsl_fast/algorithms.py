@@ -13,6 +13,7 @@ Schedules (DESIGN.md):
 """
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager
 
@@ -134,6 +135,8 @@ class Algorithm:
         self.downlink = codec.from_config(cfg, "down")
         self.residual_up: list = [None] * self.m
         self.residual_down: list = [None] * self.m
+        # --hold-estimate-norm (FSL-SAGE ablation): per client, the factor applied to its estimate
+        self.estimate_scale: list[float] = [1.0] * self.m
         for direction, kind, c in (("up", "smashed", self.uplink), ("down", "gradients", self.downlink)):
             if not c.lossless:
                 ledger.declare_parts(direction, kind, ["values"] + (["scales"] if c.spec.bits else [])
@@ -324,6 +327,9 @@ class Algorithm:
         self.guard.seconds = 0.0
         self.guard.discard()
         self.active = self.participants(t)
+        watch_update = self.cfg.log_estimate_quality
+        if watch_update:  # the averaged client model at the start of the round
+            start = [s.detach().clone() for s in self.engine.state_tensors("client")]
         if hasattr(self.engine, "participate"):  # --client-store: the round's clients move in
             with self.phase("store"):
                 self.engine.participate(self.active)
@@ -363,6 +369,10 @@ class Algorithm:
             self.round_extra["lost"] = [lost[k] for k in sorted(lost)]
         with self.phase("aggregate"):
             self.end_of_round(t)
+        if watch_update:
+            now = self.engine.state_tensors("client")
+            self.round_extra["client_update_norm"] = math.sqrt(sum(
+                float((a.double() - b.double()).pow(2).sum()) for a, b in zip(now, start)))
         if self.guard.enabled:
             self.times["checks"] = self.guard.seconds  # overlaps the phases above
         return dict(self.times)
@@ -463,6 +473,8 @@ class Algorithm:
         if self.uplink.spec.ef or self.downlink.spec.ef:
             out["residual_up"] = list(self.residual_up)
             out["residual_down"] = list(self.residual_down)
+        if getattr(self.cfg, "hold_estimate_norm", False):
+            out["estimate_scale"] = list(self.estimate_scale)
         return out
 
     def load_state_dict(self, sd: dict) -> None:
@@ -470,6 +482,8 @@ class Algorithm:
         if self.uplink.spec.ef or self.downlink.spec.ef:
             self.residual_up = list(sd.get("residual_up", [None] * self.m))
             self.residual_down = list(sd.get("residual_down", [None] * self.m))
+        if getattr(self.cfg, "hold_estimate_norm", False):
+            self.estimate_scale = [float(v) for v in sd.get("estimate_scale", [1.0] * self.m)]
         for k, s in enumerate(sd["buffers"]):
             if s is None:
                 self.buffers[k] = None
@@ -619,6 +633,8 @@ class FSLSAGE(Algorithm):
         self.trace_compute(ks, [y.shape[0] for y in ys], "aux")
         with self.phase("client"):
             grads = self.engine.aux_estimate(ks, zs, ys)
+            if self.cfg.hold_estimate_norm:
+                grads = [g if self.estimate_scale[k] == 1.0 else g * self.estimate_scale[k] for k, g in zip(ks, grads)]
         self.client_update(ks, zs, grads, "gradient estimate")
 
     def align(self, ks):
@@ -633,7 +649,17 @@ class FSLSAGE(Algorithm):
             from fsl_fast.engines.base import estimate_quality
 
             before = estimate_quality(self.engine, ks, data)
+        if self.cfg.hold_estimate_norm:
+            from fsl_fast.engines.base import estimate_norms
+
+            norms = estimate_norms(self.engine, ks, data)
         self.engine.align(ks, data)
+        if self.cfg.hold_estimate_norm:  # keep each estimate's norm on its buffer across the alignment
+            for k, a, b in zip(ks, norms, estimate_norms(self.engine, ks, data)):
+                if a > 0 and b > 0:
+                    self.estimate_scale[k] *= a / b
+            self.round_extra.setdefault("estimate_scale", []).extend(
+                {"client": int(k), "scale": self.estimate_scale[k]} for k in ks)
         if log:
             after = estimate_quality(self.engine, ks, data)
             self.round_extra.setdefault("estimate_quality", []).extend(

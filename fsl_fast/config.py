@@ -107,7 +107,13 @@ class Config:
     log_estimate_quality: bool = _o(False, "FSL-SAGE: before and after each alignment, log per aligned "
                                     "client the cosine between the auxiliary's gradient estimate and the "
                                     "true cut-layer gradient on its buffer, and their norm ratio "
-                                    "(metrics.jsonl estimate_quality; costs a server pass)")
+                                    "(metrics.jsonl estimate_quality; costs a server pass); every "
+                                    "algorithm: the norm of the averaged client model's change over "
+                                    "each round (client_update_norm)")
+    hold_estimate_norm: bool = _o(False, "FSL-SAGE ablation: after each alignment, scale each client's "
+                                  "gradient estimate so that its norm on the client's buffer stays what it "
+                                  "was before the alignment (the factors accumulate; metrics.jsonl "
+                                  "estimate_scale)")
     eval_every: int = _o(1, "evaluate on the test set every N rounds, and always in the last round and "
                          "the round that reaches --comm-budget-gib; other rounds log test_accuracy null",
                          metavar="N")
@@ -214,6 +220,10 @@ class Config:
                 raise ConfigError("--client-store: in-process runs only")
             if self.warm_start:
                 raise ConfigError("--warm-start: not available with --client-store yet")
+        if self.hold_estimate_norm and self.algorithm != "fsl_sage":
+            raise ConfigError(f"--hold-estimate-norm: an option of --algorithm fsl_sage, not {self.algorithm}")
+        if self.hold_estimate_norm and self.distributed:
+            raise ConfigError("--hold-estimate-norm: in-process runs only (an ablation)")
         if self.fedavg_server == "shared" and self.algorithm != "fedavg":
             raise ConfigError(f"--fedavg-server: an option of --algorithm fedavg, not {self.algorithm}")
         if self.fedavg_server == "shared" and self.distributed:

@@ -188,15 +188,24 @@ def estimate_quality(engine, ks, data) -> list[dict]:
     targets = buffer_targets(server, data, engine.compute)
     out = []
     for k, (Z, Y), T in zip(ks, data, targets):
-        aux = engine.aux_module(k)
-        Zr = Z.detach().requires_grad_(True)
-        with preserved_buffers(aux):
-            (g,) = torch.autograd.grad(engine.ce_loss(aux, Zr, Y), Zr)
-        g, T = g.double().flatten(), T.double().flatten()
+        g, T = _aux_estimate(engine, k, Z, Y).double().flatten(), T.double().flatten()
         tn, gn = float(T.norm()), float(g.norm())
         cos = float(g @ T) / (gn * tn) if gn > 0 and tn > 0 else float("nan")
         out.append({"client": int(k), "cosine": cos, "norm_ratio": gn / tn if tn > 0 else float("nan")})
     return out
+
+
+def _aux_estimate(engine, k, Z, Y) -> torch.Tensor:
+    aux = engine.aux_module(k)
+    Zr = Z.detach().requires_grad_(True)
+    with preserved_buffers(aux):
+        (g,) = torch.autograd.grad(engine.ce_loss(aux, Zr, Y), Zr)
+    return g
+
+
+def estimate_norms(engine, ks, data) -> list[float]:
+    """|d CE_mean(aux_k(Z), Y)/dZ| on each client's buffer (Z, Y) (no server pass)."""
+    return [float(_aux_estimate(engine, k, Z, Y).double().norm()) for k, (Z, Y) in zip(ks, data)]
 
 
 def buffer_targets(server, data, compute=contextlib.nullcontext) -> list:
