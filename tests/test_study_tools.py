@@ -51,3 +51,28 @@ def test_alignment_study_runs_reuses_and_summarizes(tmp_path, monkeypatch):
     stamp = (tmp_path / "iid" / "buffer-1000" / "seed-0" / "metrics.jsonl").stat().st_mtime_ns
     assert alignment_study.main(argv) == 0  # finished runs are reused
     assert (tmp_path / "iid" / "buffer-1000" / "seed-0" / "metrics.jsonl").stat().st_mtime_ns == stamp
+
+
+def _write(study, run, seed, accs, gib_per_round):
+    d = study / run / f"seed-{seed}"
+    d.mkdir(parents=True)
+    rows = [{"round": t, "test_accuracy": a, "test_loss": 1 - a, "comm_bytes_paper": (t + 1) * gib_per_round * 2 ** 30}
+            for t, a in enumerate(accs)]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_study_tables_by_hand(tmp_path):
+    import study_tables
+
+    accs = [0.5, 0.9, 0.96] + [0.97] * 20 + [0.90, 0.97]
+    for s in (0, 1):
+        _write(tmp_path, "fsl_sage", s, accs, 0.01)
+        _write(tmp_path, "splitfed_v1", s, accs, 0.05)
+        _write(tmp_path, "fedavg", s, accs, 0.02)
+    _write(tmp_path, "cse_fsl", 0, [0.5] * 25, 0.01)
+    text = study_tables.tables({"iid": tmp_path}, 0.95)
+    assert "| iid | 0.0300 ± 0.0000 (r2.0) 2/2 |" in text  # reached in round 2: 3 rounds x 0.01 GiB
+    assert "- 0/1" in text  # cse_fsl never reaches it
+    assert "| 5.00x (5.00-5.00, n=2) | 2.00x (2.00-2.00, n=2) |" in text
+    assert "splitfed_v1 = fedavg (2 seeds)" in text and "fsl_sage = splitfed_v1 (2 seeds)" in text
+    assert "0.900 ± 0.000 / 1.0 ± 0.0" in text  # one round below 0.93 after round 20
