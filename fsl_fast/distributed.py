@@ -49,7 +49,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import math
 import os
 import pickle
 import signal
@@ -76,8 +75,6 @@ __all__ = [
     "distributed_algorithm",
     "attach",
     "train_distributed",
-    "flatten_state",
-    "unflatten_state",
     "MANIFEST",
 ]
 
@@ -162,127 +159,6 @@ class Topology:
     @property
     def local_clients(self) -> range:
         return self.blocks[self.rank]
-
-
-# ---------------------------------------------------------------------------------------------
-# Flat model state (the wire format of a model). Kept here, small, until the engines expose
-# fsl_fast.flat layouts: floating entries in state_dict order as one float32 [P] vector, integer
-# entries (BatchNorm's num_batches_tracked) as one int64 [Q] vector.
-
-
-def flatten_state(sd) -> tuple[torch.Tensor, torch.Tensor, list]:
-    floats, ints, spec = [], [], []
-    for name, v in sd.items():
-        spec.append((name, tuple(v.shape), v.dtype))
-        (floats if v.is_floating_point() else ints).append(v.reshape(-1))
-    dev = next(iter(sd.values())).device
-    f = torch.cat([t.to(torch.float32) for t in floats]) if floats else torch.zeros(0, device=dev)
-    i = torch.cat([t.to(torch.int64) for t in ints]) if ints else torch.zeros(0, dtype=torch.int64, device=dev)
-    return f, i, spec
-
-
-def unflatten_state(f: torch.Tensor, i: torch.Tensor, spec) -> dict:
-    out, fo, io = {}, 0, 0
-    for name, shape, dtype in spec:
-        n = math.prod(shape)
-        if dtype.is_floating_point:
-            out[name] = f[fo:fo + n].view(shape).to(dtype)
-            fo += n
-        else:
-            out[name] = i[io:io + n].view(shape).to(dtype)
-            io += n
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Per-client model access. The engine interface has no per-client state, so the runtime asks the
-# engine for flat vectors: one model = float32 [P] (floating state) + int64 [Q] (integer buffers),
-# in a layout that is the same on every rank (every rank runs the same engine type). An engine may
-# offer ``distributed_models()`` returning an object with the three methods below; the reference
-# engine (modules, state_dict order) and the fused engine (rows of its FlatClients buffers) are
-# adapted here.
-
-
-class _ModuleListModels:
-    """Reference engine: one nn.Module per client; the flat vector is the state_dict order."""
-
-    def __init__(self, engine):
-        self.e = engine
-        self._spec: dict[str, list] = {}
-
-    def _copies(self, kind):
-        e = self.e
-        return {"client": (e.clients, [e.client_global]),
-                "server": (e.servers, [e.server_global]),
-                "aux": (e.auxes, [])}[kind]
-
-    def flat(self, kind: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        copies, _ = self._copies(kind)
-        f, i, self._spec[kind] = flatten_state(copies[k if len(copies) > 1 else 0].state_dict())
-        return f, i
-
-    def _sd(self, kind, f, i):
-        if kind not in self._spec:
-            self.flat(kind, 0)
-        return unflatten_state(f, i, self._spec[kind])
-
-    def load_one(self, kind: str, k: int, f: torch.Tensor, i: torch.Tensor) -> None:
-        copies, _ = self._copies(kind)
-        copies[k].load_state_dict(self._sd(kind, f, i))
-
-    def load_all(self, kind: str, f: torch.Tensor, i: torch.Tensor) -> None:
-        sd = self._sd(kind, f, i)
-        copies, globals_ = self._copies(kind)
-        for mod in list(copies) + globals_:
-            mod.load_state_dict(sd)
-
-
-class _FlatStackModels:
-    """Fused engine: K clients' models are rows of FlatClients buffers [K, P] / [K, Q]."""
-
-    def __init__(self, engine):
-        self.e = engine
-
-    def _stack(self, kind):
-        st = {"client": self.e.clients, "server": self.e.servers, "aux": self.e.aux}[kind]
-        if st is None:
-            raise DistributedError(f"the fused engine keeps no per-client {kind} models")
-        return st
-
-    def flat(self, kind: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        fc = self._stack(kind).flat
-        return fc.buffer[k].float(), fc.int_buffers[k]
-
-    @torch.no_grad()
-    def load_one(self, kind: str, k: int, f: torch.Tensor, i: torch.Tensor) -> None:
-        fc = self._stack(kind).flat
-        fc.buffer[k].copy_(f)
-        fc.int_buffers[k].copy_(i)
-
-    @torch.no_grad()
-    def load_all(self, kind: str, f: torch.Tensor, i: torch.Tensor) -> None:
-        st = self._stack(kind)
-        fc = st.flat
-        fc.buffer.copy_(f.expand_as(fc.buffer))
-        fc.int_buffers.copy_(i.expand_as(fc.int_buffers))
-        fc.global_buffer.copy_(f)
-        fc.global_int_buffer.copy_(i)
-        fc.load_into(st.global_mod)
-
-
-def model_access(engine):
-    if hasattr(engine, "distributed_models"):
-        return engine.distributed_models()
-    from fsl_fast.engines.reference import ReferenceEngine
-
-    if isinstance(engine, ReferenceEngine):
-        return _ModuleListModels(engine)
-    if type(engine).__name__ == "FusedEngine":
-        return _FlatStackModels(engine)
-    raise DistributedError(
-        f"{type(engine).__name__} gives no per-client model access: implement distributed_models() "
-        "returning an object with flat(kind, k) -> (float32 [P], int64 [Q]), load_one(kind, k, f, i) "
-        "and load_all(kind, f, i), kind in client/server/aux")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -808,7 +684,7 @@ class DistributedEngine:
         self.t = transport
         self.topo = topo
         self.algo_cls = algorithm_cls
-        self.models = model_access(inner)
+        self.models = inner  # export_model / import_model / import_model_all (engines/base.py)
         self.device = inner.device
         self.z_shapes: dict[int, tuple] = {}
         self.fedavg_mode = inner.cfg.dist_fedavg
@@ -904,7 +780,7 @@ class DistributedEngine:
         if self.topo.is_server:
             self.inner.align(ks, data)
             for k in ks:
-                f, i = self.models.flat("aux", k)
+                f, i = self.models.export_model("aux", k)
                 items = [("aux_model", f)] + ([("aux_model", i)] if i.numel() else [])
                 self.t.send(self.topo.owner(k), "aux_model", k, items, "down")
             self.t.flush()
@@ -912,12 +788,12 @@ class DistributedEngine:
         for k in ks:
             if not self.topo.hosts(k):
                 continue
-            f0, i0 = self.models.flat("aux", k)
+            f0, i0 = self.models.export_model("aux", k)
             specs = [("aux_model", tuple(f0.shape), torch.float32, "finite")]
             if i0.numel():
                 specs.append(("aux_model", tuple(i0.shape), torch.int64, None))
             got = self.t.recv(0, "aux_model", k, specs, "down")
-            self.models.load_one("aux", k, got[0], got[1] if len(got) > 1 else i0)
+            self.models.import_model("aux", k, got[0], got[1] if len(got) > 1 else i0)
 
     # -- aggregation ---------------------------------------------------------------------------
     def aggregate(self, weights, clients=True, aux=False, servers=False):
@@ -945,7 +821,7 @@ class DistributedEngine:
         rank, live = topo.rank, topo.live  # (live: every rank unless --tolerate-dropouts lost some)
         pos = live.index(rank)
         # Every rank holds every model slot with the same layout, so any slot describes it.
-        f0, i0 = self.models.flat(kind, 0)
+        f0, i0 = self.models.export_model(kind, 0)
         has_int = i0.numel() > 0
         wire_kind = {"client": "client_model", "aux": "aux_model", "server": "server_model"}[kind]
         specs = [(wire_kind, tuple(f0.shape), torch.float32, "finite")]
@@ -959,7 +835,7 @@ class DistributedEngine:
             acc = torch.zeros(f0.shape, dtype=torch.float32, device=f0.device)
             acc_i = torch.zeros(i0.shape, dtype=torch.float32, device=f0.device)
         for k in topo.local_clients:
-            f, i = self.models.flat(kind, k)
+            f, i = self.models.export_model(kind, k)
             # The in-process order and roundings (fsl_fast.ops.fedavg): float32 products and sums
             # in client order; integer buffers promoted to float32 the same way.
             acc += f * float(weights[k])
@@ -988,7 +864,7 @@ class DistributedEngine:
             raise t.error(f"the averaged {kind} model is not finite")
         # Integer buffers: truncation toward zero, as load_state_dict of the float32 sum does.
         ints = tensors[1].to(torch.int64) if has_int else i0
-        self.models.load_all(kind, acc, ints)
+        self.models.import_model_all(kind, acc, ints)
 
     # -- evaluation ----------------------------------------------------------------------------
     def evaluate(self, x, y, batch_size):

@@ -346,20 +346,34 @@ def test_client_blocks():
         client_blocks(2, 1)
 
 
-def test_flat_state_round_trip(seed):
-    from fsl_fast.distributed import flatten_state, unflatten_state
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+def test_engines_export_and_import_flat_models(seed, fused):
+    """The model exchange's wire form: every engine exports a client's model as float32 [P] +
+    int64 [Q] (BatchNorm's counters) and imports it into one client or into all (and the average)."""
+    from fsl_fast.config import Config
+    from fsl_fast.runner import Run
 
-    m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Linear(5, 2))
-    m[1].num_batches_tracked += 3
-    sd = m.state_dict()
-    f, i, spec = flatten_state(sd)
-    nfloat = sum(v.numel() for v in sd.values() if v.is_floating_point())
-    assert f.shape == (nfloat,) and f.dtype == torch.float32
-    assert i.tolist() == [3]
-    back = unflatten_state(f, i, spec)
-    assert list(back) == list(sd)
-    for k in sd:
-        assert back[k].dtype == sd[k].dtype and torch.equal(back[k], sd[k]), k
+    cfg = Config(model="resnet18", aux="layer3", dataset="synthetic:3x32x32:40", clients=2, batch_size=8,
+                 algorithm="cse_fsl", rounds=1, fused=fused, seed=seed).resolved()
+    run = Run(cfg)
+    run.step()
+    eng = run.engine
+    for kind in ("client", "aux"):
+        f, i = eng.export_model(kind, 1)
+        assert f.dtype == torch.float32 and i.dtype == torch.int64 and i.numel() > 0
+        g = torch.randn_like(f)
+        j = i + 7
+        eng.import_model(kind, 0, g, j)
+        f0, i0 = eng.export_model(kind, 0)
+        assert torch.equal(f0, g) and torch.equal(i0, j)
+        assert torch.equal(eng.export_model(kind, 1)[0], f)  # the other client is untouched
+        eng.import_model_all(kind, f, i)
+        for k in (0, 1):
+            fk, ik = eng.export_model(kind, k)
+            assert torch.equal(fk, f) and torch.equal(ik, i)
+    client = eng.eval_models()[0]  # the averaged client module follows import_model_all
+    assert torch.equal(torch.cat([t.detach().reshape(-1).float() for t in client.parameters()])[:8],
+                       eng.export_model("client", 0)[0][:8])
 
 
 class _FakeWork:

@@ -132,6 +132,22 @@ class Engine:
         "aux") of client k; k None: the global client, the shared or global server."""
         raise NotImplementedError
 
+    # -- flat model exchange (the distributed runtime's FedAvg and auxiliary downlink) ------------
+    # A model travels as its fsl_fast.flat layout: floating state as float32 [P], integer buffers
+    # (BatchNorm's num_batches_tracked) as int64 [Q], the same layout in every process running
+    # the same engine. ``kind``: "client", "server" (per-client copies) or "aux".
+    def export_model(self, kind: str, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Client k's ``kind`` model as (float32 [P], int64 [Q]) (new tensors or views)."""
+        raise NotImplementedError
+
+    def import_model(self, kind: str, k: int, f: torch.Tensor, i: torch.Tensor) -> None:
+        """Write (f, i) into client k's ``kind`` model."""
+        raise NotImplementedError
+
+    def import_model_all(self, kind: str, f: torch.Tensor, i: torch.Tensor) -> None:
+        """Write (f, i) into every client's ``kind`` model and the averaged one (after FedAvg)."""
+        raise NotImplementedError
+
     def executor_record(self) -> dict:
         """{part: how it is computed} for results.json; the reference engine computes every part
         with plain torch modules and autograd."""

@@ -203,6 +203,32 @@ class FusedEngine(Engine):
                 return t
         return None
 
+    def _stack(self, kind):
+        st = {"client": self.clients, "server": self.servers, "aux": self.aux}[kind]
+        if st is None:
+            raise ValueError(f"the fused engine keeps no per-client {kind} models here")
+        return st
+
+    def export_model(self, kind, k):
+        fc = self._stack(kind).flat
+        return fc.buffer[k].float(), fc.int_buffers[k]
+
+    @torch.no_grad()
+    def import_model(self, kind, k, f, i):
+        fc = self._stack(kind).flat
+        fc.buffer[k].copy_(f)
+        fc.int_buffers[k].copy_(i)
+
+    @torch.no_grad()
+    def import_model_all(self, kind, f, i):
+        st = self._stack(kind)
+        fc = st.flat
+        fc.buffer.copy_(f.expand_as(fc.buffer))
+        fc.int_buffers.copy_(i.expand_as(fc.int_buffers))
+        fc.global_buffer.copy_(f)
+        fc.global_int_buffer.copy_(i)
+        fc.load_into(st.global_mod)
+
     def state_tensors(self, part, k=None):
         if part == "client":
             return [self.clients.flat.global_buffer if k is None else self.clients.flat.buffer[k]]

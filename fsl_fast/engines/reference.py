@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from fsl_fast.engines.base import Engine, align_seed, buffer_targets, wide
+from fsl_fast.flat import FlatLayout
 from fsl_fast.ops.fedavg import fedavg_state_dicts as average_state_dicts
 from fsl_fast.optim import torch_optimizer
 
@@ -41,6 +42,7 @@ class ReferenceEngine(Engine):
                                for k in range(num_clients)]
         # the last averaged auxiliary (CSE-FSL averages them), for restore()
         self.aux_global = {k: v.clone() for k, v in self.auxes[0].state_dict().items()} if self.auxes else {}
+        self._layouts: dict = {}  # kind -> FlatLayout (export_model / import_model)
 
     def _server(self, k):
         return (self.servers[k], self.server_opts[k]) if len(self.servers) > 1 else (self.servers[0], self.server_opts[0])
@@ -153,6 +155,36 @@ class ReferenceEngine(Engine):
         return self.auxes[k]
 
     # -- divergence checks, hyperparameters -----------------------------------------------------
+    def _copies(self, kind):
+        """(per-client modules, averaged modules) of model ``kind``."""
+        return {"client": (self.clients, [self.client_global]),
+                "server": (self.servers, [self.server_global] if self.servers[0] is not self.server_global else []),
+                "aux": (self.auxes, [])}[kind]
+
+    def _layout(self, kind):
+        if kind not in self._layouts:
+            self._layouts[kind] = FlatLayout.from_module(self._copies(kind)[0][0])
+        return self._layouts[kind]
+
+    def export_model(self, kind, k):
+        copies, _ = self._copies(kind)
+        mod = copies[k if len(copies) > 1 else 0]
+        lay = self._layout(kind)
+        return lay.flatten(mod), lay.flatten_int(mod)
+
+    def import_model(self, kind, k, f, i):
+        lay = self._layout(kind)
+        mod = self._copies(kind)[0][k]
+        lay.load_flat(mod, f)
+        lay.load_int(mod, i)
+
+    def import_model_all(self, kind, f, i):
+        lay = self._layout(kind)
+        copies, averaged = self._copies(kind)
+        for mod in list(copies) + averaged:
+            lay.load_flat(mod, f)
+            lay.load_int(mod, i)
+
     def state_tensors(self, part, k=None):
         if part == "client":
             m = self.client_global if k is None else self.clients[k]
