@@ -62,6 +62,7 @@ import torch.distributed as dist
 
 from fsl_fast import faults
 from fsl_fast.codec import AtMost, wire
+from fsl_fast.ops.fedavg import weighted_sum
 from fsl_fast.config import ConfigError
 from fsl_fast.faults import EXIT_DIVERGED, EXIT_IO, Divergence, RunIOError
 
@@ -828,19 +829,26 @@ class DistributedEngine:
         if has_int:
             specs.append((wire_kind, tuple(i0.shape), torch.float32, "finite"))
         ordered = self.fedavg_mode == "ordered"
+        # This rank's share, with the kernels and client order of the in-process FedAvg
+        # (fsl_fast.ops.fedavg): the running sum of the ranks before, if any, as a first row of
+        # weight 1, then the local clients' models; integer buffers promoted to float32 the same way.
+        rows, irows, w = [], [], []
         if ordered and pos >= 2:
             got = t.recv(live[pos - 1], "model_sum", -1, specs, "up")
-            acc, acc_i = got[0], (got[1] if has_int else torch.zeros(0, device=f0.device))
-        else:
-            acc = torch.zeros(f0.shape, dtype=torch.float32, device=f0.device)
-            acc_i = torch.zeros(i0.shape, dtype=torch.float32, device=f0.device)
+            rows.append(got[0])
+            irows.append(got[1] if has_int else None)
+            w.append(1.0)
         for k in topo.local_clients:
             f, i = self.models.export_model(kind, k)
-            # The in-process order and roundings (fsl_fast.ops.fedavg): float32 products and sums
-            # in client order; integer buffers promoted to float32 the same way.
-            acc += f * float(weights[k])
-            if has_int:
-                acc_i += i * float(weights[k])
+            rows.append(f)
+            irows.append(i.to(torch.float32))
+            w.append(float(weights[k]))
+        if rows:
+            acc = weighted_sum(torch.stack(rows), w)
+            acc_i = weighted_sum(torch.stack(irows), w) if has_int else torch.zeros(0, device=f0.device)
+        else:  # rank 0 holds no client
+            acc = torch.zeros(f0.shape, dtype=torch.float32, device=f0.device)
+            acc_i = torch.zeros(i0.shape, dtype=torch.float32, device=f0.device)
         tensors = [acc] + ([acc_i] if has_int else [])
         nbytes = sum(x.numel() * x.element_size() for x in tensors)
         if ordered:

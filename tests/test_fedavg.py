@@ -349,3 +349,30 @@ def test_cpp_bits_do_not_depend_on_thread_count(seed):
         torch.set_num_threads(before)
     # Assert
     assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "reference"])
+def test_weighted_sum_continues_a_running_sum(backend, seed):
+    """weighted_sum: FedAvg's kernels without the sum-to-1 rule. Carrying a partial sum in as a row
+    of weight 1 continues it in client order: on the C++ kernel, chained shares equal one FedAvg of
+    all rows bit for bit (the distributed runtime's ordered FedAvg relies on it)."""
+    from fsl_fast.ops.fedavg import weighted_sum
+
+    ok, why = available(backend, "cpu")
+    if not ok:
+        pytest.skip(f"{backend}: {why}")
+    g = torch.Generator().manual_seed(seed)
+    buf = torch.randn(5, 1031, generator=g)
+    w = torch.rand(5, generator=g).double()
+    w = (w / w.sum()).tolist()
+    whole = fedavg(buf, w, backend=backend)
+    acc = weighted_sum(buf[:2], w[:2], backend=backend)
+    acc = weighted_sum(torch.cat([acc[None], buf[2:4]]), [1.0] + w[2:4], backend=backend)
+    acc = weighted_sum(torch.cat([acc[None], buf[4:]]), [1.0] + w[4:], backend=backend)
+    if backend == "cpp":
+        assert torch.equal(acc, whole)
+    else:  # torch.mv sums in its own order: float32 rounding apart
+        assert torch.allclose(acc, whole, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="non-negative"):
+        weighted_sum(buf[:2], [1.0, -0.5])
+    assert torch.equal(weighted_sum(buf[:1], [3.0], backend=backend), 3.0 * buf[0])

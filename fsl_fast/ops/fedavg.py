@@ -39,13 +39,14 @@ __all__ = [
     "fedavg_int_buffers",
     "fedavg_state_dicts",
     "validate_weights",
+    "weighted_sum",
 ]
 
 WEIGHT_SUM_TOL = 1e-5
 
 
-def validate_weights(weights, k: int, what: str = "weights") -> list[float]:
-    """Check FedAvg weights and return them as Python floats.
+def validate_weights(weights, k: int, what: str = "weights", normalized: bool = True) -> list[float]:
+    """Check FedAvg weights and return them as Python floats (``normalized=False``: any sum).
 
     ``weights`` is a 1-D tensor (any device; a CUDA tensor costs one synchronization) or a
     sequence of numbers. It must have length ``k``, be finite and non-negative, and sum to 1
@@ -76,7 +77,7 @@ def validate_weights(weights, k: int, what: str = "weights") -> list[float]:
         if v < 0:
             raise ValueError(f"{what} must be non-negative, got {what}[{i}] = {v}")
     s = math.fsum(vals)
-    if abs(s - 1.0) > WEIGHT_SUM_TOL:
+    if normalized and abs(s - 1.0) > WEIGHT_SUM_TOL:
         raise ValueError(f"{what} must sum to 1 (within {WEIGHT_SUM_TOL:g}), got sum {s!r}")
     return vals
 
@@ -187,6 +188,20 @@ def fedavg(buf: torch.Tensor, weights, out: torch.Tensor | None = None, broadcas
     _, impl = _backend.resolve("fedavg", buf.device, backend)
     w32 = torch.tensor(vals, dtype=torch.float32).to(buf.device)
     impl(buf, w32, out, bool(broadcast))
+    return out
+
+
+def weighted_sum(buf: torch.Tensor, weights, out: torch.Tensor | None = None,
+                 backend: str | None = None) -> torch.Tensor:
+    """``out[p] = sum_k w[k] * buf[k, p]`` with the kernels of :func:`fedavg` (the same order and
+    roundings) for weights that need not sum to 1: a partial FedAvg, e.g. one process's share of
+    the clients, or a running sum carried in as a row of weight 1 (``1 * x`` is exact, so
+    ``weighted_sum([acc; x_a; x_b], [1, w_a, w_b])`` continues the sum ``acc`` in client order)."""
+    _check_buf(buf)
+    vals = validate_weights(weights, buf.shape[0], normalized=False)
+    out = _prepare_out(buf, out)
+    _, impl = _backend.resolve("fedavg", buf.device, backend)
+    impl(buf, torch.tensor(vals, dtype=torch.float32).to(buf.device), out, False)
     return out
 
 
