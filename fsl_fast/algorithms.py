@@ -473,7 +473,7 @@ class Algorithm:
         if self.uplink.spec.ef or self.downlink.spec.ef:
             out["residual_up"] = list(self.residual_up)
             out["residual_down"] = list(self.residual_down)
-        if getattr(self.cfg, "hold_estimate_norm", False):
+        if self.cfg.hold_estimate_norm:
             out["estimate_scale"] = list(self.estimate_scale)
         return out
 
@@ -482,7 +482,7 @@ class Algorithm:
         if self.uplink.spec.ef or self.downlink.spec.ef:
             self.residual_up = list(sd.get("residual_up", [None] * self.m))
             self.residual_down = list(sd.get("residual_down", [None] * self.m))
-        if getattr(self.cfg, "hold_estimate_norm", False):
+        if self.cfg.hold_estimate_norm:
             self.estimate_scale = [float(v) for v in sd.get("estimate_scale", [1.0] * self.m)]
         for k, s in enumerate(sd["buffers"]):
             if s is None:
@@ -550,7 +550,7 @@ class FedAvgSharedServer(FedAvg):
 
 def algorithm_class(cfg) -> type:
     """The Algorithm class that runs ``cfg`` (FedAvg's shared-server variant by --fedavg-server)."""
-    if cfg.algorithm == "fedavg" and getattr(cfg, "fedavg_server", "copies") == "shared":
+    if cfg.algorithm == "fedavg" and cfg.fedavg_server == "shared":
         return FedAvgSharedServer
     return ALGORITHM_CLASSES[cfg.algorithm]
 

@@ -188,15 +188,19 @@ def test_allreduce_fedavg_matches_within_rounding(tmp_path):
         assert r["wire_up_aux_model"] == r["wire_down_aux_model"] == 2 * aux_b
 
 
-@pytest.mark.parametrize("uplink", [["--quantize", "int8"], ["--uplink", "int2:g16"]], ids=["int8", "int2"])
-def test_quantized_uplink_equals_in_process(tmp_path, uplink):
-    args = ["--algorithm", "splitfed_v2", "--rounds", "2"] + uplink + TINY
+def _equal_to_local(tmp_path, args):
+    """Run ``args`` on 3 processes into tmp_path/dist; its metrics, checked equal to the in-process run's."""
     out = tmp_path / "dist"
     rc, _, err = _run(args + ["--out", str(out), "--dist-timeout", "60"])
     assert rc == 0, err[-3000:]
     dm = _metrics(out)
     _same_metrics(dm, _local(tmp_path, args))
-    for r in dm:
+    return dm
+
+
+@pytest.mark.parametrize("uplink", [["--quantize", "int8"], ["--uplink", "int2:g16"]], ids=["int8", "int2"])
+def test_quantized_uplink_equals_in_process(tmp_path, uplink):
+    for r in _equal_to_local(tmp_path, ["--algorithm", "splitfed_v2", "--rounds", "2"] + uplink + TINY):
         # int8: codes (1 byte per value) + one float32 scale per row: about a quarter of float32;
         # int2: a quarter byte per value + a scale per 16 values
         assert r["wire_up_smashed"] == r["bytes_up_smashed"] < r["wire_down_gradients"] / 3
@@ -215,13 +219,8 @@ def test_codecs_equal_in_process(tmp_path, codecs):
     uplink residual in its shard, the server's downlink residual in rank 0's), and the stochastic
     keys stay in step: every round equals the in-process run, and the wire carries exactly the
     bytes the ledger counts, component by component. Resuming a run with ef is exact."""
-    args = ["--rounds", "2"] + codecs + TINY
     out = tmp_path / "dist"
-    rc, _, err = _run(args + ["--out", str(out), "--dist-timeout", "60"])
-    assert rc == 0, err[-3000:]
-    dm = _metrics(out)
-    _same_metrics(dm, _local(tmp_path, args))
-    for r in dm:
+    for r in _equal_to_local(tmp_path, ["--rounds", "2"] + codecs + TINY):
         assert r["wire_up_smashed"] == r["bytes_up_smashed"] == sum(
             r.get(f"bytes_up_smashed_{c}", 0) for c in ("values", "scales", "indices", "header"))
         assert r["bytes_up_smashed_indices"] > 0 and r["bytes_up_smashed_header"] > 0

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 
-def _runs(study: Path) -> dict[str, dict[int, list[dict]]]:
+def load_runs(study: Path) -> dict[str, dict[int, list[dict]]]:
     out: dict[str, dict[int, list[dict]]] = {}
     for run in sorted(p for p in study.iterdir() if p.is_dir()):
         for seed_dir in sorted(run.glob("seed-*")):
@@ -26,7 +26,7 @@ def _runs(study: Path) -> dict[str, dict[int, list[dict]]]:
 
 
 def analyse(study: Path) -> list[dict]:
-    runs = _runs(study)
+    runs = load_runs(study)
     rows = []
     for name, seeds in runs.items():
         algo = name.split("-")[0]

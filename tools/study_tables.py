@@ -14,23 +14,19 @@ Prints, per partition (mean ± sample sd over the seeds, rounds numbered from 0)
 """
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 from pathlib import Path
+
+from codec_study import load_runs  # (tools/ is on sys.path when run as a script)
 
 GIB = 2 ** 30
 RUN_ORDER = ("fsl_sage", "fsl_sage-int8", "cse_fsl", "splitfed_v1", "splitfed_v2", "fedavg", "fedavg-shared")
 
 
 def load(study: Path) -> dict[str, dict[int, list[dict]]]:
-    runs: dict[str, dict[int, list[dict]]] = {}
-    for run in sorted(p for p in study.iterdir() if p.is_dir()):
-        for sd in sorted(run.glob("seed-*")):
-            f = sd / "metrics.jsonl"
-            if f.is_file():
-                runs.setdefault(run.name, {})[int(sd.name.split("-")[1])] = [
-                    json.loads(x) for x in f.read_text().splitlines()]
+    """{run: {seed: metrics}}, the section's runs first in their order."""
+    runs = load_runs(study)
     return {n: runs[n] for n in RUN_ORDER if n in runs} | {n: r for n, r in runs.items() if n not in RUN_ORDER}
 
 

@@ -22,3 +22,14 @@ def pytest_collection_modifyitems(config, items):
 def triton_device():
     """CUDA when present, else CPU under the interpreter."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def triton_ok(triton_device):
+    """The device the Triton backend runs on here, or a skip saying why it cannot run."""
+    from fsl_fast.ops import _backend
+
+    ok, why = _backend.available("triton", triton_device)
+    if not ok:
+        pytest.skip(f"triton backend unavailable on {triton_device}: {why}")
+    return triton_device

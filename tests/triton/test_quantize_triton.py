@@ -6,16 +6,7 @@ triton 3.9 gets bfloat16 arithmetic wrong) or on a GPU (bfloat16 added, larger r
 import pytest
 import torch
 
-from fsl_fast.ops import _backend
 from fsl_fast.ops.quantize import dequantize, quantize
-
-
-@pytest.fixture
-def triton_ok(triton_device):
-    ok, why = _backend.available("triton", triton_device)
-    if not ok:
-        pytest.skip(f"triton backend unavailable on {triton_device}: {why}")
-    return triton_device
 
 
 def _dtypes():

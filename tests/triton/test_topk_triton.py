@@ -4,16 +4,7 @@ ValueError. Runs under TRITON_INTERPRET=1 on CPU or on a GPU."""
 import pytest
 import torch
 
-from fsl_fast.ops import _backend
 from fsl_fast.ops.topk import topk_rows
-
-
-@pytest.fixture
-def triton_ok(triton_device):
-    ok, why = _backend.available("triton", triton_device)
-    if not ok:
-        pytest.skip(f"triton backend unavailable on {triton_device}: {why}")
-    return triton_device
 
 
 def _rows(kind, shape):
