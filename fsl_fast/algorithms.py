@@ -199,15 +199,17 @@ class Algorithm:
         return z_srv, payload
 
     @staticmethod
-    def encode(codec, residuals, k: int, x: torch.Tensor, seed: int):
+    def encode(codec, residuals, k: int, x: torch.Tensor, seed: int, decode: bool = True):
         """(message, what the receiver decodes) of ``x`` from client k's side of the link; with
-        ``ef`` the residual of k's last message of this shape is added first and the new one kept."""
+        ``ef`` the residual of k's last message of this shape is added first and the new one kept.
+        ``decode=False`` (a sender in another process than its receiver): the decoded tensor is
+        computed only when ``ef`` needs it, and returned as None otherwise."""
         if codec.spec.ef:
             r = residuals[k]
             if r is not None and r.shape == x.shape:
                 x = x + r
         payload = codec.encode(x, seed)
-        decoded = codec.decode(payload)
+        decoded = codec.decode(payload) if decode or codec.spec.ef else None
         if codec.spec.ef:
             residuals[k] = (x - decoded).detach()
         return payload, decoded

@@ -107,6 +107,11 @@ def topk_indices(a: torch.Tensor, k: int, backend: str | None = None) -> torch.T
     return topk_rows(a, k, backend)[0]
 
 
+def _gaps(index: torch.Tensor) -> torch.Tensor:
+    """Per row: the first position, then each next position minus the previous minus 1."""
+    return torch.cat([index[:, :1], index[:, 1:] - index[:, :-1] - 1], dim=1)
+
+
 def index_coding(index: torch.Tensor, m: int) -> tuple[str, int, int]:
     """(coding, gap bit width, bytes) of the positions ``index`` [N, k] (ascending per row) of
     rows of length m: the bitmap or the packed gaps, whichever is smaller (tie: bitmap); bytes
@@ -115,8 +120,7 @@ def index_coding(index: torch.Tensor, m: int) -> tuple[str, int, int]:
     bitmap = n * -(-m // 8)
     if n == 0 or k == 0:
         return "bitmap", 0, bitmap
-    gaps = torch.cat([index[:, :1], index[:, 1:] - index[:, :-1] - 1], dim=1)
-    width = max(1, int(gaps.max()).bit_length())
+    width = max(1, int(_gaps(index).max()).bit_length())
     delta = -(-n * k * width // 8)
     return ("bitmap", 0, bitmap) if bitmap <= delta else ("delta", width, delta)
 
@@ -270,19 +274,26 @@ class Codec:
         out.scatter_(1, payload.index, values.float())
         return out.view(payload.shape).to(payload.dtype)
 
-    def wire_specs(self, shape) -> list[tuple[str, object, torch.dtype, str | None]]:
-        """What the receiver of a message for a tensor of ``shape`` expects, tensor by tensor, as
-        :func:`wire` sends it: (component, shape, dtype, check). The positions' length depends on
-        the message; their shape is given as an :class:`AtMost` bound."""
+    def _layout(self, shape):
+        """(n, m, cols, plan) of a message for a tensor of ``shape``: rows, values per row, values
+        sent per row (k with top-k), and the quantizer's plan of the sent values (None unquantized)."""
         n = int(shape[0])
         m = math.prod(shape[1:]) if len(shape) > 1 else 1
         cols = self.k_of(m) if self.sparse else m
         if self.spec.bits is None:
+            return n, m, cols, None
+        from fsl_fast.ops import quantize as Q
+
+        return n, m, cols, Q._plan((n, cols), self.spec.bits, self.group)
+
+    def wire_specs(self, shape) -> list[tuple[str, object, torch.dtype, str | None]]:
+        """What the receiver of a message for a tensor of ``shape`` expects, tensor by tensor, as
+        :func:`wire` sends it: (component, shape, dtype, check). The positions' length depends on
+        the message; their shape is given as an :class:`AtMost` bound."""
+        n, m, cols, p = self._layout(shape)
+        if p is None:
             out = [("values", (n, cols) if self.sparse else tuple(shape), torch.float32, "finite")]
         else:
-            from fsl_fast.ops import quantize as Q
-
-            p = Q._plan((n, cols), self.spec.bits, self.group)
             out = [("values", (n, p.code_cols), torch.int8 if p.bits == 8 else torch.uint8, None),
                    ("scales", (n, p.groups), torch.float32, "finite")]
         if self.sparse:
@@ -294,13 +305,10 @@ class Codec:
         from fsl_fast.ops import quantize as Q
 
         shape = torch.Size(shape)
-        n = int(shape[0])
-        m = math.prod(shape[1:]) if len(shape) > 1 else 1
-        cols = self.k_of(m) if self.sparse else m
-        if self.spec.bits is None:
+        n, m, cols, p = self._layout(shape)
+        if p is None:
             values, rest = tensors[0], tensors[1:]
         else:
-            p = Q._plan((n, cols), self.spec.bits, self.group)
             vshape = torch.Size((n, cols)) if self.sparse else shape
             values = Q.QuantizedTensor(tensors[0], tensors[1], vshape, torch.float32, p.bits, p.group_size)
             rest = tensors[2:]
@@ -322,20 +330,14 @@ class Codec:
         return _value_parts(payload)
 
     def _counted(self, z: torch.Tensor) -> Counted:
-        from fsl_fast.ops import quantize as Q
-
-        n = int(z.shape[0])
-        m = math.prod(z.shape[1:]) if z.dim() > 1 else 1
-        cols = m
+        n, m, cols, p = self._layout(z.shape)
         parts: dict[str, int] = {}
         if self.sparse:
-            cols = self.k_of(m)
             parts["indices"] = index_bytes_bound(n, cols, m)
             parts["header"] = 1
-        if self.spec.bits is None:
+        if p is None:
             parts["values"] = n * cols * 4
         else:
-            p = Q._plan((n, cols), self.spec.bits, self.group)
             parts["values"] = n * p.code_cols
             parts["scales"] = n * p.groups * 4
         return Counted(z.shape, parts)
@@ -388,7 +390,7 @@ def pack_positions(index: torch.Tensor, m: int, coding: str, width: int) -> torc
         bits = torch.zeros((n, -(-m // 8) * 8), dtype=torch.uint8, device=index.device)
         bits.scatter_(1, index, 1)
         return _bytes_of_bits(bits.view(-1))
-    gaps = torch.cat([index[:, :1], index[:, 1:] - index[:, :-1] - 1], dim=1).reshape(-1)
+    gaps = _gaps(index).reshape(-1)
     w = torch.arange(width, device=index.device, dtype=torch.int64)
     return _bytes_of_bits(((gaps[:, None] >> w) & 1).to(torch.uint8).view(-1))
 

@@ -484,6 +484,11 @@ def _ms(s: dict | None, spec: str = ".4f") -> str:
     return f"{format(s['mean'], spec)} ± {format(s['sd'], spec)}"
 
 
+def mean_sd(values: list, spec: str = ".4f") -> str:
+    """``mean ± sample sd`` of the values (see :func:`spread`), or "-" when there are none."""
+    return _ms(spread(values), spec)
+
+
 SEED_COLUMNS = ("run", "seeds", "best_mean", "best_sd", "final_mean", "final_sd", "acc_at_budget_mean",
                 "acc_at_budget_sd", "reached_target", "gib_to_target_mean", "gib_to_target_sd",
                 "gib_to_target_min", "gib_to_target_max", "total_gib_mean")

@@ -946,7 +946,7 @@ class _DistributedMessages:
         seed = self._stochastic_seed(k) if not codec.lossless else 0
         if topo.hosts(k):
             z = z.detach()
-            payload = z if codec.lossless else self.encode(codec, self.residual_up, k, z, seed)[0]
+            payload = z if codec.lossless else self.encode(codec, self.residual_up, k, z, seed, decode=False)[0]
             t.send(0, "smashed", k, [("smashed", w) for _, w in wire(payload)] + [("labels", y)], "up")
             return None, None
         if not topo.is_server or owner in t.lost:
@@ -982,7 +982,7 @@ class _DistributedMessages:
             if g is None:  # client k's upload never arrived (--tolerate-dropouts)
                 return None
             g = g.detach()
-            payload = g if codec.lossless else self.encode(codec, self.residual_down, k, g, seed)[0]
+            payload = g if codec.lossless else self.encode(codec, self.residual_down, k, g, seed, decode=False)[0]
             # Posted after this iteration's last upload has been received (client_backward):
             # NCCL runs the point-to-point operations of a pair of ranks on one stream in posting
             # order, so sending g_0 before receiving z_1 from the same rank would deadlock.

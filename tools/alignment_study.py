@@ -27,6 +27,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from fsl_fast.compare import mean_sd
+
 VARIANTS = {
     "buffer-1000": [],
     "buffer-96": ["--buffer-size", "96"],
@@ -62,13 +64,6 @@ def run_all(out: Path, seeds: list[int], rounds: int, partitions: list[str]) -> 
                     raise SystemExit(f"run {d} failed")
 
 
-def _ms(xs: list[float], fmt: str = ".4f") -> str:
-    if not xs:
-        return "-"
-    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
-    return f"{statistics.mean(xs):{fmt}} ± {sd:{fmt}}"
-
-
 def summarize(out: Path, seeds: list[int], partitions: list[str]) -> dict:
     table = {}
     for part in partitions:
@@ -97,7 +92,7 @@ def markdown(table: dict, partitions: list[str], seeds: list[int]) -> str:
             r = table[part, name]
             upd = " / ".join(f"{statistics.mean(r['update'][t]):.4f}" for t in (9, 10, 11, 12) if r["update"].get(t))
             acc = " / ".join(f"{statistics.mean(r['acc'][t]):.3f}" for t in (9, 10, 11, 12) if r["acc"].get(t))
-            lines.append(f"| {name} | {_ms(r['final'])} | {_ms(r['best'])} | {acc} | "
+            lines.append(f"| {name} | {mean_sd(r['final'])} | {mean_sd(r['best'])} | {acc} | "
                          f"{statistics.mean(r['cos_before']):.3f} -> {statistics.mean(r['cos_after']):.3f} | "
                          f"{statistics.mean(r['nr_before']):.2f} -> {statistics.mean(r['nr_after']):.2f} | {upd} |")
     return "\n".join(lines) + "\n"

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from codec_study import load_runs  # (tools/ is on sys.path when run as a script)
 
+from fsl_fast.compare import mean_sd
+
 GIB = 2 ** 30
 RUN_ORDER = ("fsl_sage", "fsl_sage-int8", "cse_fsl", "splitfed_v1", "splitfed_v2", "fedavg", "fedavg-shared")
 
@@ -37,13 +39,6 @@ def reach(m: list[dict], target: float) -> tuple[float, int] | None:
     return None
 
 
-def ms(xs: list[float], fmt: str = ".4f") -> str:
-    if not xs:
-        return "-"
-    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
-    return f"{statistics.mean(xs):{fmt}} ± {sd:{fmt}}"
-
-
 def tables(studies: dict[str, Path], target: float) -> str:
     data = {name: load(p) for name, p in studies.items()}
     runs = [r for r in RUN_ORDER if any(r in d for d in data.values())]
@@ -54,7 +49,7 @@ def tables(studies: dict[str, Path], target: float) -> str:
         for r in runs:
             hits = [reach(m, target) for m in d.get(r, {}).values()]
             got = [h for h in hits if h]
-            cells.append(f"{ms([g for g, _ in got])} (r{statistics.mean(t for _, t in got):.1f}) "
+            cells.append(f"{mean_sd([g for g, _ in got])} (r{statistics.mean(t for _, t in got):.1f}) "
                          f"{len(got)}/{len(hits)}" if got else f"- 0/{len(hits)}")
         out.append(f"| {part} | " + " | ".join(cells) + " |")
     out += [f"\nCommunication to {target} over FSL-SAGE's, paired by seed (mean, min-max; seeds where both reached it)\n",
@@ -92,7 +87,7 @@ def tables(studies: dict[str, Path], target: float) -> str:
             ms_ = d.get(r, {}).values()
             low = [min(x["test_accuracy"] for x in m if x["round"] > 20) for m in ms_ if len(m) > 21]
             below = [sum(x["test_accuracy"] < target - 0.02 for x in m if x["round"] > 20) for m in ms_ if len(m) > 21]
-            cells.append(f"{ms(low, '.3f')} / {ms(below, '.1f')}" if low else "-")
+            cells.append(f"{mean_sd(low, '.3f')} / {mean_sd(below, '.1f')}" if low else "-")
         out.append(f"| {part} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 

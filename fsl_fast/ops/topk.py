@@ -45,13 +45,18 @@ def topk_reference(x2: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     return index, torch.gather(x2, 1, index).float()
 
 
+def _outputs(x2: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels' output buffers: index int64 [N, k] and values float32 [N, k] on x2's device."""
+    n = x2.shape[0]
+    return (torch.empty((n, k), dtype=torch.int64, device=x2.device),
+            torch.empty((n, k), dtype=torch.float32, device=x2.device))
+
+
 def _topk_cpp(x2: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     if x2.dtype != torch.float32:
         return topk_reference(x2, k)
     _backend.extension()
-    n = x2.shape[0]
-    index = torch.empty((n, k), dtype=torch.int64, device=x2.device)
-    values = torch.empty((n, k), dtype=torch.float32, device=x2.device)
+    index, values = _outputs(x2, k)
     try:
         torch.ops.fsl_fast.topk_rows_(x2.contiguous(), k, index, values)
     except RuntimeError as e:
@@ -65,9 +70,7 @@ def _topk_triton(x2: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     from fsl_fast.kernels import topk as kern
 
     x2 = x2.float().contiguous()
-    n = x2.shape[0]
-    index = torch.empty((n, k), dtype=torch.int64, device=x2.device)
-    values = torch.empty((n, k), dtype=torch.float32, device=x2.device)
+    index, values = _outputs(x2, k)
     bad = kern.topk_rows(x2, k, index, values)
     if bool(bad.any()):
         raise _nonfinite(x2, int(bad.nonzero()[0, 0]))
