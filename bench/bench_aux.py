@@ -15,7 +15,7 @@ import torch
 
 from bench.common import pick
 from fsl_fast.ops import aux_conv as X
-from fsl_fast.ops import _backend
+from fsl_fast import ops as backends
 from fsl_fast.ops import aux as A
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -72,7 +72,7 @@ def _kernel_backends(device):
     names = ["cpp"] if device == "cpu" else ["cuda", "triton"]
     out = []
     for n in names:
-        ok, why = _backend.available(n, device)
+        ok, why = backends.available(n, device)
         if ok:
             out.append(n)
         else:

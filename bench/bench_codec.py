@@ -17,7 +17,7 @@ import torch
 
 from bench.common import pick
 from fsl_fast import codec as C
-from fsl_fast.ops import _backend
+from fsl_fast import ops as backends
 
 SHAPES = pick([(256, 8192), (256, 256, 2, 2)], [(64, 4096)])  # 8 MiB (the target's size), resnet18's cut
 SPECS = ["topk:0.05", "topk:0.05,int4", "topk:0.01,int8"]
@@ -34,15 +34,15 @@ def _roundtrip(cod, z):
 
 
 def _with_backend(name, fn):
-    old = os.environ.get(_backend.ENV_BACKEND)
-    os.environ[_backend.ENV_BACKEND] = name
+    old = os.environ.get(backends.ENV_BACKEND)
+    os.environ[backends.ENV_BACKEND] = name
     try:
         return fn()
     finally:
         if old is None:
-            os.environ.pop(_backend.ENV_BACKEND, None)
+            os.environ.pop(backends.ENV_BACKEND, None)
         else:
-            os.environ[_backend.ENV_BACKEND] = old
+            os.environ[backends.ENV_BACKEND] = old
 
 
 def _copy_gbps(z):
@@ -58,8 +58,8 @@ def _copy_gbps(z):
 @pytest.mark.parametrize("spec", SPECS)
 @pytest.mark.parametrize("shape", SHAPES, ids=_ids)
 def test_topk_codec(benchmark, shape, spec, variant):
-    if variant == "cpp" and not _backend.available("cpp", "cpu")[0]:
-        pytest.skip(f"C++ extension unavailable: {_backend.available('cpp', 'cpu')[1]}")
+    if variant == "cpp" and not backends.available("cpp", "cpu")[0]:
+        pytest.skip(f"C++ extension unavailable: {backends.available('cpp', 'cpu')[1]}")
     torch.manual_seed(0)
     z = torch.randn(shape)
     cod = C.Codec(C.parse(spec))
@@ -102,7 +102,7 @@ GPU_SHAPES = [(256, 8192), (2048, 8192)]  # 8 and 64 MiB
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=_ids)
 def test_gpu_topk_codec(benchmark, shape, spec, variant):
     backend = "reference" if variant == "eager" else variant
-    ok, why = _backend.available(backend, "cuda")
+    ok, why = backends.available(backend, "cuda")
     if not ok:
         pytest.skip(f"{backend} backend unavailable on cuda: {why}")
     torch.manual_seed(0)

@@ -19,8 +19,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from bench.common import pick
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,10 +86,6 @@ def test_seconds_per_round_1_vs_2_client_ranks(benchmark, tmp_path):
 
 
 def test_wire_bytes_per_round_int8_uplink(benchmark, tmp_path):
-    try:
-        import fsl_fast.ops.quantize  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"fsl_fast.ops.quantize is not importable yet ({e}); no int8 uplink to measure")
     args = ["--algorithm", "splitfed_v2", "--rounds", "2"] + BASE
     fp32 = _launch(args, tmp_path / "fp32", 3)
     int8 = benchmark.pedantic(_launch, args=(args + ["--quantize", "int8"], tmp_path / "int8", 3),

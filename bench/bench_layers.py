@@ -14,12 +14,12 @@ from torch import nn
 
 from bench.common import pick
 from fsl_fast import models
-from fsl_fast.ops import _backend
+from fsl_fast import ops as backends
 from fsl_fast.ops import layers as L
 
 pytestmark = pytest.mark.skipif(
-    not _backend.available("cpp", "cpu")[0],
-    reason=f"C++ extension unavailable: {_backend.extension_error()}")
+    not backends.available("cpp", "cpu")[0],
+    reason=f"C++ extension unavailable: {backends.extension_error()}")
 
 
 def _interleaved_ms(fast, slow, rounds, warmup=2):

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from bench.common import pick
-from fsl_fast.ops import _backend
+from fsl_fast import ops as backends
 from fsl_fast.ops import quantize as Q
 
 CPU_SHAPES = pick([(256, 32, 16, 16), (256, 128, 4, 4)], [(64, 128, 4, 4)])
@@ -65,14 +65,14 @@ def _pure_reference(x2, bits, gs, stochastic, key):
     codes = torch.empty((n, m if bits == 8 else (m + 1) // 2),
                         dtype=torch.int8 if bits == 8 else torch.uint8, device=x2.device)
     scales = torch.empty((n, g), device=x2.device)
-    Q._reference_quantize(x2, bits, gs, stochastic, key, codes, scales)
+    backends.resolve("quantize", x2.device, "reference")[1](x2, bits, gs, stochastic, key, codes, scales)
     return codes, scales
 
 
 def _pure_reference_qdq(x2, bits, gs, stochastic, key):
     codes, scales = _pure_reference(x2, bits, gs, stochastic, key)
     out = torch.empty_like(x2)
-    Q._reference_dequantize(codes, scales, bits, gs, out)
+    backends.resolve("dequantize", x2.device, "reference")[1](codes, scales, bits, gs, out)
     return out
 
 
@@ -151,7 +151,7 @@ def test_cpu(benchmark, shape, mode, op, variant):
     ref_back = Q.dequantize(ref, backend="reference")
     n = shape[0]
     x2 = x.reshape(n, -1)
-    plan = Q._plan(x.shape, bits, gs)
+    plan = Q.quant_plan(x.shape, bits, gs)
     key = Q.seed_key(SEED)
 
     if variant == "textbook":
@@ -184,7 +184,7 @@ def test_cpu(benchmark, shape, mode, op, variant):
             return f(x2, bits, plan.gs, stochastic, key)
     else:
         be = "reference" if variant == "eager" else variant
-        ok, why = _backend.available(be, "cpu")
+        ok, why = backends.available(be, "cpu")
         if not ok:
             pytest.skip(f"{be} backend unavailable: {why}")
         codes = torch.empty_like(ref.codes)
@@ -243,7 +243,7 @@ def _gpu_time(fn, reps=50):
 def test_gpu(benchmark, shape, mode, op, variant):
     bits, gs, stochastic = MODES[mode]
     be = "reference" if variant == "eager" else variant
-    ok, why = _backend.available(be, "cuda")
+    ok, why = backends.available(be, "cuda")
     if not ok:
         pytest.skip(f"{be} backend unavailable on cuda: {why}")
     gen = torch.Generator().manual_seed(SEED)
@@ -284,9 +284,9 @@ def test_gpu(benchmark, shape, mode, op, variant):
     benchmark.extra_info["pct_of_copy"] = round(100 * benchmark.extra_info["gbps"] / copy_gbps, 1)
     _ratios(key_, benchmark)
     # The public call synchronizes once to check the scales for NaN/Inf; the kernels alone:
-    _n, impl_q = _backend.resolve("quantize", "cuda", be)
-    _n, impl_d = _backend.resolve("dequantize", "cuda", be)
-    plan = Q._plan(x.shape, bits, gs)
+    _n, impl_q = backends.resolve("quantize", "cuda", be)
+    _n, impl_d = backends.resolve("dequantize", "cuda", be)
+    plan = Q.quant_plan(x.shape, bits, gs)
     x2, out2, key = x.view(plan.n, plan.m), out.view(plan.n, plan.m), Q.seed_key(SEED)
 
     def kernels():
@@ -323,7 +323,7 @@ def _interleaved_min(fns: dict, rounds: int, inner: int) -> dict:
 
 @pytest.mark.parametrize("shape", CPU_SHAPES, ids=_ids)
 def test_cpu_targets(benchmark, shape):
-    ok, why = _backend.available("cpp", "cpu")
+    ok, why = backends.available("cpp", "cpu")
     if not ok:
         pytest.skip(f"cpp backend unavailable: {why}")
     gen = torch.Generator().manual_seed(SEED)

@@ -1,8 +1,9 @@
 """The five algorithms, written once over the engine interface (fsl_fast.engines.base).
 
 The base class owns the round loop and both schedules; each algorithm is a short set of hooks named
-after the paper's steps. Every message goes through ``send_*`` helpers, which apply uplink
-quantization and count bytes in the ledger, so the same code runs in-process and over a transport.
+after the paper's steps. Computation goes through the engine; every message goes through the
+channel (fsl_fast.transport.base.Channel), which applies the links' codecs and counts bytes in the
+ledger, so the same code runs in one process and across processes.
 
 Schedules (DESIGN.md):
 - ``sequential`` (the authors' code): clients one after another; the server consumes each upload
@@ -19,8 +20,10 @@ from contextlib import contextmanager
 
 import torch
 
+from fsl_fast.codec import slice_rows
 from fsl_fast.faults import FiniteGuard
-from fsl_fast.ledger import Ledger, tensor_bytes
+from fsl_fast.ledger import tensor_bytes
+from fsl_fast.transport.base import Channel
 
 
 class AlignBuffer:
@@ -47,7 +50,7 @@ class AlignBuffer:
                 self.chunks.pop(0)
                 excess -= n
             else:
-                self.chunks[0] = (_slice_rows(p, excess), yy[excess:])
+                self.chunks[0] = (slice_rows(p, excess), yy[excess:])
                 excess = 0
 
     def tensors(self, decode) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,12 +92,6 @@ def dropout_seed(seed: int, t: int) -> int:
     return (seed * 32_452_843 + 999_331 + t) % (2**63 - 1)
 
 
-def _slice_rows(p, start: int):
-    if isinstance(p, torch.Tensor):
-        return p[start:]
-    return p.slice_rows(start)
-
-
 class Algorithm:
     """Owns the round loop. Subclasses implement ``local_iteration`` and ``end_of_round``."""
 
@@ -104,7 +101,7 @@ class Algorithm:
     whole_model = False  # FedAvg: clients train client+server halves locally
     aligns = False  # FSL-SAGE: the server aligns the auxiliary models
 
-    def __init__(self, cfg, engine, loaders, weights, ledger: Ledger):
+    def __init__(self, cfg, engine, loaders, weights, channel: Channel):
         self.cfg = cfg
         self.engine = engine
         self.loaders = loaders
@@ -113,12 +110,10 @@ class Algorithm:
         self.active = list(range(self.m))  # the clients taking part in the current round
         self.survivors = list(self.active)  # ... and those of them that did not drop out
         self.lost: set[int] = set()  # clients that left the run for good (their process died)
-        self.ledger = ledger
+        self.channel = channel
         self.q = cfg.server_update_interval
         self.buffers = [AlignBuffer(cfg.buffer_size) for _ in range(self.m)] if self.uses_aux else []
         self.times: dict[str, float] = {}
-        self._round = 0
-        self._upload_counter = 0
         # non-finite numbers end the run at the end of the phase where they appear (faults.py)
         self.guard = FiniteGuard()
         self.round_extra: dict = {}  # extra per-round metrics (estimate_quality)
@@ -126,21 +121,8 @@ class Algorithm:
         # each round records its steps in ``trace`` for the simulated clock
         self.step_flops: dict | None = None
         self.trace = None
-        self._last_up_bytes = 0
-        from fsl_fast import codec
-
-        # --uplink / --quantize and --downlink; with ef, the residual of each client's last
-        # message (uplink: kept by the client; downlink: kept by the server for that client)
-        self.uplink = codec.from_config(cfg, "up")
-        self.downlink = codec.from_config(cfg, "down")
-        self.residual_up: list = [None] * self.m
-        self.residual_down: list = [None] * self.m
         # --hold-estimate-norm (FSL-SAGE ablation): per client, the factor applied to its estimate
         self.estimate_scale: list[float] = [1.0] * self.m
-        for direction, kind, c in (("up", "smashed", self.uplink), ("down", "gradients", self.downlink)):
-            if not c.lossless:
-                ledger.declare_parts(direction, kind, ["values"] + (["scales"] if c.spec.bits else [])
-                                     + (["indices", "header"] if c.sparse else []))
 
     # -- timing --------------------------------------------------------------------------------
     @contextmanager
@@ -182,38 +164,6 @@ class Algorithm:
             for k, s in zip(ks, state):
                 self.guard.add(k, what, s)
 
-    # -- messages ------------------------------------------------------------------------------
-    def send_smashed(self, k: int, z: torch.Tensor, y: torch.Tensor):
-        """Client k uploads smashed data (and labels). Returns (server's view of z, payload)."""
-        z = z.detach()
-        if self.uplink.lossless:
-            payload, z_srv, parts = z, z, None
-            nbytes = tensor_bytes(z)
-        else:
-            payload, z_srv = self.encode(self.uplink, self.residual_up, k, z, self._stochastic_seed(k))
-            parts = self.uplink.parts(payload)
-            nbytes = sum(parts.values())
-        self.ledger.add("up", "smashed", nbytes, parts=parts)
-        self.ledger.add("up", "labels", tensor_bytes(y), paper=False)
-        self._last_up_bytes = nbytes + tensor_bytes(y)
-        return z_srv, payload
-
-    @staticmethod
-    def encode(codec, residuals, k: int, x: torch.Tensor, seed: int, decode: bool = True):
-        """(message, what the receiver decodes) of ``x`` from client k's side of the link; with
-        ``ef`` the residual of k's last message of this shape is added first and the new one kept.
-        ``decode=False`` (a sender in another process than its receiver): the decoded tensor is
-        computed only when ``ef`` needs it, and returned as None otherwise."""
-        if codec.spec.ef:
-            r = residuals[k]
-            if r is not None and r.shape == x.shape:
-                x = x + r
-        payload = codec.encode(x, seed)
-        decoded = codec.decode(payload) if decode or codec.spec.ef else None
-        if codec.spec.ef:
-            residuals[k] = (x - decoded).detach()
-        return payload, decoded
-
     # -- the simulated clock's record (fsl_fast.clock) -------------------------------------------
     def trace_compute(self, ks, rows, kind: str) -> None:
         if self.trace is not None:
@@ -226,30 +176,6 @@ class Algorithm:
             for k in self.survivors:
                 self.trace.finish(k, model_bytes, model_bytes)
 
-    def _stochastic_seed(self, k: int) -> int:
-        # Distinct, reproducible counter-RNG key per (run seed, round, client, upload).
-        self._upload_counter += 1
-        return (self.cfg.seed * 1_000_003 + self._round * 10_007 + k * 101 + self._upload_counter) % (2**31)
-
-    def decode(self, payload) -> torch.Tensor:
-        return self.uplink.decode(payload)
-
-    def send_gradient(self, k: int, g: torch.Tensor) -> torch.Tensor:
-        if self.downlink.lossless:
-            self.ledger.add("down", "gradients", tensor_bytes(g))
-            return g
-        # its own stochastic-rounding keys: a bit flipped from the uplink's of the same upload
-        payload, g_dec = self.encode(self.downlink, self.residual_down, k, g.detach(),
-                                     self._stochastic_seed(k) ^ (1 << 30))
-        parts = self.downlink.parts(payload)
-        self.ledger.add("down", "gradients", sum(parts.values()), parts=parts)
-        return g_dec
-
-    def count_model_exchange(self, kind: str, nbytes: int, clients: int) -> None:
-        """FedAvg: every client uploads its model and downloads the average."""
-        self.ledger.add("up", kind, nbytes, count=clients)
-        self.ledger.add("down", kind, nbytes, count=clients)
-
     def initial_broadcast(self) -> None:
         """Round 0 sends the initial models down; not counted in the paper's convention."""
         kinds = [("client_model", self.engine.client_bytes())]
@@ -258,7 +184,7 @@ class Algorithm:
         if self.uses_aux:
             kinds.append(("aux_model", self.engine.aux_bytes()))
         for kind, nbytes in kinds:
-            self.ledger.add("down", kind, nbytes, paper=False, count=self.m)
+            self.channel.count_initial(kind, nbytes, self.m)
 
     # -- partial participation -------------------------------------------------------------------
     def participants(self, t: int) -> list[int]:
@@ -315,15 +241,14 @@ class Algorithm:
         """FedAvg over the survivors, written to every client; with none (all participants
         dropped) the participants go back to the models of the last aggregation."""
         if self.survivors:
-            self.engine.aggregate(self.round_weights(), clients=clients, aux=aux, servers=servers)
+            self.channel.average(self.round_weights(), clients=clients, aux=aux, servers=servers)
         else:
             self.engine.restore(self.active, clients=clients, aux=aux, servers=servers)
 
     # -- the round loop ------------------------------------------------------------------------
     def run_round(self, t: int) -> dict[str, float]:
         self.times = {}
-        self._round = t
-        self._upload_counter = 0
+        self.channel.begin_round(t)
         self.round_extra = {}
         self.guard.round = t
         self.guard.seconds = 0.0
@@ -364,7 +289,7 @@ class Algorithm:
                 ks = [k for k in self.active if it < iters[k]]
                 batches = [next(streams[k]) for k in ks]
                 self.local_iteration(t, it, ks, [b[0] for b in batches], [b[1] for b in batches])
-        lost = self.unreachable()
+        lost = self.channel.unreachable()
         if lost:  # their updates are discarded, as a dropout's; they take no further part
             self.lost.update(lost)
             self.survivors = [k for k in self.survivors if k not in lost]
@@ -378,11 +303,6 @@ class Algorithm:
         if self.guard.enabled:
             self.times["checks"] = self.guard.seconds  # overlaps the phases above
         return dict(self.times)
-
-    def unreachable(self) -> dict[int, dict]:
-        """Clients found gone during this round's local training, {client: record}: none in
-        process; the distributed runtime's clients of a rank that died (--tolerate-dropouts)."""
-        return {}
 
     def _batches(self, k: int):
         dev = self.engine.device
@@ -436,9 +356,9 @@ class Algorithm:
             return
         with self.phase("server"):
             for k, z, y in zip(ks, zs, ys):
-                z_srv, payload = self.send_smashed(k, z, y)
+                z_srv, payload = self.channel.upload(k, z, y)
                 if self.trace is not None:
-                    self.trace.send(k, self._last_up_bytes, self.step_flops["server"] * y.shape[0])
+                    self.trace.send(k, self.channel.last_up_bytes, self.step_flops["server"] * y.shape[0])
                 self.engine.server_step(k, z_srv, y)
                 if keep and payload is not None:  # (None: an upload that never arrived)
                     self.buffers[k].append(payload, y)
@@ -456,9 +376,9 @@ class Algorithm:
     def fedavg_clients(self, with_aux: bool = False) -> None:
         self.check_local_models(("client", "aux") if self.uses_aux else ("client",))
         self.average_or_restore(clients=True, aux=with_aux, servers=self.server_copies)
-        self.count_model_exchange("client_model", self.engine.client_bytes(), len(self.survivors))
+        self.channel.count_models("client_model", self.engine.client_bytes(), len(self.survivors))
         if with_aux:
-            self.count_model_exchange("aux_model", self.engine.aux_bytes(), len(self.survivors))
+            self.channel.count_models("aux_model", self.engine.aux_bytes(), len(self.survivors))
         self.trace_finish(self.engine.client_bytes() + (self.engine.aux_bytes() if with_aux else 0))
         self.check_aggregate()
 
@@ -471,19 +391,14 @@ class Algorithm:
     def state_dict(self) -> dict:
         # (None: a buffer parked in the client store)
         out = {"buffers": [None if b is None else b.state_dict() for b in self.buffers],
-               "lost": sorted(self.lost)}
-        if self.uplink.spec.ef or self.downlink.spec.ef:
-            out["residual_up"] = list(self.residual_up)
-            out["residual_down"] = list(self.residual_down)
+               "lost": sorted(self.lost), **self.channel.state_dict()}
         if self.cfg.hold_estimate_norm:
             out["estimate_scale"] = list(self.estimate_scale)
         return out
 
     def load_state_dict(self, sd: dict) -> None:
         self.lost = set(sd.get("lost", []))
-        if self.uplink.spec.ef or self.downlink.spec.ef:
-            self.residual_up = list(sd.get("residual_up", [None] * self.m))
-            self.residual_down = list(sd.get("residual_down", [None] * self.m))
+        self.channel.load_state_dict(sd)
         if self.cfg.hold_estimate_norm:
             self.estimate_scale = [float(v) for v in sd.get("estimate_scale", [1.0] * self.m)]
         for k, s in enumerate(sd["buffers"]):
@@ -511,10 +426,8 @@ class FedAvg(Algorithm):
         self.check_local_models(("client", "server") if self.server_copies else ("client",))
         self.average_or_restore(clients=True, servers=self.server_copies)
         n = len(self.survivors)
-        self.ledger.add("up", "client_model", self.engine.client_bytes(), count=n)
-        self.ledger.add("down", "client_model", self.engine.client_bytes(), count=n)
-        self.ledger.add("up", "server_model", self.engine.server_bytes(), count=n)
-        self.ledger.add("down", "server_model", self.engine.server_bytes(), count=n)
+        self.channel.count_models("client_model", self.engine.client_bytes(), n)
+        self.channel.count_models("server_model", self.engine.server_bytes(), n)
         self.trace_finish(self.engine.client_bytes() + self.engine.server_bytes())
         self.check_aggregate()
 
@@ -543,7 +456,7 @@ class FedAvgSharedServer(FedAvg):
 
     def initial_broadcast(self) -> None:
         super().initial_broadcast()
-        self.ledger.add("down", "server_model", self.engine.server_bytes(), paper=False, count=self.m)
+        self.channel.count_initial("server_model", self.engine.server_bytes(), self.m)
 
     def end_of_round(self, t):
         self.check_servers(list(self.survivors) or list(self.active))
@@ -565,12 +478,12 @@ class SplitFed(Algorithm):
         grads, computed = [], []
         with self.phase("server"):
             for k, z, y in zip(ks, zs, ys):
-                z_srv, _ = self.send_smashed(k, z, y)
+                z_srv, _ = self.channel.upload(k, z, y)
                 g = self.engine.server_step(k, z_srv, y, want_grad=True)
                 computed.append(g)
-                grads.append(self.send_gradient(k, g))
+                grads.append(self.channel.reply(k, g))
                 if self.trace is not None:  # the client waits for the server's answer
-                    self.trace.request(k, self._last_up_bytes, self.step_flops["server"] * y.shape[0],
+                    self.trace.request(k, self.channel.last_up_bytes, self.step_flops["server"] * y.shape[0],
                                        tensor_bytes(g))
         # the input gradient is non-finite whenever the server's loss is; the server's parameters
         # are checked at the end of the round (check_aggregate)
@@ -641,12 +554,15 @@ class FSLSAGE(Algorithm):
 
     def align(self, ks):
         """Server refreshes the true-gradient targets on each buffer, fits the auxiliaries to them,
-        and sends each aligned auxiliary down."""
-        data = []
-        for k in ks:
-            Z, Y = self.buffers[k].tensors(self.decode)
-            data.append((Z, Y))
-        log = self.cfg.log_estimate_quality and self.engine.computes("server")
+        and sends each aligned auxiliary down (a process that hosts only clients receives them)."""
+        ks = self.channel.reachable(ks)
+        if self.channel.at_server:
+            self._align_on_server(ks)
+        self.channel.send_aux(ks)
+
+    def _align_on_server(self, ks):
+        data = [self.buffers[k].tensors(self.channel.decode) for k in ks]
+        log = self.cfg.log_estimate_quality
         if log:
             from fsl_fast.engines.base import estimate_quality
 
@@ -668,7 +584,6 @@ class FSLSAGE(Algorithm):
                 {"client": b["client"], "cosine_before": b["cosine"], "norm_ratio_before": b["norm_ratio"],
                  "cosine_after": a["cosine"], "norm_ratio_after": a["norm_ratio"]} for b, a in zip(before, after))
         for k, (Z, _) in zip(ks, data):
-            self.ledger.add("down", "aux_model", self.engine.aux_bytes())
             if self.trace is not None:  # the client waits for its aligned auxiliary
                 self.trace.request(k, 0, self.step_flops["align_row"] * Z.shape[0] * self.cfg.align_epochs,
                                    self.engine.aux_bytes())

@@ -156,15 +156,13 @@ class Sparse:
         return sum(self.parts.values())
 
     def slice_rows(self, start: int) -> "Sparse":
-        from fsl_fast.algorithms import _slice_rows
-
         n = int(self.shape[0])
         if not 0 <= start <= n:
             raise ValueError(f"Sparse.slice_rows: start must be in [0, {n}], got {start}")
         index = self.index[start:]
         m = math.prod(self.shape[1:])
         coding, width, nb = index_coding(index, m)
-        return Sparse(_slice_rows(self.values, start), index, torch.Size((n - start, *self.shape[1:])),
+        return Sparse(slice_rows(self.values, start), index, torch.Size((n - start, *self.shape[1:])),
                       self.dtype, coding, width, nb)
 
     def state_dict(self) -> dict:
@@ -181,6 +179,13 @@ class Sparse:
         values = sd["values"] if sd["values"] is not None else QuantizedTensor.from_state_dict(sd["qvalues"])
         return cls(values, sd["index"], torch.Size(sd["shape"]), getattr(torch, sd["dtype"]), sd["coding"],
                    int(sd["width"]), int(sd["index_nbytes"]))
+
+
+def slice_rows(p, start: int):
+    """Rows ``start:`` of a message (a tensor, a QuantizedTensor or a Sparse) without decoding."""
+    if isinstance(p, torch.Tensor):
+        return p[start:]
+    return p.slice_rows(start)
 
 
 def _value_parts(v) -> dict[str, int]:
@@ -284,7 +289,7 @@ class Codec:
             return n, m, cols, None
         from fsl_fast.ops import quantize as Q
 
-        return n, m, cols, Q._plan((n, cols), self.spec.bits, self.group)
+        return n, m, cols, Q.quant_plan((n, cols), self.spec.bits, self.group)
 
     def wire_specs(self, shape) -> list[tuple[str, object, torch.dtype, str | None]]:
         """What the receiver of a message for a tensor of ``shape`` expects, tensor by tensor, as

@@ -122,7 +122,7 @@ class Config:
     device: str = _o("cpu", "cpu | cuda[:N]")
     threads: int = _o(0, "torch intra-op threads (0 = torch default)")
     eval_batch_size: int = 1000  # (not a command-line option)
-    # distributed runtime (fsl_fast/distributed.py; launched by torchrun)
+    # distributed runtime (fsl_fast/distributed/ and fsl_fast/transport/; launched by torchrun)
     distributed: bool = _o(False, "distributed runtime: launch with torchrun; rank 0 = server, ranks 1.. "
                            "host the clients")
     dist_timeout: float = _o(300.0, "seconds a rank waits for a peer before failing")

@@ -66,7 +66,7 @@ def executor_report(model: str, aux: str = "default", dataset: str | None = None
 
 
 def main(argv=None) -> None:
-    from fsl_fast.ops import _backend as B
+    from fsl_fast import ops as B
 
     p = argparse.ArgumentParser(prog="python -m fsl_fast.env", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="report the fused engine's executors for this model")
@@ -99,7 +99,7 @@ def main(argv=None) -> None:
     else:
         print(f"fsl_fast._C: {B.extension_origin()}, cuda kernels built: {mod.cuda_built()}, "
               f"OpenMP threads {mod.omp_max_threads()}")
-    ok, err = B._triton_ok()
+    ok, err = B.triton_ok()
     print(f"triton: {'importable' if ok else 'unavailable: ' + str(err)}"
           + (" (interpreter mode)" if B.triton_interpret() else ""))
     print(f"{B.ENV_BACKEND}={__import__('os').environ.get(B.ENV_BACKEND, '(unset: auto)')}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from fsl_fast.ops import _backend
+from fsl_fast.ops import resolve
 from fsl_fast.ops import adam as _adam  # noqa: F401 - registers the adam_step op
 
 
@@ -30,7 +30,7 @@ class FlatAdam:
         self.m = torch.zeros_like(params)
         self.v = torch.zeros_like(params)
         self.steps = [0] * params.shape[0]
-        self.backend, self._impl = _backend.resolve("adam_step", params.device, backend)
+        self.backend, self._impl = resolve("adam_step", params.device, backend)
 
     def zero_grad(self) -> None:
         self.g.zero_()

@@ -13,6 +13,7 @@ from fsl_fast.config import Config, ConfigError
 from fsl_fast.engines import build_engine
 from fsl_fast.faults import RunIOError, check_value
 from fsl_fast.ledger import GIB, Ledger
+from fsl_fast.transport.local import InProcessChannel
 
 CHECKPOINT = "checkpoints/last.pt"
 
@@ -67,7 +68,8 @@ class Run:
         total = float(sum(sizes))
         self.weights = [s / total for s in sizes]
         self.ledger = Ledger()
-        self.algo = cls(cfg, self.engine, self.loaders, self.weights, self.ledger)
+        self.channel = InProcessChannel(cfg, self.ledger, self.engine, cfg.clients)
+        self.algo = cls(cfg, self.engine, self.loaders, self.weights, self.channel)
         self.algo.step_flops = flops
         self.metrics: list[dict] = []
         self.next_round = 0

@@ -12,6 +12,7 @@ from fsl_fast.algorithms import ALGORITHM_CLASSES
 from fsl_fast.config import Config
 from fsl_fast.engines.reference import ReferenceEngine
 from fsl_fast.ledger import Ledger
+from fsl_fast.transport.local import InProcessChannel
 from fsl_fast.models import LinearAux, SplitModel
 from tests.handcalc import adam_first, align_grads, linear_ce
 
@@ -45,7 +46,7 @@ def _run(algorithm, weights=(0.5, 0.5), **cfg_kw):
     xs, ys = _batches()
     loaders = [[(x, y)] for x, y in zip(xs, ys)]
     ledger = Ledger()
-    algo = cls(cfg, engine, loaders, list(weights), ledger)
+    algo = cls(cfg, engine, loaders, list(weights), InProcessChannel(cfg, ledger, engine, 2))
     algo.run_round(0)
     return engine, init, xs, ys, ledger.end_round()
 
@@ -193,7 +194,8 @@ def test_fsl_sage_schedule_order(schedule):
                  schedule=schedule, batch_size=2).resolved()
     eng = _Recorder()
     batch = (torch.zeros(2, 4), torch.zeros(2, dtype=torch.long))
-    algo = ALGORITHM_CLASSES["fsl_sage"](cfg, eng, [[batch] * 3, [batch] * 3], [0.5, 0.5], Ledger())
+    algo = ALGORITHM_CLASSES["fsl_sage"](cfg, eng, [[batch] * 3, [batch] * 3], [0.5, 0.5],
+                                         InProcessChannel(cfg, Ledger(), eng, 2))
     algo.run_round(0)
     log = [e for e in eng.log if e[0] != "aux_estimate"]
     if schedule == "sequential":
@@ -212,7 +214,8 @@ def test_parallel_clients_with_fewer_batches_finish_early():
     cfg = Config(algorithm="splitfed_v2", clients=2, schedule="parallel", batch_size=2).resolved()
     eng = _Recorder()
     batch = (torch.zeros(2, 4), torch.zeros(2, dtype=torch.long))
-    algo = ALGORITHM_CLASSES["splitfed_v2"](cfg, eng, [[batch] * 3, [batch] * 1], [0.5, 0.5], Ledger())
+    algo = ALGORITHM_CLASSES["splitfed_v2"](cfg, eng, [[batch] * 3, [batch] * 1], [0.5, 0.5],
+                                            InProcessChannel(cfg, Ledger(), eng, 2))
     algo.run_round(0)
     fwd = [e for e in eng.log if e[0] == "client_forward"]
     assert fwd == [("client_forward", (0, 1)), ("client_forward", (0,)), ("client_forward", (0,))]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fsl_fast import codec as C
-from fsl_fast.algorithms import Algorithm
+from fsl_fast.transport.base import Channel
 from fsl_fast.config import Config, ConfigError
 from fsl_fast.ops import available
 from fsl_fast.ops.topk import topk_rows
@@ -210,14 +210,14 @@ def test_error_feedback_carries_the_residual(seed):
     cod = C.Codec(C.parse("topk:0.25,ef"))
     res = [None]
     x1, x2 = torch.randn(2, 8), torch.randn(2, 8)
-    _, d1 = Algorithm.encode(cod, res, 0, x1, 0)
+    _, d1 = Channel.encode(cod, res, 0, x1, 0)
     assert torch.equal(res[0], x1 - d1)
-    p2, d2 = Algorithm.encode(cod, res, 0, x2, 0)
+    p2, d2 = Channel.encode(cod, res, 0, x2, 0)
     assert torch.equal(d2, cod.decode(cod.encode(x2 + (x1 - d1))))
     assert torch.allclose(res[0], x2 + (x1 - d1) - d2)
     # a message of another shape starts afresh
     x3 = torch.randn(1, 8)
-    _, d3 = Algorithm.encode(cod, res, 0, x3, 0)
+    _, d3 = Channel.encode(cod, res, 0, x3, 0)
     assert torch.equal(d3, cod.decode(cod.encode(x3)))
 
 

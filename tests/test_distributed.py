@@ -1,4 +1,4 @@
-"""Distributed runtime (fsl_fast/distributed.py): 3 processes on loopback (gloo, one thread each)
+"""Distributed runtime (fsl_fast/distributed/, fsl_fast/transport/): 3 processes on loopback (gloo, one thread each)
 give the in-process `parallel` run's metrics; the wire carries what the ledger counts; a killed
 client rank fails every process within the timeout, naming the rank and the round, and the run
 resumes from the last committed round. Plus in-process checks of the pieces (blocks, headers,

@@ -40,14 +40,14 @@ def test_buffer_holds_the_compressed_form_and_server_sees_dequantized():
     run = _one_round(quantize="int8")
     payload, y = run.algo.buffers[0].chunks[0]
     assert isinstance(payload, QuantizedTensor) and payload.codes.dtype == torch.int8
-    z = run.algo.decode(payload)
+    z = run.channel.decode(payload)
     assert z.shape == (32, D) and torch.equal(z, dequantize(payload))
 
 
-def test_send_smashed_returns_the_dequantized_tensor():
+def test_upload_returns_the_dequantized_tensor():
     run = _one_round(quantize="int8")
     z = torch.randn(4, D)
-    z_srv, payload = run.algo.send_smashed(0, z, torch.zeros(4, dtype=torch.long))
+    z_srv, payload = run.channel.upload(0, z, torch.zeros(4, dtype=torch.long))
     assert torch.equal(z_srv, dequantize(quantize(z, bits=8)))
     assert not torch.equal(z_srv, z)
     assert float((z_srv - z).abs().max()) <= float(z.abs().amax(1).max()) / 127 / 2 + 1e-6

@@ -115,7 +115,7 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _triton_ok() -> tuple[bool, str | None]:
+def triton_ok() -> tuple[bool, str | None]:
     if not _triton["tried"]:
         _triton["tried"] = True
         try:
@@ -179,7 +179,7 @@ def available(backend: str, device: torch.device | str) -> tuple[bool, str]:
             return False, "fsl_fast._C was built without CUDA (CPU torch or no nvcc at build time)"
         return True, f"fsl_fast._C with CUDA ({_ext['origin']})"
     if backend == "triton":
-        ok, err = _triton_ok()
+        ok, err = triton_ok()
         if not ok:
             return False, f"triton unavailable ({err})"
         if dev.type == "cuda":

@@ -53,6 +53,8 @@ __all__ = [
     "rng24_reference",
     "seed_key",
     "QMAX",
+    "QuantPlan",
+    "quant_plan",
     "DEFAULT_INT4_GROUP",
     "TINY_ABSMAX",
 ]
@@ -169,7 +171,10 @@ class QuantizedTensor:
 
 
 @dataclass(frozen=True)
-class _Plan:
+class QuantPlan:
+    """How a tensor of a given shape is quantized: rows, values per row, bits, groups and code
+    columns (:func:`quant_plan` checks the arguments and computes it)."""
+
     n: int
     m: int
     bits: int
@@ -179,7 +184,7 @@ class _Plan:
     code_cols: int
 
 
-def _plan(shape, bits, group_size) -> _Plan:
+def quant_plan(shape, bits, group_size) -> QuantPlan:
     if isinstance(bits, bool) or bits not in QMAX:
         raise ValueError(f"quantize: bits must be 8, 4 or 2, got {bits!r}")
     if len(shape) < 1:
@@ -201,10 +206,10 @@ def _plan(shape, bits, group_size) -> _Plan:
             need = "an even group_size" if bits == 4 else "a group_size divisible by 4"
             raise ValueError(f"quantize: int{bits} needs {need} (groups must not share a packed byte), "
                              f"got {group_size}")
-        return _Plan(n, m, bits, group_size, group_size, -(-m // group_size), -(-m // per_byte))
+        return QuantPlan(n, m, bits, group_size, group_size, -(-m // group_size), -(-m // per_byte))
     if group_size is None:
-        return _Plan(n, m, 8, None, max(m, 1), 1, m)
-    return _Plan(n, m, 8, group_size, group_size, -(-m // group_size), m)
+        return QuantPlan(n, m, 8, None, max(m, 1), 1, m)
+    return QuantPlan(n, m, 8, group_size, group_size, -(-m // group_size), m)
 
 
 def _check_buffer(name, t, shape, dtype, device):
@@ -248,7 +253,7 @@ def quantize(x: torch.Tensor, bits: int = 8, group_size: int | None = None,
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"quantize: x must be float32, float16 or bfloat16, got {x.dtype} "
                         f"(shape {tuple(x.shape)})")
-    p = _plan(x.shape, bits, group_size)
+    p = quant_plan(x.shape, bits, group_size)
     key = seed_key(seed)
     x = x.detach()  # codes are not differentiable; no autograd graph for the reference either
     if stochastic and p.n * p.m >= 2**32:
@@ -286,10 +291,10 @@ def quantize(x: torch.Tensor, bits: int = 8, group_size: int | None = None,
     return QuantizedTensor(codes, scales, x.shape, x.dtype, p.bits, p.group_size)
 
 
-def _check_q(q) -> _Plan:
+def _check_q(q) -> QuantPlan:
     if not isinstance(q, QuantizedTensor):
         raise TypeError(f"dequantize: q must be a QuantizedTensor, got {type(q).__name__}")
-    p = _plan(q.shape, q.bits, q.group_size)
+    p = quant_plan(q.shape, q.bits, q.group_size)
     if q.group_size is None and q.bits in (4, 2):
         raise ValueError(f"dequantize: int{q.bits} QuantizedTensor needs its group_size")
     _check_buffer("q.codes", q.codes, (p.n, p.code_cols), _codes_dtype(p.bits), q.codes.device)
