@@ -45,7 +45,8 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=["fsl_fast", "fsl_fast.ops", "fsl_fast.engines", "fsl_fast.engines.executors", "fsl_fast.kernels"],
+    packages=["fsl_fast", "fsl_fast.ops", "fsl_fast.engines", "fsl_fast.engines.executors", "fsl_fast.transport",
+              "fsl_fast.distributed", "fsl_fast.kernels"],
     package_dir={"fsl_fast": "fsl_fast", "fsl_fast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
