@@ -114,6 +114,7 @@ class Algorithm:
         self.q = cfg.server_update_interval
         self.buffers = [AlignBuffer(cfg.buffer_size) for _ in range(self.m)] if self.uses_aux else []
         self.times: dict[str, float] = {}
+        self._round = 0  # the round being run
         # non-finite numbers end the run at the end of the phase where they appear (faults.py)
         self.guard = FiniteGuard()
         self.round_extra: dict = {}  # extra per-round metrics (estimate_quality)
@@ -248,6 +249,7 @@ class Algorithm:
     # -- the round loop ------------------------------------------------------------------------
     def run_round(self, t: int) -> dict[str, float]:
         self.times = {}
+        self._round = t
         self.channel.begin_round(t)
         self.round_extra = {}
         self.guard.round = t

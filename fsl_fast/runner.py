@@ -372,51 +372,154 @@ def partition_record(cfg: Config, run: "Run", owner=None) -> dict:
                          **({"rank": owner(k)} if owner else {})} for k, p in enumerate(run.parts)]}
 
 
-def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
-          changes: dict | None = None) -> dict:
-    """Run (or continue) a training run into ``out``; returns the results dict.
+MANIFEST = "checkpoints/dist.json"  # a distributed run's committed round
 
-    Files: after each round the checkpoint is replaced atomically first, then the round's line is
-    appended to metrics.jsonl (cut back on a failed write), so metrics.jsonl never holds a round
-    past the checkpoint; after a failed write it may lack the checkpoint's last round, and
-    ``--resume`` rewrites it from the checkpoint's own copy of the metrics. ``changes``: settings
-    that ``--resume`` changed, {name: (old, new)}. Raises Divergence (exit 3) and RunIOError
-    (exit 4) from inside the loop, ConfigError (exit 2) before it."""
-    if cfg.tensorboard:
+
+class Checkpoints:
+    """Writes the run directory's checkpoint after every round, then the round's metrics line, so
+    metrics.jsonl never holds a round past the checkpoint (after a failed write it may lack the
+    checkpoint's last round; ``--resume`` rewrites it from the checkpoint's own copy).
+
+    One process (``world_size`` 1): the whole run's state in ``checkpoints/last.pt``, replaced
+    atomically. A distributed run: each rank writes its shard
+    (``checkpoints/dist-rank{r}-round{t}.pt``); after a barrier rank 0 names the round in the
+    manifest (``checkpoints/dist.json``), appends the metrics and removes its previous shard; the
+    other ranks remove their shard of two rounds back (the manifest of the last round was written
+    before rank 0 entered this one)."""
+
+    def __init__(self, out: Path, rank: int = 0, world_size: int = 1, barrier=None, lost=None):
+        self.out = Path(out)
+        self.rank, self.world_size = rank, world_size
+        self.barrier = barrier
+        self.lost = lost if lost is not None else set()  # ranks dropped by --tolerate-dropouts
+
+    def shard(self, rank: int, t: int) -> Path:
+        return self.out / "checkpoints" / f"dist-rank{rank}-round{t}.pt"
+
+    def commit(self, run: "Run", rec: dict) -> None:
+        t = int(rec["round"])
+        line = faults.dumps(rec) + "\n"
+        if self.world_size == 1:
+            faults.atomic_torch_save(run.state_dict(), self.out / CHECKPOINT)
+            faults.append_line(self.out / "metrics.jsonl", line)
+            return
+        faults.atomic_torch_save(run.state_dict(), self.shard(self.rank, t))
+        self.barrier("committing the checkpoint")
+        if self.rank == 0:
+            manifest = {"format_version": faults.FORMAT_VERSION, "world_size": self.world_size, "round": t}
+            if self.lost:
+                manifest["lost_ranks"] = sorted(self.lost)
+            faults.atomic_write_text(self.out / MANIFEST, faults.dumps(manifest) + "\n")
+            faults.append_line(self.out / "metrics.jsonl", line)
+            self.shard(0, t - 1).unlink(missing_ok=True)
+        else:
+            self.shard(self.rank, t - 2).unlink(missing_ok=True)
+
+
+class Local:
+    """Where a run executes: this process alone. :func:`train` asks its place the few things that
+    differ for one rank of a distributed run (fsl_fast.distributed.driver.Rank answers them
+    there): which process writes the run directory, how a checkpoint is read and written, how a
+    round's record is shared."""
+
+    writes = True  # this process writes the run directory and the results
+    rank, world_size = 0, 1
+    label = ""  # for the progress bar
+
+    def config(self, cfg: Config) -> Config:
+        return cfg
+
+    def agree(self, cfg: Config, out: Path) -> Path:
+        """The run directory every process of the run uses."""
+        return out
+
+    def attach(self, run: "Run") -> None:
+        """Make ``run`` this process's part of the run."""
+
+    def owner(self, k: int) -> int | None:
+        return None
+
+    def checkpoints(self, out: Path) -> Checkpoints:
+        return Checkpoints(out)
+
+    def load(self, run: "Run", out: Path) -> None:
+        ckpt = out / CHECKPOINT
+        if ckpt.is_file():
+            load_checkpoint(run, ckpt)
+        elif has_rows(out / "metrics.jsonl"):
+            raise ConfigError(f"--resume: no checkpoint at {ckpt}")
+        # else no round was ever completed (a run that diverged in round 0): start it again
+
+    def started(self, out: Path) -> None:
+        """The run directory is ready (on the writing process)."""
+
+    def barrier(self, what: str) -> None:
+        pass
+
+    def begin_round(self, t: int) -> None:
+        pass
+
+    def share(self, rec: dict) -> dict:
+        """The round's record as every process of the run sees it."""
+        return rec
+
+    def end_rounds(self) -> None:
+        """The round loop is over (stopped or done)."""
+
+    def describe(self, results: dict) -> None:
+        """Add what the place knows to results.json."""
+
+    def finish(self) -> None:
+        pass
+
+
+def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
+          changes: dict | None = None, place: Local | None = None) -> dict | None:
+    """Run (or continue) a training run into ``out``; returns the results dict (None on the
+    processes of a distributed run that do not write it). ``place``: where the run executes
+    (default: this process alone); see :class:`Local` and :class:`Checkpoints` for the files.
+    ``changes``: settings that ``--resume`` changed, {name: (old, new)}. Raises Divergence
+    (exit 3) and RunIOError (exit 4) from inside the loop, ConfigError (exit 2) before it."""
+    place = place or Local()
+    if cfg.tensorboard and place.writes:
         TensorBoard.require()  # before anything is written
-    run = Run(cfg)
-    ckpt = out / CHECKPOINT
+    out = place.agree(cfg, out)
+    run = Run(place.config(cfg))
+    place.attach(run)
     store = getattr(run.engine, "client_store", None)
     if store is not None and store.mode == "disk":
         store.bind(out / "client_store")
     try:
         if resume:
-            if ckpt.is_file():
-                load_checkpoint(run, ckpt)
-            elif has_rows(out / "metrics.jsonl"):
-                raise ConfigError(f"--resume: no checkpoint at {ckpt}")
-            # else no round was ever completed (a run that diverged in round 0): start it again
+            place.load(run, out)
             apply_resume_changes(run, changes)
-            if changes:
+            if changes and place.writes:
                 write_config(out, cfg)
-        else:
+        elif place.writes:
             if cfg.warm_start:
                 run.warm_started = warm_start(run, cfg.warm_start)
             prepare_out(out)
             write_config(out, cfg)
-            faults.atomic_write_text(out / "partition.json", faults.dumps(partition_record(cfg, run), indent=1) + "\n")
-        # metrics.jsonl always mirrors the checkpoint's rounds, then grows a line per round.
-        faults.atomic_write_text(out / "metrics.jsonl", jsonl(run.metrics))
+            owner = place.owner if place.world_size > 1 else None
+            faults.atomic_write_text(out / "partition.json",
+                                     faults.dumps(partition_record(cfg, run, owner), indent=1) + "\n")
+        if place.writes:
+            # metrics.jsonl always mirrors the checkpoint's rounds, then grows a line per round.
+            faults.atomic_write_text(out / "metrics.jsonl", jsonl(run.metrics))
+            place.started(out)
     except RunIOError as e:
         raise ConfigError(f"--out: {e}") from None
-    tb = TensorBoard(out, run.next_round) if cfg.tensorboard else None
-    loop = RoundLoop(run, progress, f"{cfg.algorithm}{' fused' if cfg.fused else ''}")
+    place.barrier("setting up the run directory")
+    checkpoints = place.checkpoints(out)
+    tb = TensorBoard(out, run.next_round) if cfg.tensorboard and place.writes else None
+    loop = RoundLoop(run, progress and place.writes, f"{cfg.algorithm}{' fused' if cfg.fused else ''}{place.label}")
     t_start = time.perf_counter()
     try:
         while loop.more():
-            rec = run.step()
-            faults.atomic_torch_save(run.state_dict(), ckpt)
-            faults.append_line(out / "metrics.jsonl", faults.dumps(rec) + "\n")
+            place.begin_round(run.next_round)
+            rec = place.share(run.step())
+            run.metrics[-1] = rec
+            checkpoints.commit(run, rec)
             if tb is not None:
                 tb.log(rec)
             loop.round_done(rec)
@@ -424,19 +527,24 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
         loop.close()
         if tb is not None:
             tb.close()
+    place.end_rounds()
     results = summarize(cfg, run.metrics, loop.stopped, time.perf_counter() - t_start)
-    results["executors"] = run.engine.executor_record()
-    if cfg.warm_start:
-        results["warm_start"] = run.warm_started
-    if run.config_changes:
-        results["config_changes"] = run.config_changes
-    faults.atomic_write_text(out / "results.json", faults.dumps(results, indent=2) + "\n")
-    if run.metrics:
-        try:
-            plot_run(run.metrics, out, f"{cfg.algorithm} / {cfg.model} / {cfg.dataset} / {cfg.partition}")
-        except OSError as e:
-            raise RunIOError(out / "accuracy_vs_comm.png", e) from None
-    return results
+    if place.writes:
+        place.describe(results)
+        results["executors"] = run.engine.executor_record()
+        if cfg.warm_start:
+            results["warm_start"] = run.warm_started
+        if run.config_changes:
+            results["config_changes"] = run.config_changes
+        faults.atomic_write_text(out / "results.json", faults.dumps(results, indent=2) + "\n")
+        if run.metrics:
+            where = "distributed" if place.world_size > 1 else cfg.partition
+            try:
+                plot_run(run.metrics, out, f"{cfg.algorithm} / {cfg.model} / {cfg.dataset} / {where}")
+            except OSError as e:
+                raise RunIOError(out / "accuracy_vs_comm.png", e) from None
+    place.finish()
+    return results if place.writes else None
 
 
 def summarize(cfg: Config, metrics: list[dict], stopped: str, wall: float) -> dict:

@@ -18,7 +18,6 @@ import json
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -28,12 +27,11 @@ from fsl_fast import faults
 from fsl_fast.config import ConfigError
 from fsl_fast.distributed.engine import attach
 from fsl_fast.faults import EXIT_DIVERGED, EXIT_IO, Divergence, RunIOError
+from fsl_fast.runner import CHECKPOINT, MANIFEST, Checkpoints, train
 from fsl_fast.transport.p2p import ACTIVE, DistributedError, Retired, Transport, die
 from fsl_fast.transport.topology import Topology
 
-__all__ = ["train_distributed", "MANIFEST"]
-
-MANIFEST = "checkpoints/dist.json"
+__all__ = ["train_distributed", "Rank", "MANIFEST"]
 
 
 def _launch_env() -> tuple[int, int, int]:
@@ -47,10 +45,6 @@ def _launch_env() -> tuple[int, int, int]:
 def _fingerprint(cfg) -> str:
     d = {k: v for k, v in cfg.to_dict().items() if k not in ("device", "threads", "dist_timeout")}
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _shard(out: Path, rank: int, t: int) -> Path:
-    return out / "checkpoints" / f"dist-rank{rank}-round{t}.pt"
 
 
 def _store_client():
@@ -106,7 +100,7 @@ def train_distributed(cfg, out: Path, resume: bool = False, progress: bool = Tru
                                    f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}")
         ACTIVE.append(transport)
         transport.start_liveness()
-        return _train(cfg, out, resume, progress, transport, device, changes)
+        return train(cfg, out, resume, progress, changes, place=Rank(transport, device))
     except Retired as e:  # dropped by the others (--tolerate-dropouts): not a failure of the run
         sys.stderr.write(f"{e}; leaving\n")
         sys.stderr.flush()
@@ -128,86 +122,73 @@ def _kept(out: Path) -> str:
             else "no round was committed")
 
 
-def _train(cfg, out: Path, resume: bool, progress: bool, transport: Transport, device, changes=None):
-    import dataclasses
+class Rank:
+    """This rank's answers to the run driver (fsl_fast.runner.train; the in-process answers are
+    fsl_fast.runner.Local's): rank 0 writes the run directory; every rank checks that it runs rank
+    0's configuration, attaches its part of the run, writes its checkpoint shard and sees rank 0's
+    record of each round (with the wire bytes of every rank)."""
 
-    from fsl_fast.runner import (CHECKPOINT, RoundLoop, Run, TensorBoard,
-                                  apply_resume_changes, jsonl, partition_record, plot_run, prepare_out,
-                                  summarize, write_config)
+    def __init__(self, transport: Transport, device):
+        self.transport = transport
+        self.topo = transport.topo
+        self.device = device
+        self.rank, self.world_size = self.topo.rank, self.topo.world_size
+        self.writes = self.rank == 0
+        self.label = f" distributed x{self.world_size}"
 
-    topo = transport.topo
-    rank = topo.rank
-    fp = transport.broadcast_object((str(out), _fingerprint(cfg)), "agreeing on the run")
-    out = Path(fp[0])
-    if fp[1] != _fingerprint(cfg):
-        raise DistributedError(f"rank {rank}: its config differs from rank 0's (same command line and "
-                               "data on every machine are required)")
-    run = Run(dataclasses.replace(cfg, device=str(device)))
-    attach(run, transport)
-    if resume:
-        _resume(run, out, transport)
-        apply_resume_changes(run, changes)
-        if rank == 0 and changes:
-            write_config(out, cfg)
-    elif rank == 0:
-        prepare_out(out)
-        write_config(out, cfg)
-        faults.atomic_write_text(out / "partition.json",
-                      faults.dumps(partition_record(cfg, run, topo.owner), indent=1) + "\n")
-    if rank == 0:
-        faults.atomic_write_text(out / "metrics.jsonl", jsonl(run.metrics))
+    def config(self, cfg):
+        import dataclasses
+
+        return dataclasses.replace(cfg, device=str(self.device))
+
+    def agree(self, cfg, out: Path) -> Path:
+        fp = self.transport.broadcast_object((str(out), _fingerprint(cfg)), "agreeing on the run")
+        if fp[1] != _fingerprint(cfg):
+            raise DistributedError(f"rank {self.rank}: its config differs from rank 0's (same command line "
+                                   "and data on every machine are required)")
+        return Path(fp[0])
+
+    def attach(self, run) -> None:
+        attach(run, self.transport)
+
+    def owner(self, k: int) -> int:
+        return self.topo.owner(k)
+
+    def checkpoints(self, out: Path):
+        return Checkpoints(out, self.rank, self.world_size, self.barrier, self.transport.lost)
+
+    def load(self, run, out: Path) -> None:
+        _resume(run, out, self.transport)
+
+    def started(self, out: Path) -> None:
         if (out / CHECKPOINT).exists():
             (out / CHECKPOINT).unlink()  # never leave an in-process checkpoint next to shards
-    transport.barrier("setting up the run directory")
-    tb = TensorBoard(out, run.next_round) if cfg.tensorboard and rank == 0 else None
-    loop = RoundLoop(run, progress and rank == 0, f"{cfg.algorithm} distributed x{topo.world_size}")
-    t_start = time.perf_counter()
-    while loop.more():
-        t = run.next_round
-        transport.round = t
-        rec = run.step()
-        wire = transport.gather_counters()
-        if rank == 0:
+
+    def barrier(self, what: str) -> None:
+        self.transport.barrier(what)
+
+    def begin_round(self, t: int) -> None:
+        self.transport.round = t
+
+    def share(self, rec: dict) -> dict:
+        wire = self.transport.gather_counters()
+        if self.rank == 0:
             rec.update(wire)
-        rec = transport.broadcast_object(rec, "sharing the round's metrics")
-        run.metrics[-1] = rec
-        # Commit: every rank writes its shard, then rank 0 names the round in the manifest, then
-        # appends the round's metrics (never a metrics row past the committed checkpoint).
-        faults.atomic_torch_save(run.state_dict(), _shard(out, rank, t))
-        transport.barrier("committing the checkpoint")
-        if rank == 0:
-            manifest = {"format_version": faults.FORMAT_VERSION, "world_size": topo.world_size, "round": t}
-            if transport.lost:
-                manifest["lost_ranks"] = sorted(transport.lost)
-            faults.atomic_write_text(out / MANIFEST, faults.dumps(manifest) + "\n")
-            faults.append_line(out / "metrics.jsonl", faults.dumps(rec) + "\n")
-            _shard(out, 0, t - 1).unlink(missing_ok=True)
-        else:
-            # The manifest of round t-1 was written before rank 0 entered round t.
-            _shard(out, rank, t - 2).unlink(missing_ok=True)
-        if tb is not None:
-            tb.log(rec)
-        loop.round_done(rec)
-    loop.close()
-    if tb is not None:
-        tb.close()
-    transport.round = -1
-    transport.phase = "shutdown"
-    results = summarize(cfg, run.metrics, loop.stopped, time.perf_counter() - t_start)
-    if rank == 0:
-        results["world_size"] = topo.world_size
-        if transport.lost:
-            results["lost_ranks"] = sorted(transport.lost)
-        results["executors"] = run.engine.inner.executor_record()  # rank 0's
-        if run.config_changes:
-            results["config_changes"] = run.config_changes
-        faults.atomic_write_text(out / "results.json", faults.dumps(results, indent=2) + "\n")
-        if run.metrics:
-            plot_run(run.metrics, out, f"{cfg.algorithm} / {cfg.model} / {cfg.dataset} / distributed")
-    transport.barrier("finishing")
-    transport.stop_liveness()
-    dist.destroy_process_group()
-    return results if rank == 0 else None
+        return self.transport.broadcast_object(rec, "sharing the round's metrics")
+
+    def end_rounds(self) -> None:
+        self.transport.round = -1
+        self.transport.phase = "shutdown"
+
+    def describe(self, results: dict) -> None:
+        results["world_size"] = self.world_size
+        if self.transport.lost:
+            results["lost_ranks"] = sorted(self.transport.lost)
+
+    def finish(self) -> None:
+        self.transport.barrier("finishing")
+        self.transport.stop_liveness()
+        dist.destroy_process_group()
 
 
 def _resume(run, out: Path, transport: Transport) -> None:
@@ -237,7 +218,7 @@ def _resume(run, out: Path, transport: Transport) -> None:
         transport.lost.update(lost)
         topo.drop(lost)
         transport.regroup()
-    path = _shard(out, topo.rank, t)
+    path = Checkpoints(out).shard(topo.rank, t)
     err = ""
     try:
         run.load_state_dict(torch.load(path, weights_only=True, map_location=run.engine.device),
