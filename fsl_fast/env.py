@@ -95,9 +95,9 @@ def main(argv=None) -> None:
           + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else ""))
     mod = B.extension()
     if mod is None:
-        print(f"fsl_fast._C: unavailable: {B.extension_error()}")
+        print(f"extension fsl_fast._C: unavailable: {B.extension_error()}")
     else:
-        print(f"fsl_fast._C: {B.extension_origin()}, cuda kernels built: {mod.cuda_built()}, "
+        print(f"extension: {B.extension_origin()}, cuda kernels built: {mod.cuda_built()}, "
               f"OpenMP threads {mod.omp_max_threads()}")
     ok, err = B.triton_ok()
     print(f"triton: {'importable' if ok else 'unavailable: ' + str(err)}"

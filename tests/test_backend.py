@@ -39,7 +39,8 @@ def test_report_names_every_op():
 
 _NO_EXT = r"""
 import sys
-sys.modules["fsl_fast._C"] = None          # the prebuilt extension is absent
+sys.modules["fsl_fast._C"] = None          # the prebuilt extension is absent (both builds)
+sys.modules["fsl_fast._C_avx512"] = None
 import os
 os.environ["FSL_FAST_JIT"] = "0"           # and no JIT build
 import torch, fsl_fast

@@ -72,9 +72,17 @@ def extension():
     """Return the loaded extension module, or None (the reason is in ``extension_error()``)."""
     if not _ext["tried"]:
         _ext["tried"] = True
+        from fsl_fast import buildflags
+
         try:
-            _ext["module"] = importlib.import_module("fsl_fast._C")
-            _ext["origin"] = "prebuilt"
+            for i, name in enumerate(names := buildflags.module_names()):
+                try:
+                    _ext["module"] = importlib.import_module(name)
+                    _ext["origin"] = f"prebuilt {name}"
+                    break
+                except ImportError:
+                    if i + 1 == len(names):
+                        raise
         except Exception as prebuilt_err:  # noqa: BLE001 - any failure means "not usable"
             if os.environ.get(ENV_JIT, "1") == "0":
                 _ext["error"] = f"prebuilt fsl_fast._C failed to import ({prebuilt_err}); JIT disabled"
@@ -168,7 +176,7 @@ def available(backend: str, device: torch.device | str) -> tuple[bool, str]:
         mod = extension()
         if mod is None:
             return False, _ext["error"]
-        return True, f"fsl_fast._C ({_ext['origin']})"
+        return True, _ext["origin"]
     if backend == "cuda":
         if dev.type != "cuda":
             return False, f"the CUDA kernels run on CUDA tensors, not {dev.type}"
@@ -177,7 +185,7 @@ def available(backend: str, device: torch.device | str) -> tuple[bool, str]:
             return False, _ext["error"]
         if not mod.cuda_built():
             return False, "fsl_fast._C was built without CUDA (CPU torch or no nvcc at build time)"
-        return True, f"fsl_fast._C with CUDA ({_ext['origin']})"
+        return True, f"{_ext['origin']} with CUDA"
     if backend == "triton":
         ok, err = triton_ok()
         if not ok:
