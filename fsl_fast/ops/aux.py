@@ -39,7 +39,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from fsl_fast.ops import _backend
+from fsl_fast.ops import _backend, triton_ops
 
 __all__ = [
     "aux_estimate",
@@ -198,15 +198,11 @@ def _ext_align(x, w, b, y, t, spread, scale):
 
 
 def _triton_estimate(x, w, b, y, inv_spread, scale):
-    from fsl_fast.kernels import aux as kern
-
-    return kern.estimate(x, w, b, y, inv_spread, scale)
+    return triton_ops.ops().aux_estimate(x, w, b, y, float(inv_spread), float(scale))
 
 
 def _triton_align(x, w, b, y, t, spread, scale):
-    from fsl_fast.kernels import aux as kern
-
-    return kern.align(x, w, b, y, t, spread, scale)
+    return triton_ops.ops().aux_align(x, w, b, y, t, float(spread), float(scale))
 
 
 def closed_form_estimate(x, w, b, y, inv_spread, scale):

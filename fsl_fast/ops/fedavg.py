@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from fsl_fast.ops import _backend
+from fsl_fast.ops import _backend, triton_ops
 
 __all__ = [
     "fedavg",
@@ -153,9 +153,7 @@ def _impl_extension(buf, w32, out, broadcast):
 
 
 def _impl_triton(buf, w32, out, broadcast):
-    from fsl_fast.kernels.fedavg import fedavg_triton
-
-    fedavg_triton(buf, w32, out, broadcast)
+    triton_ops.ops().fedavg(buf, w32, out, bool(broadcast))
 
 
 _backend.register(

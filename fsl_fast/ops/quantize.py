@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fsl_fast.ops import _backend
+from fsl_fast.ops import _backend, triton_ops
 
 __all__ = [
     "QuantizedTensor",
@@ -408,15 +408,11 @@ def _cpp_dequantize(codes, scales, bits, gs, out2):
 
 
 def _triton_quantize(x2, bits, gs, stochastic, key, codes, scales):
-    from fsl_fast.kernels import quantize as k
-
-    k.quantize_rows(x2, bits, gs, stochastic, key, codes, scales)
+    triton_ops.ops().quantize_rows_(x2, int(bits), int(gs), bool(stochastic), int(key), codes, scales)
 
 
 def _triton_dequantize(codes, scales, bits, gs, out2):
-    from fsl_fast.kernels import quantize as k
-
-    k.dequantize_rows(codes, scales, bits, gs, out2)
+    triton_ops.ops().dequantize_rows_(codes, scales, int(bits), int(gs), out2)
 
 
 _backend.register("quantize", reference=_reference_quantize, cpp=_cpp_quantize,

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from fsl_fast.ops import _backend
+from fsl_fast.ops import _backend, triton_ops
 
 
 def _nonfinite(x2: torch.Tensor, row: int) -> ValueError:
@@ -67,11 +67,9 @@ def _topk_cpp(x2: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _topk_triton(x2: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from fsl_fast.kernels import topk as kern
-
     x2 = x2.float().contiguous()
     index, values = _outputs(x2, k)
-    bad = kern.topk_rows(x2, k, index, values)
+    bad = triton_ops.ops().topk_rows_(x2, int(k), index, values)
     if bool(bad.any()):
         raise _nonfinite(x2, int(bad.nonzero()[0, 0]))
     return index, values
