@@ -53,6 +53,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from fsl_fast.config import DATASETS, PARTITIONS
+
 __all__ = [
     "DATASET_NAMES",
     "PARTITION_SCHEMES",
@@ -66,9 +68,9 @@ __all__ = [
     "test_batches",
 ]
 
-DATASET_NAMES = ("mnist5k", "cifar10", "cifar100", "synthetic", "femnist", "tinyimagenet")
+DATASET_NAMES = DATASETS  # one list, config.py's
 FEMNIST_CLASSES = 62
-PARTITION_SCHEMES = ("iid", "dirichlet", "shards")
+PARTITION_SCHEMES = PARTITIONS  # config.py's list
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

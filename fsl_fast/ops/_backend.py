@@ -1,11 +1,16 @@
-"""The one dispatch point of every fused op.
+"""Which implementation of a fused op runs: the ``FSL_FAST_BACKEND`` override, the fallback when a
+backend cannot run, and the ``python -m fsl_fast.env`` report. Loads the extension module.
 
-Each op module registers its implementations here (``register``), one per backend:
+Every kernel is a torch.library op; each op module registers its entry points here
+(``register``), one per backend:
 
 - ``reference``: plain PyTorch, always available, the ground truth for tests;
-- ``cpp``: the C++/OpenMP kernels in the extension module ``fsl_fast._C`` (CPU tensors);
-- ``cuda``: the CUDA kernels in the same module, compiled in when torch and nvcc support CUDA;
-- ``triton``: the Triton kernels in ``fsl_fast.kernels`` (CUDA tensors; CPU tensors only under
+- ``cpp`` / ``cuda``: the op ``torch.ops.fsl_fast.<op>`` of the extension module (``fsl_fast._C``,
+  or ``fsl_fast._C_avx512`` on an AVX-512 CPU: fsl_fast/buildflags.py), whose C++/OpenMP or CUDA
+  kernel torch's dispatcher picks by the tensors' device; the two names say which device the
+  caller asks for (``cuda`` needs the CUDA kernels compiled in);
+- ``triton``: the op ``torch.ops.fsl_fast_triton.<op>`` (fsl_fast/ops/triton_ops.py) running the
+  Triton kernels of ``fsl_fast.kernels`` (CUDA tensors; CPU tensors only under
   ``TRITON_INTERPRET=1``, which is for tests).
 
 ``resolve(op, device, backend)`` picks one. A backend named explicitly (argument, or the
