@@ -77,7 +77,7 @@ def dry_run(algorithm: str, model: str = "resnet18", aux: str = "default", in_sh
     engine = CountingEngine(cfg, split, clients, cls)
     loaders = [_MetaLoader(samples_per_client, batch_size, in_shape) for _ in range(clients)]
     ledger = Ledger()
-    algo = cls(cfg, engine, loaders, [1.0 / clients] * clients, InProcessChannel(cfg, ledger, engine, clients))
+    algo = cls(cfg, engine, loaders, [1.0 / clients] * clients, InProcessChannel(cfg, ledger, engine))
     algo.guard.enabled = False  # meta tensors hold no values to check
     algo.buffers = []  # nothing to buffer on the meta device
     if cls.uses_aux:

@@ -68,7 +68,7 @@ class Run:
         total = float(sum(sizes))
         self.weights = [s / total for s in sizes]
         self.ledger = Ledger()
-        self.channel = InProcessChannel(cfg, self.ledger, self.engine, cfg.clients)
+        self.channel = InProcessChannel(cfg, self.ledger, self.engine)
         self.algo = cls(cfg, self.engine, self.loaders, self.weights, self.channel)
         self.algo.step_flops = flops
         self.metrics: list[dict] = []
@@ -436,8 +436,7 @@ class Local:
     def attach(self, run: "Run") -> None:
         """Make ``run`` this process's part of the run."""
 
-    def owner(self, k: int) -> int | None:
-        return None
+    owner = None  # a distributed place: client -> the rank hosting it (partition.json)
 
     def checkpoints(self, out: Path) -> Checkpoints:
         return Checkpoints(out)
@@ -500,9 +499,8 @@ def train(cfg: Config, out: Path, resume: bool = False, progress: bool = True,
                 run.warm_started = warm_start(run, cfg.warm_start)
             prepare_out(out)
             write_config(out, cfg)
-            owner = place.owner if place.world_size > 1 else None
             faults.atomic_write_text(out / "partition.json",
-                                     faults.dumps(partition_record(cfg, run, owner), indent=1) + "\n")
+                                     faults.dumps(partition_record(cfg, run, place.owner), indent=1) + "\n")
         if place.writes:
             # metrics.jsonl always mirrors the checkpoint's rounds, then grows a line per round.
             faults.atomic_write_text(out / "metrics.jsonl", jsonl(run.metrics))

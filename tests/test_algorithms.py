@@ -46,7 +46,7 @@ def _run(algorithm, weights=(0.5, 0.5), **cfg_kw):
     xs, ys = _batches()
     loaders = [[(x, y)] for x, y in zip(xs, ys)]
     ledger = Ledger()
-    algo = cls(cfg, engine, loaders, list(weights), InProcessChannel(cfg, ledger, engine, 2))
+    algo = cls(cfg, engine, loaders, list(weights), InProcessChannel(cfg, ledger, engine))
     algo.run_round(0)
     return engine, init, xs, ys, ledger.end_round()
 
@@ -195,7 +195,7 @@ def test_fsl_sage_schedule_order(schedule):
     eng = _Recorder()
     batch = (torch.zeros(2, 4), torch.zeros(2, dtype=torch.long))
     algo = ALGORITHM_CLASSES["fsl_sage"](cfg, eng, [[batch] * 3, [batch] * 3], [0.5, 0.5],
-                                         InProcessChannel(cfg, Ledger(), eng, 2))
+                                         InProcessChannel(cfg, Ledger(), eng))
     algo.run_round(0)
     log = [e for e in eng.log if e[0] != "aux_estimate"]
     if schedule == "sequential":
@@ -215,7 +215,7 @@ def test_parallel_clients_with_fewer_batches_finish_early():
     eng = _Recorder()
     batch = (torch.zeros(2, 4), torch.zeros(2, dtype=torch.long))
     algo = ALGORITHM_CLASSES["splitfed_v2"](cfg, eng, [[batch] * 3, [batch] * 1], [0.5, 0.5],
-                                            InProcessChannel(cfg, Ledger(), eng, 2))
+                                            InProcessChannel(cfg, Ledger(), eng))
     algo.run_round(0)
     fwd = [e for e in eng.log if e[0] == "client_forward"]
     assert fwd == [("client_forward", (0, 1)), ("client_forward", (0,)), ("client_forward", (0,))]

@@ -173,7 +173,7 @@ def attach(run, transport: Transport) -> None:
     dev = engine.device
     placeholder = torch.empty(0, device=dev)
     loaders = [ld if topo.hosts(k) else RemoteBatches(ld, dev, placeholder) for k, ld in enumerate(run.loaders)]
-    channel = DistributedChannel(run.cfg, run.ledger, engine, run.cfg.clients, transport, run.split.cut_shape,
+    channel = DistributedChannel(run.cfg, run.ledger, engine, transport, run.split.cut_shape,
                                  run.data.num_classes, whole_model=cls.whole_model,
                                  server_copies=cls.server_copies)
     algo = cls(run.cfg, engine, loaders, run.weights, channel)

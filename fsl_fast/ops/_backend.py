@@ -73,21 +73,27 @@ def _jit_build():
     )
 
 
+def _import_prebuilt():
+    """(module, name) of the first build in ``buildflags.module_names()`` that imports; the last
+    one's error when none does."""
+    from fsl_fast import buildflags
+
+    *better, last = buildflags.module_names()
+    for name in better:
+        try:
+            return importlib.import_module(name), name
+        except ImportError:
+            pass
+    return importlib.import_module(last), last
+
+
 def extension():
     """Return the loaded extension module, or None (the reason is in ``extension_error()``)."""
     if not _ext["tried"]:
         _ext["tried"] = True
-        from fsl_fast import buildflags
-
         try:
-            for i, name in enumerate(names := buildflags.module_names()):
-                try:
-                    _ext["module"] = importlib.import_module(name)
-                    _ext["origin"] = f"prebuilt {name}"
-                    break
-                except ImportError:
-                    if i + 1 == len(names):
-                        raise
+            _ext["module"], name = _import_prebuilt()
+            _ext["origin"] = f"prebuilt {name}"
         except Exception as prebuilt_err:  # noqa: BLE001 - any failure means "not usable"
             if os.environ.get(ENV_JIT, "1") == "0":
                 _ext["error"] = f"prebuilt fsl_fast._C failed to import ({prebuilt_err}); JIT disabled"

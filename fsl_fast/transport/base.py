@@ -25,17 +25,17 @@ __all__ = ["Channel"]
 
 
 class Channel:
-    """What the algorithms send and receive. ``engine`` is the engine the algorithm computes with
-    (the channel moves its models: FedAvg, the aligned auxiliaries); ``clients`` the number of
-    clients of the run."""
+    """What the algorithms send and receive for the ``cfg.clients`` clients of a run. ``engine`` is
+    the engine the algorithm computes with (the channel moves its models: FedAvg, the aligned
+    auxiliaries)."""
 
     at_server = True  # whether this process holds the server (its buffers, its alignment)
 
-    def __init__(self, cfg, ledger: Ledger, engine, clients: int):
+    def __init__(self, cfg, ledger: Ledger, engine):
         self.cfg = cfg
         self.ledger = ledger
         self.engine = engine
-        self.m = clients
+        self.m = clients = cfg.clients
         self.uplink = codec.from_config(cfg, "up")
         self.downlink = codec.from_config(cfg, "down")
         # with ef, the residual of each client's last message (uplink: kept by the client;

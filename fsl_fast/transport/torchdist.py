@@ -49,9 +49,9 @@ class DistributedChannel(Channel):
     from it); ``whole_model``, ``server_copies``: the algorithm's (FedAvg trains the server halves
     on the client ranks; SplitFed v1's server copies live on rank 0)."""
 
-    def __init__(self, cfg, ledger, engine, clients: int, transport: Transport, cut_shape, num_classes: int,
+    def __init__(self, cfg, ledger, engine, transport: Transport, cut_shape, num_classes: int,
                  whole_model: bool = False, server_copies: bool = False):
-        super().__init__(cfg, ledger, engine, clients)
+        super().__init__(cfg, ledger, engine)
         self.transport = transport
         self.topo = transport.topo
         self.at_server = self.topo.is_server
@@ -59,7 +59,6 @@ class DistributedChannel(Channel):
         self.num_classes = int(num_classes)
         self.whole_model = whole_model
         self.server_copies = server_copies
-        self.fedavg_mode = cfg.dist_fedavg
         self.uploads: dict[int, int] = {}  # uploads received from each client this round (rank 0)
         self.z_shapes: dict[int, tuple] = {}  # the last upload's shape of each hosted client
 
@@ -179,7 +178,7 @@ class DistributedChannel(Channel):
         specs = [(wire_kind, tuple(f0.shape), torch.float32, "finite")]
         if has_int:
             specs.append((wire_kind, tuple(i0.shape), torch.float32, "finite"))
-        ordered = self.fedavg_mode == "ordered"
+        ordered = self.cfg.dist_fedavg == "ordered"
         # This rank's share, with the kernels and client order of the in-process FedAvg
         # (fsl_fast.ops.fedavg): the running sum of the ranks before, if any, as a first row of
         # weight 1, then the local clients' models; integer buffers promoted to float32 the same way.
