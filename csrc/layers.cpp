@@ -1,5 +1,5 @@
-// Fused client layers for NCHW fp32 on CPU: max-pool + ReLU (pool_relu_*) and local response norm
-// across channels (lrn_*). Contracts and measured numbers: docs/layers.md.
+// Fused client layers for NCHW fp32 on CPU: max-pool + ReLU (pool_relu_*; also bfloat16) and local
+// response norm across channels (lrn_*, fp32). Contracts and measured numbers: docs/layers.md.
 //
 // Why these exist: with one thread, torch 2.13's NCHW max_pool2d and LocalResponseNorm cost more
 // than the convolutions of the small client CNNs (LRN fwd+bwd on (64,64,32,32): 379 ms; max_pool2d
@@ -319,7 +319,12 @@ bool pool_planes_flat(const float* __restrict x, const float* x_end, int64_t P, 
 }
 
 void check_pool_args(const at::Tensor& x, int64_t k, int64_t s, int64_t p) {
-  check_nchw_f32(x, "pool_relu", "x");
+  TORCH_CHECK(x.device().is_cpu(), "pool_relu: x must be a CPU tensor, got device ", x.device());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "pool_relu: x must be float32 or bfloat16, got ", x.scalar_type(), " with shape ", x.sizes());
+  TORCH_CHECK(x.dim() == 4, "pool_relu: x must be 4-D NCHW, got shape ", x.sizes());
+  TORCH_CHECK(x.is_contiguous(), "pool_relu: x must be contiguous NCHW, got shape ", x.sizes(),
+              " strides ", x.strides());
   TORCH_CHECK(k >= 1, "pool_relu: kernel_size must be >= 1, got ", k);
   TORCH_CHECK(s >= 1, "pool_relu: stride must be >= 1, got ", s);
   TORCH_CHECK(p >= 0 && 2 * p <= k, "pool_relu: padding must be in [0, kernel_size/2], got padding ",
@@ -331,6 +336,36 @@ void check_pool_args(const at::Tensor& x, int64_t k, int64_t s, int64_t p) {
               "pool_relu: plane of shape ", x.sizes(), " too large for int32 argmax");
 }
 
+struct PoolShape {
+  int64_t H, W, Ho, Wo, k, s, p;
+  bool k2s2, fixed, flat;
+};
+
+// P consecutive planes of fp32 input (x .. x_end: the flat path may over-read up to x_end) into
+// y / idx, by the flat multi-plane path or plane by plane.
+void pool_group(const float* x, const float* x_end, int64_t P, const PoolShape& sh, float* y,
+                int32_t* idx, std::vector<float>& vm, std::vector<int32_t>& vi, PoolScratch& sc) {
+  const int64_t HW = sh.H * sh.W, So = sh.Ho * sh.Wo;
+  if (sh.flat) {
+    const bool nan = sh.k2s2 ? pool_planes_flat<2>(x, x_end, P, sh.H, sh.W, y, idx, vm, vi)
+                             : pool_planes_flat<3>(x, x_end, P, sh.H, sh.W, y, idx, vm, vi);
+    if (nan) {
+      for (int64_t j = 0; j < P; ++j)
+        pool_plane_general(x + j * HW, y + j * So, idx + j * So, sh.H, sh.W, sh.Ho, sh.Wo, sh.k,
+                           sh.s, sh.p);
+    }
+    return;
+  }
+  for (int64_t j = 0; j < P; ++j) {
+    const float* xi = x + j * HW;
+    float* yo = y + j * So;
+    int32_t* io = idx + j * So;
+    const bool nan = sh.fixed && (sh.k2s2 ? pool_plane_s2<2>(xi, sh.H, sh.W, sh.p, sh.Ho, sh.Wo, yo, io, sc)
+                                          : pool_plane_s2<3>(xi, sh.H, sh.W, sh.p, sh.Ho, sh.Wo, yo, io, sc));
+    if (!sh.fixed || nan) pool_plane_general(xi, yo, io, sh.H, sh.W, sh.Ho, sh.Wo, sh.k, sh.s, sh.p);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> pool_relu_fwd(const at::Tensor& x, int64_t k, int64_t s,
                                                  int64_t p) {
   check_pool_args(x, k, s, p);
@@ -339,57 +374,73 @@ std::tuple<at::Tensor, at::Tensor> pool_relu_fwd(const at::Tensor& x, int64_t k,
   const int64_t Wo = (W + 2 * p - k) / s + 1;
   at::Tensor y = at::empty({N, C, Ho, Wo}, x.options());
   at::Tensor idx = at::empty({N, C, Ho, Wo}, x.options().dtype(at::kInt));
-  const float* xd = x.data_ptr<float>();
-  float* yd = y.data_ptr<float>();
   int32_t* id = idx.data_ptr<int32_t>();
   const int64_t planes = N * C;
-  const bool k2s2 = (k == 2 && s == 2);
-  const bool k3s2 = (k == 3 && s == 2);
+  PoolShape sh{H, W, Ho, Wo, k, s, p, k == 2 && s == 2, false, false};
+  sh.fixed = sh.k2s2 || (k == 3 && s == 2);
+  sh.flat = ((sh.k2s2 && p == 0) || (k == 3 && s == 2 && p == 1)) && H % 2 == 0 && W % 2 == 0;
   if (planes == 0 || Ho * Wo == 0) return {y, idx};
-  const bool fixed = (k2s2 || k3s2);
-  const bool flat = ((k2s2 && p == 0) || (k3s2 && p == 1)) && H % 2 == 0 && W % 2 == 0;
-  // planes per flat group: ~16K floats of vertical maxima (64 KB + 64 KB of indices, in L2)
-  const int64_t G = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, (H / 2) * W));
-  if (flat) {
+  const int64_t HW = H * W, So = Ho * Wo;
+  // planes per group: ~16K floats of vertical maxima (64 KB + 64 KB of indices, in L2) for the
+  // flat path; one plane at a time otherwise
+  const int64_t G = sh.flat ? std::max<int64_t>(1, 16384 / std::max<int64_t>(1, (H / 2) * W)) : 1;
+  const int64_t groups = (planes + G - 1) / G;
+  if (x.scalar_type() == at::kFloat) {
+    const float* xd = x.data_ptr<float>();
+    float* yd = y.data_ptr<float>();
     const float* x_end = xd + x.numel();
-    const int64_t groups = (planes + G - 1) / G;
     at::parallel_for(0, groups, 1, [&](int64_t b, int64_t e) {
       std::vector<float> vm;
       std::vector<int32_t> vi;
+      PoolScratch sc;
       for (int64_t gi = b; gi < e; ++gi) {
         const int64_t pl0 = gi * G, P = std::min(G, planes - pl0);
-        const float* xi = xd + pl0 * H * W;
-        float* yo = yd + pl0 * Ho * Wo;
-        int32_t* io = id + pl0 * Ho * Wo;
-        const bool nan = k2s2 ? pool_planes_flat<2>(xi, x_end, P, H, W, yo, io, vm, vi)
-                              : pool_planes_flat<3>(xi, x_end, P, H, W, yo, io, vm, vi);
-        if (nan) {
-          for (int64_t j = 0; j < P; ++j)
-            pool_plane_general(xi + j * H * W, yo + j * Ho * Wo, io + j * Ho * Wo, H, W, Ho, Wo,
-                               k, s, p);
-        }
+        pool_group(xd + pl0 * HW, x_end, P, sh, yd + pl0 * So, id + pl0 * So, vm, vi, sc);
       }
     });
     return {y, idx};
   }
-  at::parallel_for(0, planes, 1, [&](int64_t b, int64_t e) {
+  // bfloat16 (the fused engine under --precision bf16): each group is widened into an fp32
+  // buffer (exact) and pooled by the fp32 code; the maxima are bf16 values, so narrowing y back
+  // is exact too. Groups of at least ~4K input values keep the buffers in L1/L2.
+  const int64_t Gb = std::max<int64_t>(G, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, HW)));
+  const int64_t groups_b = (planes + Gb - 1) / Gb;
+  const at::BFloat16* xd = x.data_ptr<at::BFloat16>();
+  at::BFloat16* yd = y.data_ptr<at::BFloat16>();
+  at::parallel_for(0, groups_b, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> vm, xb, yb;
+    std::vector<int32_t> vi;
     PoolScratch sc;
-    for (int64_t pl = b; pl < e; ++pl) {
-      const float* xi = xd + pl * H * W;
-      float* yo = yd + pl * Ho * Wo;
-      int32_t* io = id + pl * Ho * Wo;
-      const bool nan = fixed && (k2s2 ? pool_plane_s2<2>(xi, H, W, p, Ho, Wo, yo, io, sc)
-                                      : pool_plane_s2<3>(xi, H, W, p, Ho, Wo, yo, io, sc));
-      if (!fixed || nan) pool_plane_general(xi, yo, io, H, W, Ho, Wo, k, s, p);
+    for (int64_t gi = b; gi < e; ++gi) {
+      const int64_t pl0 = gi * Gb, P = std::min(Gb, planes - pl0);
+      const int64_t n = P * HW, pad = (W + 15) / 16 * 16 + 16;  // the flat path's over-read
+      xb.assign(n + pad, 0.f);
+      yb.resize(P * So);
+      const at::BFloat16* src = xd + pl0 * HW;
+      for (int64_t i = 0; i < n; ++i) xb[i] = static_cast<float>(src[i]);
+      for (int64_t j = 0; j < P; j += G) {
+        const int64_t Pj = std::min(G, P - j);
+        pool_group(xb.data() + j * HW, xb.data() + n + pad, Pj, sh, yb.data() + j * So,
+                   id + (pl0 + j) * So, vm, vi, sc);
+      }
+      at::BFloat16* dst = yd + pl0 * So;
+      for (int64_t i = 0; i < P * So; ++i) dst[i] = static_cast<at::BFloat16>(yb[i]);
     }
   });
   return {y, idx};
 }
 
 // grad_x = scatter-add of grad_y at the saved argmax (skipping -1). Overlapping windows (k > s)
-// may pick the same cell twice, hence '+='.
+// may pick the same cell twice, hence '+='. bfloat16 gradients are summed in fp32 per plane and
+// rounded once.
 at::Tensor pool_relu_bwd(const at::Tensor& grad_y, const at::Tensor& idx, int64_t H, int64_t W) {
-  check_nchw_f32(grad_y, "pool_relu_bwd", "grad_y");
+  TORCH_CHECK(grad_y.device().is_cpu(), "pool_relu_bwd: grad_y must be a CPU tensor, got device ",
+              grad_y.device());
+  TORCH_CHECK(grad_y.scalar_type() == at::kFloat || grad_y.scalar_type() == at::kBFloat16,
+              "pool_relu_bwd: grad_y must be float32 or bfloat16, got ", grad_y.scalar_type(),
+              " with shape ", grad_y.sizes());
+  TORCH_CHECK(grad_y.dim() == 4 && grad_y.is_contiguous(), "pool_relu_bwd: grad_y must be contiguous "
+              "4-D NCHW, got shape ", grad_y.sizes(), " strides ", grad_y.strides());
   TORCH_CHECK(idx.scalar_type() == at::kInt && idx.is_contiguous() && idx.sizes() == grad_y.sizes(),
               "pool_relu_bwd: idx must be contiguous int32 of grad_y's shape ", grad_y.sizes(),
               ", got ", idx.scalar_type(), " ", idx.sizes());
@@ -397,24 +448,45 @@ at::Tensor pool_relu_bwd(const at::Tensor& grad_y, const at::Tensor& idx, int64_
   const int64_t N = grad_y.size(0), C = grad_y.size(1);
   const int64_t So = grad_y.size(2) * grad_y.size(3);
   at::Tensor gx = at::empty({N, C, H, W}, grad_y.options());
-  const float* g = grad_y.data_ptr<float>();
   const int32_t* id = idx.data_ptr<int32_t>();
-  float* gd = gx.data_ptr<float>();
   const int64_t HW = H * W;
+  // one unsigned compare skips -1 and keeps a foreign idx tensor from writing out of bounds
+  // (a branch-free form, adding 0 to cell 0, measured 20-50% slower: a store chain on cell 0)
+  auto in_plane = [HW](int32_t j) {
+    return static_cast<uint64_t>(static_cast<int64_t>(j)) < static_cast<uint64_t>(HW);
+  };
+  if (grad_y.scalar_type() == at::kFloat) {
+    const float* g = grad_y.data_ptr<float>();
+    float* gd = gx.data_ptr<float>();
+    at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
+      for (int64_t pl = b; pl < e; ++pl) {
+        // zeroing per plane keeps it in L1 for the scatter (one fill per chunk measured slower)
+        float* __restrict out = gd + pl * HW;
+        std::fill(out, out + HW, 0.f);
+        const float* __restrict gi = g + pl * So;
+        const int32_t* __restrict ii = id + pl * So;
+        for (int64_t o = 0; o < So; ++o) {
+          const int32_t j = ii[o];
+          if (in_plane(j)) out[j] += gi[o];
+        }
+      }
+    });
+    return gx;
+  }
+  const at::BFloat16* g = grad_y.data_ptr<at::BFloat16>();
+  at::BFloat16* gd = gx.data_ptr<at::BFloat16>();
   at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> acc(HW);
     for (int64_t pl = b; pl < e; ++pl) {
-      // zeroing per plane keeps it in L1 for the scatter (one fill per chunk measured slower)
-      float* __restrict out = gd + pl * HW;
-      std::fill(out, out + HW, 0.f);
-      const float* __restrict gi = g + pl * So;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      const at::BFloat16* __restrict gi = g + pl * So;
       const int32_t* __restrict ii = id + pl * So;
       for (int64_t o = 0; o < So; ++o) {
-        // one unsigned compare skips -1 and keeps a foreign idx tensor from writing out of bounds
-        // (a branch-free form, adding 0 to cell 0, measured 20-50% slower: a store chain on cell 0)
         const int32_t j = ii[o];
-        if (static_cast<uint64_t>(static_cast<int64_t>(j)) < static_cast<uint64_t>(HW))
-          out[j] += gi[o];
+        if (in_plane(j)) acc[j] += static_cast<float>(gi[o]);
       }
+      at::BFloat16* __restrict out = gd + pl * HW;
+      for (int64_t i = 0; i < HW; ++i) out[i] = static_cast<at::BFloat16>(acc[i]);
     }
   });
   return gx;

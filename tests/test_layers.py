@@ -82,6 +82,31 @@ def test_pool_relu_ties_and_negative_windows(seed, cfg, shape):
     assert (gx[0, 1] != 0).sum() <= y_ref[0, 1].numel()
 
 
+BF16_SHAPES = [(3, 5, 7, 9), (2, 3, 8, 8), (3, 37, 28, 28), (2, 3, 33, 31), (4, 64, 16, 16)]
+
+
+@needs_cpp
+@pytest.mark.parametrize("cfg", POOL_CFGS, ids=lambda c: "k%ds%dp%d" % c)
+@pytest.mark.parametrize("shape", BF16_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_pool_relu_bf16_equals_fp32_on_the_widened_input(seed, shape, cfg):
+    # bf16 in, bf16 out: the same maxima and argmax as the fp32 kernel on the (exactly) widened
+    # input, with ties and all-negative planes; the gradient is the fp32 kernel's gradient of the
+    # widened grad_y rounded once to bf16 (overlapping windows sum in fp32 first)
+    k, s, p = cfg
+    if shape[2] + 2 * p < k or shape[3] + 2 * p < k:
+        pytest.skip(f"shape {shape} smaller than kernel {k} with padding {p}: torch rejects it too")
+    x = torch.randn(shape).bfloat16()
+    x[0, 0] = -1.0
+    x[0, 1] = torch.randint(-2, 3, x[0, 1].shape).bfloat16()
+    g = torch.randn(_pool_ref(x.float(), k, s, p).shape).bfloat16()
+    y32, gx32 = _fwd_bwd(lambda t: L.pool_relu(t, k, s, p, backend="cpp"), x.float(), g.float())
+    y, gx = _fwd_bwd(lambda t: L.pool_relu(t, k, s, p, backend="cpp"), x, g)
+    assert y.dtype == gx.dtype == torch.bfloat16
+    assert torch.equal(y.float(), y32), f"pool_relu bf16 fwd {shape} k{k}s{s}p{p}"
+    assert torch.equal(gx, gx32.bfloat16()), f"pool_relu bf16 bwd {shape} k{k}s{s}p{p}"
+    assert torch.equal(y, _pool_ref(x, k, s, p))  # torch's own bf16 pool picks the same values
+
+
 @needs_cpp
 @pytest.mark.parametrize("cfg", [(2, 2, 0), (3, 2, 1)], ids=lambda c: "k%ds%dp%d" % c)
 def test_pool_relu_many_planes(seed, cfg):
@@ -195,7 +220,7 @@ def test_reference_backend_matches_torch(seed, device):
 
 def test_bad_inputs_name_the_argument():
     x = torch.randn(2, 3, 8, 8)
-    with pytest.raises(TypeError, match=r"pool_relu: x must be float32, got torch.float64"):
+    with pytest.raises(TypeError, match=r"pool_relu: x must be float32 or bfloat16, got torch.float64"):
         L.pool_relu(x.double(), 2, 2, 0)
     with pytest.raises(ValueError, match=r"pool_relu: x must be 4-D .*got shape \(3, 8, 8\)"):
         L.pool_relu(x[0], 2, 2, 0)

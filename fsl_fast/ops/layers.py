@@ -5,7 +5,8 @@ time of the small CNNs (LRN fwd+bwd on (64, 64, 32, 32) takes 379 ms in torch 2.
 in ``csrc/layers.cpp`` compute the same values; docs/layers.md has the contracts and measurements.
 
 - ``pool_relu(x, kernel_size, stride, padding)``: ``relu(max_pool2d(x, k, s, p))`` for x float32
-  [N, C, H, W] -> [N, C, Ho, Wo] (-inf padding, floor sizes). This equals
+  or bfloat16 [N, C, H, W] -> [N, C, Ho, Wo] of x's dtype (-inf padding, floor sizes; bf16 is
+  pooled exactly, its gradient summed in fp32 per cell and rounded once). This equals
   ``max_pool2d(relu(x), k, s, p)`` exactly, values and gradients: ReLU is monotone, so it commutes
   with max; where the window max is > 0 both route the gradient to the first maximal cell in scan
   order, and where it is <= 0 both give zero gradient (``relu``'s backward passes gradient only
@@ -55,14 +56,15 @@ __all__ = [
 # argument checks (the same for every backend, so errors do not depend on the backend)
 
 
-def _check_x(op: str, x) -> torch.Tensor:
+def _check_x(op: str, x, dtypes=(torch.float32,)) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
         raise ValueError(f"{op}: x must be 4-D [N, C, H, W], got shape {tuple(x.shape)} "
                          f"(dtype {x.dtype})")
-    if x.dtype != torch.float32:
-        raise TypeError(f"{op}: x must be float32, got {x.dtype} with shape {tuple(x.shape)}")
+    if x.dtype not in dtypes:
+        names = " or ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{op}: x must be {names}, got {x.dtype} with shape {tuple(x.shape)}")
     return x
 
 
@@ -77,7 +79,7 @@ def _as_int(op: str, name: str, v, lo: int) -> int:
 
 
 def _pool_args(x, kernel_size, stride, padding):
-    _check_x("pool_relu", x)
+    _check_x("pool_relu", x, (torch.float32, torch.bfloat16))
     k = _as_int("pool_relu", "kernel_size", kernel_size, 1)
     s = k if stride is None else _as_int("pool_relu", "stride", stride, 1)
     p = _as_int("pool_relu", "padding", padding, 0)
@@ -176,8 +178,8 @@ _backend.register("lrn", reference=lrn_reference, cpp=_lrn_cpp)
 
 
 def pool_relu(x: torch.Tensor, kernel_size, stride=None, padding=0, backend: str | None = None):
-    """``relu(max_pool2d(x, kernel_size, stride, padding))``; x float32 [N, C, H, W] (made
-    contiguous if needed), square windows, -inf padding, floor output size. Differentiable.
+    """``relu(max_pool2d(x, kernel_size, stride, padding))``; x float32 or bfloat16 [N, C, H, W]
+    (made contiguous if needed; the result has x's dtype), square windows, -inf padding, floor output size. Differentiable.
     ``stride=None`` means ``kernel_size`` (as in ``F.max_pool2d``)."""
     k, s, p = _pool_args(x, kernel_size, stride, padding)
     _, impl = _backend.resolve("pool_relu", x.device, backend)
@@ -274,9 +276,9 @@ class PoolReLU(nn.Module):
         self.backend = backend
 
     def forward(self, x):
-        # fp32 kernel: under --precision bf16 the bf16 activations are widened (exact) and the
-        # next autocast op narrows the fp32 result again
-        return pool_relu(_fp32(x), self.kernel_size, self.stride, self.padding, backend=self.backend)
+        # bf16 activations (--precision bf16) are pooled in bf16: no widening copy in, and the
+        # next autocast op takes the result as it is
+        return pool_relu(x, self.kernel_size, self.stride, self.padding, backend=self.backend)
 
     def extra_repr(self):
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
