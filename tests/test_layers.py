@@ -34,6 +34,13 @@ def _fwd_bwd(fn, x, g):
     return y.detach(), gx
 
 
+def _pool_cfg_for(shape, cfg):
+    k, s, p = cfg
+    if shape[2] + 2 * p < k or shape[3] + 2 * p < k:
+        pytest.skip(f"shape {shape} smaller than kernel {k} with padding {p}: torch rejects it too")
+    return k, s, p
+
+
 POOL_CFGS = [(2, 2, 0), (3, 2, 1), (3, 2, 0), (2, 2, 1), (3, 3, 1), (1, 1, 0), (4, 3, 2), (3, 1, 1)]
 POOL_SHAPES = [(1, 1, 1, 1), (3, 5, 7, 9), (2, 3, 8, 8), (2, 4, 28, 28), (1, 2, 15, 17),
                (2, 3, 33, 31), (1, 1, 2, 40)]
@@ -43,9 +50,7 @@ POOL_SHAPES = [(1, 1, 1, 1), (3, 5, 7, 9), (2, 3, 8, 8), (2, 4, 28, 28), (1, 2, 
 @pytest.mark.parametrize("cfg", POOL_CFGS, ids=lambda c: "k%ds%dp%d" % c)
 @pytest.mark.parametrize("shape", POOL_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_pool_relu_matches_torch(seed, shape, cfg):
-    k, s, p = cfg
-    if shape[2] + 2 * p < k or shape[3] + 2 * p < k:
-        pytest.skip(f"shape {shape} smaller than kernel {k} with padding {p}: torch rejects it too")
+    k, s, p = _pool_cfg_for(shape, cfg)
     x = torch.randn(shape)
     y0 = _pool_ref(x, k, s, p)
     g = torch.randn_like(y0)
@@ -92,9 +97,7 @@ def test_pool_relu_bf16_equals_fp32_on_the_widened_input(seed, shape, cfg):
     # bf16 in, bf16 out: the same maxima and argmax as the fp32 kernel on the (exactly) widened
     # input, with ties and all-negative planes; the gradient is the fp32 kernel's gradient of the
     # widened grad_y rounded once to bf16 (overlapping windows sum in fp32 first)
-    k, s, p = cfg
-    if shape[2] + 2 * p < k or shape[3] + 2 * p < k:
-        pytest.skip(f"shape {shape} smaller than kernel {k} with padding {p}: torch rejects it too")
+    k, s, p = _pool_cfg_for(shape, cfg)
     x = torch.randn(shape).bfloat16()
     x[0, 0] = -1.0
     x[0, 1] = torch.randint(-2, 3, x[0, 1].shape).bfloat16()
