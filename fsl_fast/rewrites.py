@@ -37,10 +37,10 @@ _INDEX_CACHE: dict = {}
 
 
 def small_map_tap_index(k: tuple[int, int], stride: tuple[int, int], pad: tuple[int, int],
-                        hw: tuple[int, int], device) -> tuple[torch.Tensor, int, int]:
+                        hw: tuple[int, int], device) -> tuple[torch.Tensor, int, int, bool]:
     """For each pair (output position o, input position i), row-major over o then i, the kernel
     tap ``ty * kw + tx`` that joins them, or ``kh * kw`` (a zero block) where i lies outside o's
-    window; and the output size (Ho, Wo)."""
+    window; the output size (Ho, Wo); and whether any pair needs the zero block."""
     key = (k, stride, pad, hw, str(device))
     hit = _INDEX_CACHE.get(key)
     if hit is not None:
@@ -54,7 +54,7 @@ def small_map_tap_index(k: tuple[int, int], stride: tuple[int, int], pad: tuple[
     ty, tx = iy - oy * sh + ph, ix - ox * sw + pw  # [ho, wo, h, w]
     inside = (ty >= 0) & (ty < kh) & (tx >= 0) & (tx < kw)
     tap = torch.where(inside, ty * kw + tx, torch.full_like(ty, kh * kw))
-    out = (tap.reshape(-1).to(device), ho, wo)
+    out = (tap.reshape(-1).to(device), ho, wo, bool((~inside).any()))
     _INDEX_CACHE[key] = out
     return out
 
@@ -97,7 +97,7 @@ class SmallMapConv2d(nn.Conv2d):
         ho, wo = (h + 2 * p[0] - k[0]) // s[0] + 1, (w + 2 * p[1] - k[1]) // s[1] + 1
         if ho * wo > 1 and b < MIN_BATCH_SEVERAL_OUTPUTS:
             return super().forward(x)
-        taps, ho, wo = small_map_tap_index(k, s, p, (h, w), x.device)
+        taps, ho, wo, outside = small_map_tap_index(k, s, p, (h, w), x.device)
         # M[(o, co), (i, ci)] = W[co, ci, tap(o, i)]: whole [Co, Ci] blocks gathered from the
         # kernel's taps (cast first under autocast: the gather moves half the bytes), rows and
         # columns position-major so the input and output are channels-last views
@@ -106,7 +106,7 @@ class SmallMapConv2d(nn.Conv2d):
             wt = wt.to(torch.get_autocast_dtype(dev))
         kk = k[0] * k[1]
         blocks = wt.permute(2, 3, 0, 1).reshape(kk, cout, cin)
-        if bool((taps == kk).any()):
+        if outside:
             blocks = torch.cat([blocks, blocks.new_zeros(1, cout, cin)])
         m = blocks.index_select(0, taps).view(ho * wo, h * w, cout, cin)
         m = m.permute(0, 2, 1, 3).reshape(ho * wo * cout, h * w * cin)

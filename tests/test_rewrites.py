@@ -77,3 +77,29 @@ def test_grouped_convolutions_keep_the_convolution():
     fast.__class__ = SmallMapConv2d
     x = torch.randn(2, 4, 1, 1)
     assert torch.equal(fast(x), F.conv2d(x, conv.weight, conv.bias, 1, 1, 1, 2))
+
+
+def test_channels_last_in_and_out():
+    # 2x2 maps: the output is a channels-last view (so BatchNorm takes its channels-last kernel),
+    # a channels-last input is read as it is, and both layouts give the convolution's values and
+    # gradients; a convolution with a tiny output from a larger map (layer3's stride-2 entry)
+    # returns channels-last too
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 6, 3, 1, 1).double()
+    fast = copy.deepcopy(conv)
+    fast.__class__ = SmallMapConv2d
+    x = torch.randn(70, 8, 2, 2, dtype=torch.double)
+    for xin in (x, x.contiguous(memory_format=torch.channels_last)):
+        xin = xin.clone().requires_grad_(True)
+        y = fast(xin)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        g = torch.randn_like(y)
+        (gx,) = torch.autograd.grad(y, xin, g)
+        x0 = x.clone().requires_grad_(True)
+        y0 = conv(x0)
+        (gx0,) = torch.autograd.grad(y0, x0, g)
+        torch.testing.assert_close(y, y0, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(gx, gx0, rtol=1e-12, atol=1e-12)
+    entry = copy.deepcopy(nn.Conv2d(8, 6, 3, 2, 1))
+    entry.__class__ = SmallMapConv2d
+    assert entry(torch.randn(70, 8, 4, 4)).is_contiguous(memory_format=torch.channels_last)

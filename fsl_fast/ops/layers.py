@@ -179,8 +179,8 @@ _backend.register("lrn", reference=lrn_reference, cpp=_lrn_cpp)
 
 def pool_relu(x: torch.Tensor, kernel_size, stride=None, padding=0, backend: str | None = None):
     """``relu(max_pool2d(x, kernel_size, stride, padding))``; x float32 or bfloat16 [N, C, H, W]
-    (made contiguous if needed; the result has x's dtype), square windows, -inf padding, floor output size. Differentiable.
-    ``stride=None`` means ``kernel_size`` (as in ``F.max_pool2d``)."""
+    (made contiguous if needed; the result has x's dtype), square windows, -inf padding, floor
+    output size. Differentiable. ``stride=None`` means ``kernel_size`` (as in ``F.max_pool2d``)."""
     k, s, p = _pool_args(x, kernel_size, stride, padding)
     _, impl = _backend.resolve("pool_relu", x.device, backend)
     return impl(x, k, s, p)
