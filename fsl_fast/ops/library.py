@@ -135,10 +135,16 @@ _FAKES = {
 
 # ---------------------------------------------------------------------------------------------
 # Autograd
+#
+# Every setup turns off the materialization of missing output gradients: the ops' second and third
+# outputs (LRN's s, the conv block's padded input) are saved state that no loss reads, and
+# autograd would otherwise fill a zero gradient of their full size on every backward (measured:
+# 1.7-1.8 ms per LRN call on simple_conv's [128, 64, 16, 16] activations, three per client step).
 
 
 def _pool_relu_setup(ctx, inputs, output):
     x = inputs[0]
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(output[1])
     ctx.hw = (x.shape[2], x.shape[3])
     ctx.mark_non_differentiable(output[1])
@@ -146,6 +152,8 @@ def _pool_relu_setup(ctx, inputs, output):
 
 @once_differentiable  # the C++ backward has no derivative; double backward raises clearly
 def _pool_relu_backward(ctx, gy, _gidx):
+    if gy is None:
+        return None, None, None, None
     (idx,) = ctx.saved_tensors
     gx = torch.ops.fsl_fast.pool_relu_bwd(gy.contiguous(), idx, ctx.hw[0], ctx.hw[1])
     return gx, None, None, None
@@ -153,6 +161,7 @@ def _pool_relu_backward(ctx, gy, _gidx):
 
 def _lrn_setup(ctx, inputs, output):
     x, size, alpha, beta, k = inputs
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, output[1])
     ctx.args = (size, alpha, beta, k)
     ctx.mark_non_differentiable(output[1])
@@ -160,6 +169,8 @@ def _lrn_setup(ctx, inputs, output):
 
 @once_differentiable
 def _lrn_backward(ctx, gy, _gs):
+    if gy is None:
+        return None, None, None, None, None
     x, s = ctx.saved_tensors
     gx = torch.ops.fsl_fast.lrn_bwd(gy.contiguous(), x, s, *ctx.args)
     return gx, None, None, None, None
@@ -169,6 +180,7 @@ def _conv_setup(ctx, inputs, output):
     x, w, b, k, s, p = inputs[:6]
     save = inputs[7] if len(inputs) > 7 else True
     y, idx, xp = output
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(idx, xp, w)
     ctx.pool = (k, s, p)
     ctx.saved_argmax = bool(save)
@@ -182,6 +194,8 @@ def _conv_backward(ctx, gy, _gidx, _gxp):
     if not ctx.saved_argmax:
         raise RuntimeError("conv_pool_relu_fwd: called with save_for_backward=False, so it cannot "
                            "be differentiated")
+    if gy is None:
+        return (None,) * 8
     idx, xp, w = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     gx, gw, gb = torch.ops.fsl_fast.conv_pool_relu_bwd(gy, idx, xp, w, bool(need_x), *ctx.pool, ctx.x_cl)
