@@ -67,12 +67,14 @@ class SmallMapConv2d(nn.Conv2d):
                 and self.padding_mode == "zeros" and not isinstance(self.padding, str)
                 and tuple(self.dilation) == (1, 1))
 
+    def _out_size(self, h: int, w: int) -> tuple[int, int]:
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+        return (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
     def _small_output(self, x: torch.Tensor) -> bool:
         if x.dim() != 4 or isinstance(self.padding, str):
             return False
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
-        ho = (x.shape[-2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        wo = (x.shape[-1] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        ho, wo = self._out_size(x.shape[-2], x.shape[-1])
         return ho * wo <= MAX_POSITIONS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -87,17 +89,15 @@ class SmallMapConv2d(nn.Conv2d):
         cout = self.out_channels
         k, s, p = tuple(self.kernel_size), tuple(self.stride), tuple(self.padding)
         wt = self.weight
-        if h == 1 and w == 1 and all(pp < kk for pp, kk in zip(p, k)):
-            # one input position: the output positions that see it use taps (p - o*s); with a
-            # single output position that is one slice of W (the centre tap for 3x3, pad 1)
-            ho, wo = (1 + 2 * p[0] - k[0]) // s[0] + 1, (1 + 2 * p[1] - k[1]) // s[1] + 1
-            if ho == 1 and wo == 1:
-                y = F.linear(x.reshape(b, cin), wt[:, :, p[0], p[1]], self.bias)
-                return y.view(b, cout, 1, 1)
-        ho, wo = (h + 2 * p[0] - k[0]) // s[0] + 1, (w + 2 * p[1] - k[1]) // s[1] + 1
+        ho, wo = self._out_size(h, w)
+        if (h, w, ho, wo) == (1, 1, 1, 1) and all(pp < kk for pp, kk in zip(p, k)):
+            # one input and one output position: the tap joining them is one slice of W (the
+            # centre tap for 3x3, pad 1)
+            y = F.linear(x.reshape(b, cin), wt[:, :, p[0], p[1]], self.bias)
+            return y.view(b, cout, 1, 1)
         if ho * wo > 1 and b < MIN_BATCH_SEVERAL_OUTPUTS:
             return super().forward(x)
-        taps, ho, wo, outside = small_map_tap_index(k, s, p, (h, w), x.device)
+        taps, _, _, outside = small_map_tap_index(k, s, p, (h, w), x.device)
         # M[(o, co), (i, ci)] = W[co, ci, tap(o, i)]: whole [Co, Ci] blocks gathered from the
         # kernel's taps (cast first under autocast: the gather moves half the bytes), rows and
         # columns position-major so the input and output are channels-last views

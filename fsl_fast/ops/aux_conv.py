@@ -401,6 +401,18 @@ def _stack_c(ts, K):
     return _stack(ts).view(K, 1, 1, -1)
 
 
+def _update_running(bn, mu, var, n):
+    """One train-mode forward's update of ``bn``'s running statistics from the batch mean and
+    biased variance over ``n`` values per channel, as nn.BatchNorm2d makes it (momentum or
+    cumulative average, unbiased variance, ``num_batches_tracked`` + 1)."""
+    if bn.training and bn.track_running_stats and bn.running_mean is not None:
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            f = (1.0 / float(bn.num_batches_tracked)) if bn.momentum is None else bn.momentum
+            bn.running_mean.mul_(1 - f).add_(mu.view(-1), alpha=f)
+            bn.running_var.mul_(1 - f).add_(var.view(-1) * (n / max(n - 1, 1)), alpha=f)
+
+
 class _BN:
     def __init__(self, bns):
         self.bns = bns
@@ -422,12 +434,7 @@ class _BN:
             xc = x - mu
             var = (xc * xc).mean((1, 2), keepdim=True)
             for k, bn in enumerate(self.bns):
-                if bn.training and bn.track_running_stats and bn.running_mean is not None:
-                    with torch.no_grad():
-                        bn.num_batches_tracked.add_(1)
-                        f = (1.0 / float(bn.num_batches_tracked)) if bn.momentum is None else bn.momentum
-                        bn.running_mean.mul_(1 - f).add_(mu[k].view(-1), alpha=f)
-                        bn.running_var.mul_(1 - f).add_(var[k].view(-1) * (n / max(n - 1, 1)), alpha=f)
+                _update_running(bn, mu[k], var[k], n)
             self.inv = torch.rsqrt(var + self.eps)
         else:
             xc = x - _stack_c([bn.running_mean for bn in self.bns], K)
@@ -491,15 +498,10 @@ class _BN:
         xhat, self.mu, self.inv = torch.native_batch_norm(
             self.x2, None, None, None, None, True, 0.0, self.eps)
         bn = self.bns[0]
-        if bn.track_running_stats and bn.running_mean is not None:
-            with torch.no_grad():
-                var = self.inv.reciprocal().square_().sub_(self.eps)  # the biased batch variance
-                bn.num_batches_tracked.add_(1)
-                f = (1.0 / float(bn.num_batches_tracked)) if bn.momentum is None else bn.momentum
-                bn.running_mean.mul_(1 - f).add_(self.mu, alpha=f)
-                bn.running_var.mul_(1 - f).add_(var * (n / max(n - 1, 1)), alpha=f)
+        # the biased batch variance, from the kernel's 1 / sqrt(var + eps)
+        _update_running(bn, self.mu, self.inv.reciprocal().square().sub_(self.eps), n)
         self.xhat = xhat
-        self.n = self.x2.shape[0]
+        self.n = n
         if not self.affine:
             self.gamma = None
             self.gi = self.inv
